@@ -1,0 +1,48 @@
+"""Differentiable reward models for tuning text-to-image diffusion models.
+
+    import rewards
+    r = rewards.load("hpsv2.1", device="cuda", dtype=torch.bfloat16)
+    scores = r(images, prompts)          # images float [B,3,H,W] in [0,1]; scores float32 [B], differentiable
+
+Every reward loads the ORIGINAL checkpoint (a local path, or the official Hugging Face repo through
+huggingface_hub) and matches the official implementation's score; see docs/rewards.md.
+"""
+
+from .base import Reward
+from .errors import (
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    InputError,
+    MissingFileError,
+    RewardError,
+    UnknownRewardError,
+    UnsafeCheckpointError,
+)
+from .mixture import Mixture, combine
+from .registry import available, load, register
+
+register("hpsv2", "rewards.hps:load_hps", version="v2.0")
+register("hpsv2.1", "rewards.hps:load_hps", version="v2.1")
+register("pickscore", "rewards.pickscore:load_pickscore")
+register("imagereward", "rewards.imagereward:load_imagereward")
+register("aesthetic", "rewards.aesthetic:load_aesthetic")
+register("clip", "rewards.clip_score:load_clip")
+register("symmetry", "rewards.lowlevel:load_symmetry")
+register("sharpness", "rewards.lowlevel:load_sharpness")
+
+__all__ = [
+    "Reward",
+    "Mixture",
+    "available",
+    "combine",
+    "load",
+    "register",
+    "RewardError",
+    "UnknownRewardError",
+    "InputError",
+    "MissingFileError",
+    "CorruptCheckpointError",
+    "UnsafeCheckpointError",
+    "CheckpointMismatchError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,65 @@
+"""Reward registry: names map to lazily imported factories, so `import rewards` stays light."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from .base import Reward
+from .errors import UnknownRewardError
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where a reward's factory lives; imported only when the reward is loaded."""
+
+    target: str  # "module:function"
+    kwargs: tuple[tuple[str, object], ...] = ()
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def register(name: str, target: str, **kwargs) -> None:
+    """Register factory `target` ("rewards.module:function") under `name`, with fixed keyword arguments."""
+    _REGISTRY[name] = Entry(target, tuple(kwargs.items()))
+
+
+def available() -> list[str]:
+    """Names of all registered rewards."""
+    return list(_REGISTRY)
+
+
+def load(name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, **sources) -> Reward:
+    """Build reward `name` from local files given in `sources` (else the hub), frozen, on `device` in `dtype`."""
+    entry = _entry(name)
+    module_name, func_name = entry.target.split(":")
+    factory = getattr(importlib.import_module(module_name), func_name)
+    _check_sources(name, factory, sources)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    reward = factory(device=device, dtype=dtype or torch.float32, **dict(entry.kwargs), **sources)
+    reward.eval().requires_grad_(False)
+    return reward
+
+
+def _entry(name: str) -> Entry:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise UnknownRewardError(f"unknown reward {name!r}.{hint} Available: {', '.join(available())}")
+
+
+def _check_sources(name: str, factory, sources: dict) -> None:
+    params = inspect.signature(factory).parameters
+    allowed = [p for p in params if p not in ("device", "dtype") and params[p].kind == inspect.Parameter.KEYWORD_ONLY]
+    unknown = [key for key in sources if key not in allowed]
+    if unknown:
+        raise TypeError(
+            f"rewards.load({name!r}) got unexpected option(s) {', '.join(unknown)}; "
+            f"it accepts: {', '.join(allowed) or 'no options'}"
+        )
