@@ -21,10 +21,11 @@ def read_checkpoint(path: str | Path, *, reward: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        culprit = [line for line in str(err).splitlines() if "Unsupported global" in line]
+        if culprit:
             raise UnsafeCheckpointError(
                 f"{reward}: refused to load {path}: it holds pickled objects other than tensors "
-                f"(torch.load(weights_only=True) said: {str(err).splitlines()[0]}). "
+                f"(torch.load(weights_only=True) said: {culprit[0].strip()}). "
                 "A checkpoint must never run code; convert it to a plain state dict or safetensors."
             ) from err
         raise _corrupt(path, reward, err) from err

@@ -1,30 +1,36 @@
 """Tensor-only, differentiable image preprocessing that matches the official PIL pipelines.
 
-PIL resizes 8-bit images with an antialiased bicubic filter (a = -0.5), horizontal pass
-first, and clips each pass to [0, 255]. `F.interpolate(..., antialias=True)` uses the same
-filter, so running it one axis at a time and clamping after each pass reproduces PIL up to
-PIL's 8-bit rounding, which a differentiable path cannot have.
+PIL resizes 8-bit images with an antialiased bicubic filter (a = -0.5), one axis at a time,
+and clips each pass to [0, 255]. `F.interpolate(..., antialias=True)` uses the same filter,
+so running it one axis at a time in PIL's order and clamping after each pass reproduces PIL
+up to PIL's 8-bit rounding, which a differentiable path cannot have.
 """
 
 from __future__ import annotations
 
+import PIL
 import torch
 import torch.nn.functional as F
+
+# Pillow >= 13 resizes height first when the height shrinks by more than twice the width does.
+_PIL_HEIGHT_FIRST_RULE = int(PIL.__version__.split(".")[0]) >= 13
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def resize_bicubic(images: torch.Tensor, size: tuple[int, int], clamp: bool = True) -> torch.Tensor:
-    """Resize [B,C,H,W] to size (h, w) like PIL's BICUBIC: antialiased, width first, clipped per pass."""
+    """Resize [B,C,H,W] to size (h, w) like PIL's BICUBIC: antialiased, one axis at a time in PIL's order, clipped per pass."""
     h, w = size
+    in_h, in_w = images.shape[-2:]
+    height_first = _PIL_HEIGHT_FIRST_RULE and in_h - h > 0 and in_h - h > 2 * (in_w - w)
+    axes = ("h", "w") if height_first else ("w", "h")
     x = images
-    if x.shape[-1] != w:
-        x = F.interpolate(x, size=(x.shape[-2], w), mode="bicubic", antialias=True, align_corners=False)
-        x = x.clamp(0.0, 1.0) if clamp else x
-    if x.shape[-2] != h:
-        x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-        x = x.clamp(0.0, 1.0) if clamp else x
+    for axis in axes:
+        target = (h, x.shape[-1]) if axis == "h" else (x.shape[-2], w)
+        if tuple(x.shape[-2:]) != target:
+            x = F.interpolate(x, size=target, mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp(0.0, 1.0) if clamp else x
     return x
 
 

@@ -1,0 +1,126 @@
+"""CLIP text-image alignment with any open_clip model: the cosine of the normalised image and prompt embeddings.
+
+Preprocessing follows the model's open_clip preprocess config (that of its pretrained tag): resize the
+shortest side and center crop (or squash, or longest side and pad), with its interpolation and mean/std.
+CLIPScore (Hessel et al., 2021) reports 2.5 * max(cos, 0) and later papers 100 * cos; the clamp has no
+gradient below zero, so this reward returns the plain cosine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import openclip
+from .base import Reward
+from .hub import resolve_file
+from .preprocess import center_crop, longest_side_size, pad_to_square, resize_bicubic, shortest_side_size
+
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def resize(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """Resize like PIL with open_clip's interpolation names ('bicubic' or 'bilinear'), antialiased."""
+    if interpolation == "bilinear":  # a non-negative kernel never overshoots [0, 1]: nothing to clamp
+        return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return resize_bicubic(images, size)
+
+
+def clip_geometry(images: torch.Tensor, size: int, resize_mode: str, interpolation: str, fill: float) -> torch.Tensor:
+    """open_clip's eval geometry: 'shortest' (resize + center crop), 'longest' (resize + pad) or 'squash'."""
+    h, w = images.shape[-2:]
+    if resize_mode == "shortest":
+        return center_crop(resize(images, shortest_side_size(h, w, size), interpolation), size, offset="round")
+    if resize_mode == "longest":
+        return pad_to_square(resize(images, longest_side_size(h, w, size), interpolation), size, fill)
+    if resize_mode == "squash":
+        return resize(images, (size, size), interpolation)
+    raise ValueError(f"unknown open_clip resize_mode {resize_mode!r} (expected shortest, longest or squash)")
+
+
+class ClipScore(Reward):
+    """Cosine similarity of open_clip image and prompt embeddings."""
+
+    name = "clip"
+    needs_prompt = True
+    published_scale = 100.0
+    scale_note = (
+        "cosine of the L2-normalised image and prompt embeddings, in [-1, 1]; papers print 100 x cosine, "
+        "CLIPScore (Hessel et al.) prints 2.5 x max(cosine, 0)"
+    )
+
+    def __init__(self, model: torch.nn.Module, tokenizer, preprocess_cfg: dict, description: str = "") -> None:
+        super().__init__()
+        size = preprocess_cfg["size"]
+        if not isinstance(size, int):
+            if size[0] != size[1]:
+                raise ValueError(f"clip: non-square input size {size} is not supported")
+            size = size[0]
+        self.model = model
+        self.tokenizer = tokenizer
+        self.input_size = size
+        self.resize_mode = preprocess_cfg["resize_mode"]
+        self.interpolation = preprocess_cfg["interpolation"]
+        self.fill = preprocess_cfg["fill_color"] / 255.0
+        self.description = description
+        self.register_buffer("mean", torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the model weights (images are cast to it after preprocessing)."""
+        return next(self.model.parameters()).dtype
+
+    def geometry(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize and crop/pad float [B,3,H,W] in [0,1] to [B,3,S,S] as the model's open_clip transform does."""
+        return clip_geometry(images, self.input_size, self.resize_mode, self.interpolation, self.fill)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Differentiable preprocessing to normalised [B,3,S,S] in the model dtype (computed in float32)."""
+        x = self.geometry(images.float())
+        return ((x - self.mean.float()) / self.std.float()).to(self.dtype)
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(prompts).to(self.device)
+        return openclip.text_features(self.model, tokens).float()
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        image = openclip.image_features(self.model, self.preprocess(images)).float()
+        return (image * self.text_features(prompts)).sum(dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, model={self.description!r}"
+
+
+def _local_checkpoint(source: str | os.PathLike) -> Path:
+    path = Path(source)
+    if path.is_dir():
+        found = [path / name for name in OPEN_CLIP_FILES if (path / name).is_file()]
+        if found:
+            return found[0]
+    return resolve_file(path, reward="clip", role="checkpoint", repo_id="", filename=OPEN_CLIP_FILES[-1])
+
+
+def load_clip(
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    model: str = "ViT-L-14",
+    pretrained: str | None = "openai",
+    checkpoint: str | os.PathLike | None = None,
+) -> ClipScore:
+    """CLIP alignment reward for open_clip `model`: weights from `checkpoint` (a file or folder) if given, else
+    the `pretrained` tag's file through open_clip's registry (Hugging Face cache). The tag also sets the
+    preprocessing and QuickGELU; with `pretrained=None` the model's defaults are used."""
+    if checkpoint is None and pretrained is None:
+        raise ValueError("clip: pass pretrained='<open_clip tag>' or checkpoint='/path/to/open_clip weights'")
+    tag = openclip.pretrained_config(model, pretrained, reward="clip")
+    path = _local_checkpoint(checkpoint) if checkpoint is not None else openclip.pretrained_file(model, pretrained, reward="clip")
+    quick_gelu = True if tag.get("quick_gelu") else None
+    net = openclip.load_model(model, path, reward="clip", device=device, dtype=dtype, quick_gelu=quick_gelu)
+    description = f"{model} ({pretrained or Path(path).name})"
+    reward = ClipScore(net, openclip.get_tokenizer(model), openclip.preprocess_config(model, pretrained), description)
+    return reward.to(device)

@@ -1,0 +1,1 @@
+"""The official ImageReward package as a parity oracle, in its own cached virtual environment."""

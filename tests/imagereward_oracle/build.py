@@ -1,0 +1,102 @@
+"""Build (once, cached) a virtual environment in which the official `image-reward` package runs.
+
+The official package needs transformers 4 and timm 0.6, which cannot share an environment with this
+project. The oracle environment installs only those pinned packages (with --no-deps) and sees every
+other package, torch included, through a `.pth` file that points at the running interpreter's
+site-packages, placed after its own so its pins win. Nothing outside the cache folder is touched.
+
+    python -m tests.imagereward_oracle.build          # build if needed, print the oracle's python
+    DRTUNE_IMAGEREWARD_ORACLE=/some/dir ...           # put the environment there instead of ~/.cache
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+import venv
+from pathlib import Path
+
+# The official package and the versions of its own dependencies that it still runs with.
+PINS = (
+    "image-reward==1.5",
+    "transformers==4.49.0",
+    "tokenizers==0.21.4",
+    "huggingface_hub==0.36.0",
+    "timm==0.6.13",
+    "fairscale==0.4.13",
+)
+ENV_VAR = "DRTUNE_IMAGEREWARD_ORACLE"
+PTH_NAME = "zz_drtune_main_env.pth"  # sorts last, after the pinned packages' own .pth files
+READY = "drtune-oracle-ready.json"
+
+
+class OracleBuildError(RuntimeError):
+    """The oracle environment could not be built; the message says which step failed and why."""
+
+
+def main_site_packages() -> list[str]:
+    """Site-packages folders of the running interpreter (the project's environment), in import order."""
+    paths = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    return list(dict.fromkeys(p for p in paths if Path(p).is_dir()))
+
+
+def oracle_dir() -> Path:
+    """Where the oracle lives: $DRTUNE_IMAGEREWARD_ORACLE, else a cache folder keyed by pins and environment."""
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    key = json.dumps([PINS, sys.version, main_site_packages()]).encode()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "drtune-rewards" / f"imagereward-oracle-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def oracle_python(root: Path | None = None) -> Path:
+    """Path of the oracle environment's interpreter."""
+    root = root or oracle_dir()
+    return root / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def build(root: Path | None = None, *, quiet: bool = True) -> Path:
+    """Build the oracle environment if it is not ready yet (idempotent); return its python."""
+    root = root or oracle_dir()
+    python = oracle_python(root)
+    if (root / READY).is_file() and python.is_file():
+        return python
+    start = time.perf_counter()
+    venv.EnvBuilder(with_pip=True, clear=True).create(root)
+    _run([python, "-m", "pip", "install", "--no-deps", *(["-q"] if quiet else []), *PINS], "pip install the pins")
+    site = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], "find site-packages")
+    Path(site.strip(), PTH_NAME).write_text("\n".join(main_site_packages()) + "\n")
+    versions = _run([python, "-c", _CHECK], "import the pinned packages with the main torch")
+    info = {"pins": PINS, "main_site_packages": main_site_packages(), "versions": json.loads(versions)}
+    info["build_seconds"] = round(time.perf_counter() - start, 1)
+    (root / READY).write_text(json.dumps(info, indent=1))
+    return python
+
+
+_CHECK = """
+import json, torch, torchvision, transformers, timm, huggingface_hub, fairscale
+print(json.dumps({m.__name__: m.__version__ for m in (torch, torchvision, transformers, timm, huggingface_hub)}))
+"""
+
+
+def _run(cmd: list, what: str) -> str:
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise OracleBuildError(
+            f"ImageReward oracle: could not {what} (exit {proc.returncode}); command: {' '.join(map(str, cmd))}\n"
+            f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}\n"
+            "The oracle needs PyPI access once to install its pins; set "
+            f"{ENV_VAR} to reuse an environment built elsewhere."
+        )
+    return proc.stdout
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    print(build(quiet=False))
+    print(f"ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -1,0 +1,288 @@
+"""LAION aesthetic predictor v2: loading from local files in the original formats, errors, gradients, and parity
+with the official recipe (OpenAI `clip` package model + its torchvision `preprocess` on PIL + the MLP head).
+
+The oracle needs OpenAI's `clip` package: `pip install --no-deps openai-clip==1.0.1` (it needs ftfy and regex,
+already test dependencies; its clip.py imports `pkg_resources`, which recent setuptools dropped: shimmed below).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.util
+import math
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import rewards
+from rewards import CheckpointMismatchError, MissingFileError
+from tests.test_pickscore import parity_images, to_tensor
+
+HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+SCORE_MEAN, SCORE_STD = 5.0, 1.0  # where the random head puts scores, like real ones (about 4-7)
+
+
+def import_openai_clip():
+    """OpenAI's `clip` package; its clip.py still imports pkg_resources only for `packaging`."""
+    if "pkg_resources" not in sys.modules and importlib.util.find_spec("pkg_resources") is None:
+        import packaging.version
+
+        shim = types.ModuleType("pkg_resources")
+        shim.packaging = packaging
+        sys.modules["pkg_resources"] = shim
+    try:
+        return importlib.import_module("clip")
+    except ImportError as err:
+        raise ImportError(
+            "the aesthetic parity oracle needs OpenAI's clip package: pip install --no-deps openai-clip==1.0.1"
+        ) from err
+
+
+def have_openai_clip() -> bool:
+    try:
+        import_openai_clip()
+    except ImportError:
+        return False
+    return True
+
+
+class OfficialHead(nn.Module):
+    """The MLP of improved-aesthetic-predictor's simple_inference.py (dropouts, no activations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        sizes = [768, 1024, 128, 64, 16]
+        drops = [0.2, 0.2, 0.1]
+        layers: list[nn.Module] = []
+        for i in range(4):
+            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+            if i < 3:
+                layers.append(nn.Dropout(drops[i]))
+        layers.append(nn.Linear(16, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def write_head(path: Path, seed: int = 0) -> Path:
+    """A random head saved as the original file is: torch.save of a plain state dict.
+
+    Scores of a random head would sit near its bias with a tiny spread; the last layer is rescaled so that
+    the affine map it amounts to has a slope of 40 along the embedding and an offset of 5 (like real scores)."""
+    torch.manual_seed(seed)
+    head = OfficialHead()
+    with torch.no_grad():
+        slope = torch.eye(768)
+        for i in (0, 2, 4, 6, 7):
+            slope = head.layers[i].weight @ slope
+        head.layers[7].weight.mul_(40.0 / slope.norm())
+        head.layers[7].bias.add_(SCORE_MEAN - head(torch.zeros(1, 768)).item())
+    torch.save(head.state_dict(), path)
+    return path
+
+
+def random_openai_clip_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random ViT-L/14 CLIP weights in OpenAI's state-dict layout (open_clip keeps the same keys), rounded to
+    float16 like OpenAI's release, whose weights are float16."""
+    from rewards import openclip
+
+    shapes = openclip.build_model("ViT-L-14", quick_gelu=True).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(max(m.numel() for m in shapes.values()) + 2**20, generator=g)
+
+    def randn(shape: torch.Size) -> torch.Tensor:
+        start = int(torch.randint(0, pool.numel() - shape.numel() + 1, (1,), generator=g))
+        return pool[start : start + shape.numel()].view(shape)
+
+    state = {}
+    for key, meta in shapes.items():
+        if key == "logit_scale":
+            value = torch.tensor(math.log(100.0))
+        elif ".ln_" in key or key.startswith("ln_"):
+            value = 1.0 + 0.1 * randn(meta.shape) if key.endswith("weight") else 0.1 * randn(meta.shape)
+        elif key.endswith("bias"):
+            value = 0.02 * randn(meta.shape)
+        elif "embedding" in key:
+            value = (0.02 if meta.ndim == 2 else 0.2) * randn(meta.shape)
+        elif key.endswith("proj") or key == "text_projection":  # used as x @ proj: fan-in is dim 0
+            value = randn(meta.shape) * meta.shape[0] ** -0.5
+        else:  # linear (out, in) and conv (out, in, k, k) weights: fan-in is the rest
+            value = randn(meta.shape) * meta[0].numel() ** -0.5
+        state[key] = value.half().float()
+    return state
+
+
+# -- the official path ---------------------------------------------------------------------------------
+def official_scores(backbone: Path, head_file: Path, images: list[np.ndarray]) -> dict:
+    """simple_inference.py: clip.load's model and preprocess, numpy L2 normalisation, the MLP in float32."""
+    clip = import_openai_clip()
+    model = clip.model.build_model(torch.load(backbone, map_location="cpu", weights_only=True)).float().eval()
+    preprocess = clip.clip._transform(model.visual.input_resolution)
+    head = OfficialHead().eval()
+    head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
+    pixels = [preprocess(Image.fromarray(im))[None] for im in images]
+    with torch.no_grad():
+        emb = torch.cat([model.encode_image(p) for p in pixels]).numpy()
+        normed = emb / np.linalg.norm(emb, 2, axis=-1, keepdims=True)
+        scores = head(torch.from_numpy(normed).float()).squeeze(-1)
+    del model
+    gc.collect()
+    return {"image": torch.from_numpy(emb), "scores": scores, "pixels": pixels}
+
+
+def write_files(folder: Path, seed: int = 0) -> dict:
+    """The two files the predictor needs: a full-size ViT-L/14 state dict and the MLP head."""
+    folder.mkdir(parents=True, exist_ok=True)
+    backbone = folder / "ViT-L-14.pt"
+    torch.save(random_openai_clip_state(seed), backbone)
+    gc.collect()
+    return {"backbone": backbone, "head": write_head(folder / HEAD_FILE, seed), "root": folder}
+
+
+# -- parity measurement (imported by docs/parity.py) -----------------------------------------------------
+def measure_parity(files: dict | None = None) -> dict:
+    """Full-size ViT-L/14 with random weights: ours (rewards.load from the files) vs the official recipe."""
+    if files is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return measure_parity(write_files(Path(tmp)))
+    images, _ = parity_images()
+    ref = official_scores(files["backbone"], files["head"], images)
+    reward = rewards.load("aesthetic", checkpoint=files["head"], backbone=files["backbone"])
+    with torch.no_grad():
+        ours_pixels = [reward.preprocess(to_tensor(im)) for im in images]
+        ours_img = torch.cat([reward.image_features(to_tensor(im)) for im in images])
+        ours = torch.cat([reward(to_tensor(im)) for im in images])
+    del reward
+    gc.collect()
+    cos = torch.nn.functional.cosine_similarity(ours_img, ref["image"], dim=-1)
+    diff = (ours - ref["scores"]).abs()
+    spread = ref["scores"].std().item()
+    pixel_err = max((a - b).abs().max().item() for a, b in zip(ours_pixels, ref["pixels"]))
+    return {
+        "reward": "aesthetic",
+        "images": len(images),
+        "official_scores": [round(v, 4) for v in ref["scores"].tolist()],
+        "ours_scores": [round(v, 4) for v in ours.tolist()],
+        "official_std": spread,
+        "cosine_min": cos.min().item(),
+        "cosine_mean": cos.mean().item(),
+        "abs_diff_mean": diff.mean().item(),
+        "abs_diff_max": diff.max().item(),
+        "diff_mean_over_std": diff.mean().item() / spread,
+        "diff_max_over_std": diff.max().item() / spread,
+        "rel_diff_mean": (diff / ref["scores"].abs()).mean().item(),
+        "pixel_max_abs_diff": pixel_err,  # normalised pixels (units of std), after resize + crop
+    }
+
+
+needs_oracle = pytest.mark.skipif(
+    not have_openai_clip(), reason="oracle package missing: pip install --no-deps openai-clip==1.0.1"
+)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    return write_files(tmp_path_factory.mktemp("aesthetic"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def parity(files) -> dict:
+    return measure_parity(files)
+
+
+@pytest.mark.slow
+@needs_oracle
+def test_parity_image_features_match_official(parity):
+    assert parity["cosine_min"] >= 0.9999, parity
+
+
+@pytest.mark.slow
+@needs_oracle
+def test_parity_scores_match_official(parity):
+    assert parity["official_std"] > 0.2, f"random weights gave degenerate scores: {parity}"
+    assert parity["rel_diff_mean"] < 1e-3, parity
+    assert parity["diff_max_over_std"] < 2e-2, parity
+
+
+# -- loading, errors, gradients (the same full-size files) --------------------------------------------
+@pytest.fixture(scope="module")
+def reward(files):
+    return rewards.load("aesthetic", checkpoint=files["head"], backbone=files["backbone"])
+
+
+def test_attributes_and_frozen(reward):
+    assert reward.name == "aesthetic" and not reward.needs_prompt and reward.input_size == 224
+    assert not any(p.requires_grad for p in reward.parameters())
+
+
+def test_gradients_reach_pixels_and_prompts_are_ignored(reward):
+    images = torch.rand(2, 3, 200, 300, requires_grad=True)
+    scores = reward(images, ["ignored", "too"])
+    assert scores.dtype == torch.float32 and scores.shape == (2,)
+    scores.sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_head_is_the_affine_map_of_the_normalised_embedding(reward, files):
+    images = torch.rand(3, 3, 224, 224)
+    state = torch.load(files["head"], weights_only=True)
+    with torch.no_grad():
+        emb = reward.image_features(images).double()
+        x = emb / emb.norm(dim=-1, keepdim=True)
+        for i in (0, 2, 4, 6, 7):  # eval: dropouts are identities, and there are no activations
+            x = x @ state[f"layers.{i}.weight"].double().T + state[f"layers.{i}.bias"].double()
+        torch.testing.assert_close(reward(images).double(), x.squeeze(-1), atol=1e-4, rtol=0)
+
+
+def test_bfloat16_backbone_keeps_float32_head(files, reward):
+    half = rewards.load("aesthetic", checkpoint=files["head"], backbone=files["backbone"], dtype=torch.bfloat16)
+    assert half.visual.conv1.weight.dtype == torch.bfloat16 and half.head.layers[0].weight.dtype == torch.float32
+    images = torch.rand(2, 3, 224, 224)
+    torch.testing.assert_close(half(images), reward(images), atol=0.15, rtol=0)
+
+
+def test_mismatched_head_names_keys(files):
+    state = torch.load(files["head"], weights_only=True)
+    state["layers.8.weight"] = torch.zeros(1, 1)
+    del state["layers.7.bias"]
+    bad = files["root"] / "bad_head.pth"
+    torch.save(state, bad)
+    with pytest.raises(CheckpointMismatchError, match="layers.7.bias") as err:
+        rewards.load("aesthetic", checkpoint=bad, backbone=files["backbone"])
+    assert "layers.8.weight" in str(err.value)
+
+
+def test_mismatched_backbone_names_keys(files):
+    state = torch.load(files["backbone"], weights_only=True)
+    del state["visual.proj"]
+    bad = files["root"] / "bad_backbone.bin"
+    torch.save(state, bad)
+    with pytest.raises(CheckpointMismatchError, match="proj"):
+        rewards.load("aesthetic", checkpoint=files["head"], backbone=bad)
+
+
+def test_backbone_folder_in_open_clip_layout(files, reward):
+    folder = files["root"] / "timm_openai"
+    folder.mkdir()
+    (folder / "open_clip_pytorch_model.bin").symlink_to(files["backbone"])
+    same = rewards.load("aesthetic", checkpoint=files["head"], backbone=folder)
+    images = torch.rand(1, 3, 224, 224)
+    torch.testing.assert_close(same(images), reward(images), atol=0, rtol=0)
+
+
+def test_missing_files_say_where_and_how(files, tmp_path):
+    with pytest.raises(MissingFileError, match=HEAD_FILE.replace("+", r"\+")) as err:
+        rewards.load("aesthetic", checkpoint=tmp_path, backbone=files["backbone"])
+    assert str(tmp_path) in str(err.value) and "checkpoint=" in str(err.value)
+    with pytest.raises(MissingFileError, match="open_clip_pytorch_model.bin") as err:
+        rewards.load("aesthetic", checkpoint=files["head"], backbone=tmp_path)
+    assert "backbone=" in str(err.value)

@@ -1,0 +1,216 @@
+"""The engine's gradient equals naive autograd through the whole chain, for every method and scheduler.
+
+Float64 tiny models; fixed plans so both sides use the same steps. The reference lives in
+tests/tuner_fixtures.py and never calls tuner.engine.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+from tests.tuner_fixtures import (
+    PROMPTS, SIZE, ToyReward, naive_backward, relative_error, single_thread, tiny_adapter, unet_grads,  # noqa: F401
+)
+from tuner.engine import reward_backward, sample
+from tuner.methods import Plan
+
+T = 6
+GUIDANCE = 3.0
+SEED = 5
+TOL = 1e-10
+
+# One fixed plan per method, shaped like the method's own plans (see tuner.methods).
+PLANS = {
+    "drtune": Plan(T, 4, True, (1, 3, 4), detach_input=True, grad_from=1),
+    "refl": Plan(T, 3, True, (3,), detach_input=True, grad_from=3),
+    "draft": Plan(T, T - 1, False, (3, 4, 5), detach_input=False, grad_from=3),
+    "draft-lv": Plan(T, T - 1, False, (T - 1,), detach_input=False, grad_from=T - 1, renoise=2),
+    "alignprop": Plan(T, T - 1, False, (1, 2, 3, 4, 5), detach_input=False, grad_from=1),
+}
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _compare(adapter, plan, eta=0.0):
+    """(relative gradient error, engine loss, naive loss)."""
+    cond = adapter.encode_prompts(PROMPTS)
+    reward = ToyReward()
+    adapter.unet.zero_grad(set_to_none=True)
+    out = reward_backward(
+        adapter, plan, cond, reward, PROMPTS, height=SIZE, width=SIZE, guidance_scale=GUIDANCE,
+        generator=torch.Generator().manual_seed(SEED), eta=eta,
+    )
+    got = unet_grads(adapter)
+    adapter.unet.zero_grad(set_to_none=True)
+    naive_loss = naive_backward(adapter, plan, cond, reward, seed=SEED, guidance_scale=GUIDANCE, eta=eta)
+    return relative_error(got, unet_grads(adapter)), out.loss, naive_loss
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("method", sorted(PLANS))
+def test_every_method_exact_with_ddim(family, method):
+    err, loss, naive_loss = _compare(tiny_adapter(family, "ddim"), PLANS[method])
+    assert loss == pytest.approx(naive_loss, rel=1e-12)
+    assert err < TOL
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("scheduler,eta", [("ddim", 1.0), ("euler", 0.0), ("euler-ancestral", 0.0), ("dpm++", 0.0)])
+def test_drtune_exact_with_each_scheduler(family, scheduler, eta):
+    err, _, _ = _compare(tiny_adapter(family, scheduler), PLANS["drtune"], eta=eta)
+    assert err < TOL
+
+
+@pytest.mark.parametrize("method", ["draft", "alignprop"])
+def test_history_scheduler_exact_through_denoiser_input(method):
+    # DPM-Solver++ history entries depend on x_t directly and through the UNet input: both paths must be routed.
+    err, _, _ = _compare(tiny_adapter("sd15", "dpm++"), PLANS[method])
+    assert err < TOL
+
+
+def test_draft_lv_exact_with_euler():
+    err, _, _ = _compare(tiny_adapter("sd15", "euler"), PLANS["draft-lv"])
+    assert err < TOL
+
+
+def test_reference_tells_plans_apart():
+    """The comparison can fail: the engine's gradient for one plan differs from the reference of another."""
+    adapter = tiny_adapter("sd15", "ddim")
+    cond, reward = adapter.encode_prompts(PROMPTS), ToyReward()
+    kwargs = dict(height=SIZE, width=SIZE, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(SEED))
+    reward_backward(adapter, PLANS["alignprop"], cond, reward, PROMPTS, **kwargs)
+    got = unet_grads(adapter)
+    adapter.unet.zero_grad(set_to_none=True)
+    detached = Plan(T, T - 1, False, (1, 2, 3, 4, 5), detach_input=True, grad_from=1)
+    naive_backward(adapter, detached, cond, reward, seed=SEED, guidance_scale=GUIDANCE)
+    assert relative_error(got, unet_grads(adapter)) > 1e-3
+
+
+# -- memory: one UNet graph at a time -----------------------------------------------------------------
+class GraphCounter:
+    """Counts UNet forward passes whose saved tensors are still alive (= live UNet autograd graphs)."""
+
+    def __init__(self, unet):
+        self.live, self.peak, self.calls = {}, 0, 0
+        self._ctx = None
+        unet.register_forward_pre_hook(self._enter)
+        unet.register_forward_hook(self._exit)
+
+    def _enter(self, module, args):
+        if torch.is_grad_enabled():
+            self.calls += 1
+            call = self.calls
+            self._ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(call, t), lambda h: h.tensor)
+            self._ctx.__enter__()
+
+    def _exit(self, module, args, output):
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+
+    def _pack(self, call, tensor):
+        self.live[call] = self.live.get(call, 0) + 1
+        self.peak = max(self.peak, len(self.live))
+        return _Held(tensor, call, self)
+
+    def release(self, call):
+        self.live[call] -= 1
+        if not self.live[call]:
+            del self.live[call]
+
+
+class _Held:
+    def __init__(self, tensor, call, counter):
+        self.tensor, self.call, self.counter = tensor, call, counter
+
+    def __del__(self):
+        self.counter.release(self.call)
+
+
+def _peak_graphs(plan, engine: bool) -> int:
+    adapter = tiny_adapter("sd15", "ddim")
+    counter = GraphCounter(adapter.unet)
+    cond, reward = adapter.encode_prompts(PROMPTS), ToyReward()
+    if engine:
+        reward_backward(adapter, plan, cond, reward, PROMPTS, height=SIZE, width=SIZE, guidance_scale=GUIDANCE,
+                        generator=torch.Generator().manual_seed(SEED))
+    else:
+        naive_backward(adapter, plan, cond, reward, seed=SEED, guidance_scale=GUIDANCE)
+    assert counter.calls == len(plan.trained)
+    assert not counter.live, "a UNet graph outlived reward_backward"
+    return counter.peak
+
+
+@pytest.mark.parametrize("method", ["drtune", "alignprop"])
+def test_engine_holds_one_unet_graph_at_a_time(method):
+    plan = PLANS[method]
+    assert len(plan.trained) >= 3
+    assert _peak_graphs(plan, engine=False) == len(plan.trained)  # the counter sees naive autograd's graphs pile up
+    assert _peak_graphs(plan, engine=True) == 1
+
+
+# -- DDP: one all-reduce per call --------------------------------------------------------------------
+class CountingNoSync:
+    """A stand-in for DDP's no_sync that records whether we are inside it."""
+
+    def __init__(self):
+        self.inside, self.entered = False, 0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        self.entered += 1
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
+
+@pytest.mark.parametrize("method", ["drtune", "draft-lv", "refl"])
+def test_no_sync_wraps_all_but_the_last_unet_backward(method):
+    plan = PLANS[method]
+    adapter = tiny_adapter("sd15", "ddim")
+    no_sync, forwards, backwards = CountingNoSync(), [], []
+    adapter.unet.register_forward_pre_hook(
+        lambda m, a: forwards.append(no_sync.inside) if torch.is_grad_enabled() else None
+    )
+    weight = next(adapter.unet.parameters())
+    weight.register_hook(lambda g: backwards.append(no_sync.inside))
+    cond = adapter.encode_prompts(PROMPTS)
+    reward_backward(adapter, plan, cond, ToyReward(), PROMPTS, height=SIZE, width=SIZE, guidance_scale=GUIDANCE,
+                    generator=torch.Generator().manual_seed(SEED), no_sync=no_sync)
+    n = plan.renoise or len(plan.trained)
+    assert backwards == [True] * (n - 1) + [False]
+    assert forwards == [True] * (n - 1) + [False]
+    assert no_sync.entered >= n - 1
+
+
+# -- sampling ----------------------------------------------------------------------------------------
+def test_sample_matches_the_training_chain():
+    """sample() draws the same chain as a whole-chain plan: same images for the same generator."""
+    adapter = tiny_adapter("sdxl", "euler-ancestral")
+    cond = adapter.encode_prompts(PROMPTS)
+    images = sample(adapter, cond, height=SIZE, width=SIZE, num_steps=T, guidance_scale=GUIDANCE,
+                    generator=torch.Generator().manual_seed(SEED))
+    out = reward_backward(adapter, PLANS["draft"], cond, ToyReward(), PROMPTS, height=SIZE, width=SIZE,
+                          guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(SEED))
+    assert images.shape == (2, 3, SIZE, SIZE)
+    assert images.min() >= 0 and images.max() <= 1
+    torch.testing.assert_close(images, out.images, rtol=0, atol=1e-12)
+    assert out.rewards.dtype == torch.float32 and out.rewards.shape == (2,)
+    assert out.loss == pytest.approx(-float(ToyReward()(out.images, PROMPTS).mean()), rel=1e-6)
+
+
+def test_reward_errors_are_explained():
+    adapter = tiny_adapter("sd15", "ddim")
+    cond = adapter.encode_prompts(PROMPTS)
+    plan = Plan(2, 1, False, (1,), detach_input=False, grad_from=1)
+    kwargs = dict(height=SIZE, width=SIZE, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="without a gradient path"):
+        reward_backward(adapter, plan, cond, lambda images, p: images.detach().mean((1, 2, 3)), PROMPTS, **kwargs)
+    with pytest.raises(ValueError, match=r"shape \[2\]"):
+        reward_backward(adapter, plan, cond, lambda images, p: images.mean(), PROMPTS, **kwargs)
+    with pytest.raises(ValueError, match="3 prompts"):
+        reward_backward(adapter, plan, cond, ToyReward(), PROMPTS + ["x"], **kwargs)

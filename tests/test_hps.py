@@ -1,0 +1,292 @@
+"""HPSv2 / HPSv2.1: parity with the official `hpsv2` package, loading from official-format files, errors, gradients.
+
+The oracle is the installed `hpsv2` package (PyPI `hpsv2x`): its vendored open_clip ViT-H-14, its own PIL
+transform (`light_augmentation=True`, as `hpsv2.img_score` builds it) and its own `score()` function, which
+re-reads the checkpoint file we wrote. Both sides load the same random-weight `HPS_v2.1_compressed.pt`.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import rewards
+from rewards import CheckpointMismatchError, InputError, MissingFileError
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
+
+TARGET_COSINE = 0.9999
+TARGET_REL_DIFF = 1e-3
+FILE = "HPS_v2.1_compressed.pt"
+
+
+# -- test data shared with tests/test_clip_score.py -------------------------------------------------------
+def photographs() -> list[tuple[Image.Image, str]]:
+    """skimage photographs at several sizes and aspect ratios, each with a prompt (one longer than 77 tokens)."""
+    from skimage import data
+
+    def rgb(array: np.ndarray) -> Image.Image:
+        return Image.fromarray(array).convert("RGB")
+
+    long_prompt = "a ginger cat " + ", ".join(["sitting on a wooden floor in warm afternoon light"] * 12)
+    return [
+        (rgb(data.astronaut()), "an astronaut in a white spacesuit with a flag"),  # 512x512
+        (rgb(data.coffee()), "a cup of coffee on a saucer"),  # 400x600 landscape
+        (rgb(data.chelsea()[:, 100:300]), long_prompt),  # 300x200 portrait
+        (rgb(data.rocket()).resize((240, 160), Image.LANCZOS), "a rocket on the launch pad"),  # smaller than 224
+        (rgb(data.camera()[:, 150:350]), "a black and white photo of a man with a camera"),  # 512x200 portrait
+        (rgb(data.astronaut()).resize((96, 96), Image.LANCZOS), "a tiny portrait"),  # upsampled
+    ]
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float [1,3,H,W] in [0,1], exactly as torchvision's ToTensor."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255.0
+
+
+def random_clip_state_dict(model: torch.nn.Module, seed: int, cosine: float = 0.3) -> dict[str, torch.Tensor]:
+    """Random fp16 weights for an open_clip CLIP with unit-gain layers, plus one direction shared by image and
+    text embeddings so cosines sit near `cosine` instead of 0 (pure random towers give scores of +-0.02, where a
+    relative error means nothing). The final LayerNorm biases are mapped onto that direction by a rank-one
+    change of each projection."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, ref in model.state_dict().items():
+        shape, (owner, leaf) = ref.shape, ("." + key).rsplit(".", 2)[-2:]
+        randn = torch.randn(shape, generator=g)
+        if key == "logit_scale":
+            value = torch.full(shape, math.log(100.0))
+        elif owner.startswith("ln"):  # ln_1, ln_2, ln_pre, ln_post, ln_final
+            value = 1.0 + 0.05 * randn if leaf == "weight" else 0.5 * randn
+        elif leaf.endswith("bias"):
+            value = 0.02 * randn
+        elif key == "token_embedding.weight":
+            value = 0.02 * randn
+        elif key in ("visual.proj", "text_projection"):
+            value = randn * shape[0] ** -0.5
+        elif "positional_embedding" in key or "class_embedding" in key:
+            value = randn * shape[-1] ** -0.5
+        else:
+            value = randn * math.prod(shape[1:]) ** -0.5
+        state[key] = value
+    dim = state["text_projection"].shape[1]
+    shared = torch.randn(dim, generator=g)
+    shared *= math.sqrt(cosine / (1 - cosine) * dim) / shared.norm()
+    for bias_key, proj_key in (("visual.ln_post.bias", "visual.proj"), ("ln_final.bias", "text_projection")):
+        bias, proj = state[bias_key], state[proj_key]
+        state[proj_key] = proj + torch.outer(bias, shared - bias @ proj) / bias.dot(bias)
+    return {k: v.half() for k, v in state.items()}
+
+
+def summarize(official: np.ndarray, ours: np.ndarray, cosines: np.ndarray, **extra) -> dict:
+    """The parity numbers every reward reports: feature cosine, score differences absolute and relative."""
+    diff = np.abs(ours - official)
+    spread = float(official.std())
+    return {
+        "images": int(len(official)),
+        "image_feature_cosine_min": float(cosines.min()),
+        "image_feature_cosine_mean": float(cosines.mean()),
+        "official_score_mean": float(official.mean()),
+        "official_score_std": spread,
+        "score_abs_diff_mean": float(diff.mean()),
+        "score_abs_diff_max": float(diff.max()),
+        "score_abs_diff_mean_over_std": float(diff.mean() / spread),
+        "score_abs_diff_max_over_std": float(diff.max() / spread),
+        "score_rel_diff_mean": float((diff / np.abs(official)).mean()),
+        **extra,
+    }
+
+
+# -- the official path ------------------------------------------------------------------------------------
+def _import_hpsv2():
+    """Import the official package; its unused download progress bar needs `clint`, which we stand in for."""
+    if "clint" not in sys.modules:
+        try:
+            import clint  # noqa: F401
+        except ImportError:
+            textui = types.ModuleType("clint.textui")
+            textui.progress = types.SimpleNamespace()
+            sys.modules["clint"] = types.ModuleType("clint")
+            sys.modules["clint"].textui = textui
+            sys.modules["clint.textui"] = textui
+    import hpsv2.img_score as img_score
+    from hpsv2.src import open_clip as hps_open_clip
+
+    return img_score, hps_open_clip
+
+
+def build_official():
+    """The official ViT-H-14 and val transform, built on the meta device (its random init is never used: every
+    weight comes from the checkpoint), then given CPU storage and its causal text mask."""
+    _, hps_open_clip = _import_hpsv2()
+    with torch.device("meta"):
+        model, _, preprocess = hps_open_clip.create_model_and_transforms(
+            "ViT-H-14", None, precision="fp32", device="meta", light_augmentation=True, output_dict=True
+        )
+    model.to_empty(device="cpu")
+    model.attn_mask = torch.full((77, 77), float("-inf")).triu(1)
+    return model, preprocess
+
+
+def _parity_run(workdir: Path, with_gradient: bool = False) -> tuple[dict, rewards.Reward]:
+    img_score, hps_open_clip = _import_hpsv2()
+    torch.manual_seed(0)
+    samples = photographs()
+    official_model, preprocess = build_official()
+    checkpoint = workdir / FILE
+    torch.save({"state_dict": random_clip_state_dict(official_model, seed=0)}, checkpoint)
+
+    captured = []
+    hook = official_model.visual.register_forward_hook(lambda m, i, out: captured.append(out.detach()))
+    img_score.model_dict.update(model=official_model, preprocess_val=preprocess)
+    try:
+        official = np.array([img_score.score(image, prompt, cp=str(checkpoint))[0] for image, prompt in samples])
+    finally:
+        img_score.model_dict.clear()
+        hook.remove()
+    official_image = torch.nn.functional.normalize(torch.cat(captured), dim=-1)
+    with torch.no_grad():
+        tokens = hps_open_clip.get_tokenizer("ViT-H-14")([p for _, p in samples])
+        official_text = official_model.encode_text(tokens, normalize=True)
+        official_pixels = [preprocess(image)[None] for image, _ in samples]
+    del official_model
+    gc.collect()
+
+    reward = rewards.load("hpsv2.1", checkpoint=workdir)  # a folder: the official file name is found inside
+    captured.clear()
+    hook = reward.model.visual.register_forward_hook(lambda m, i, out: captured.append(out.detach()))
+    with torch.no_grad():
+        ours = np.array([reward(to_tensor(image), [prompt]).item() for image, prompt in samples])
+        ours_text = reward.text_features([p for _, p in samples])
+        pixel_diff = max(
+            (reward.preprocess(to_tensor(image)) - ref).abs().max().item()
+            for (image, _), ref in zip(samples, official_pixels)
+        )
+    hook.remove()
+    ours_image = torch.nn.functional.normalize(torch.cat(captured), dim=-1)
+    cosines = (ours_image * official_image).sum(-1).numpy()
+    metrics = summarize(
+        official,
+        ours,
+        cosines,
+        text_feature_cosine_min=float((ours_text * official_text).sum(-1).min()),
+        preprocessed_pixel_max_abs_diff=pixel_diff,
+        oracle="hpsv2.img_score.score (hpsv2x 1.2.0), fp32 CPU",
+    )
+    if with_gradient:
+        metrics.update(_gradient(reward))
+    return metrics, reward
+
+
+def _gradient(reward: rewards.Reward) -> dict:
+    image = to_tensor(photographs()[3][0])[..., :150, :100].requires_grad_(True)
+    reward(image, ["a rocket"]).sum().backward()
+    grad = image.grad
+    return {"gradient_finite": bool(torch.isfinite(grad).all()), "gradient_abs_mean": float(grad.abs().mean())}
+
+
+def measure_parity() -> dict:
+    """Build both full-size models from one random-weight official-format checkpoint; return the disagreement."""
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics, reward = _parity_run(Path(tmp))
+        del reward
+        gc.collect()
+    return metrics
+
+
+# -- tests ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    metrics, reward = _parity_run(tmp_path_factory.mktemp("hps"), with_gradient=True)
+    yield metrics, reward
+    del reward
+    gc.collect()
+
+
+@pytest.mark.slow
+def test_parity_with_official_hpsv2(parity):
+    m, _ = parity
+    assert m["official_score_std"] > 0.005, f"random weights gave degenerate scores: {m}"
+    assert m["image_feature_cosine_min"] >= TARGET_COSINE, m
+    assert m["text_feature_cosine_min"] >= TARGET_COSINE, m
+    assert m["score_rel_diff_mean"] < TARGET_REL_DIFF, m
+    assert m["score_abs_diff_max_over_std"] < 1e-2, m
+    assert m["preprocessed_pixel_max_abs_diff"] < 1e-4, m  # the official transform runs on float tensors too
+
+
+@pytest.mark.slow
+def test_reward_attributes_and_gradient(parity):
+    m, reward = parity
+    assert (reward.name, reward.needs_prompt, reward.input_size, reward.published_scale) == ("hpsv2.1", True, 224, 100)
+    assert not any(p.requires_grad for p in reward.parameters())
+    assert m["gradient_finite"] and m["gradient_abs_mean"] > 0
+
+
+@pytest.mark.slow
+def test_prompt_errors(parity):
+    _, reward = parity
+    images = torch.rand(2, 3, 32, 32)
+    with pytest.raises(InputError, match="needs one prompt per image"):
+        reward(images)
+    with pytest.raises(InputError, match="got 1 prompts for 2 images"):
+        reward(images, ["only one"])
+
+
+@pytest.mark.slow
+def test_text_features_cached_per_prompt(parity, monkeypatch):
+    _, reward = parity
+    reward.clear_text_cache()
+    seen = []
+    encode = reward.encode_text
+    monkeypatch.setattr(reward, "encode_text", lambda prompts: seen.append(list(prompts)) or encode(prompts))
+    first = reward.text_features(["a", "b", "a"])
+    second = reward.text_features(["b", "c"])
+    assert seen == [["a", "b"], ["c"]]
+    assert torch.equal(first[1], second[0]) and torch.equal(first[0], first[2])
+    assert first.dtype == torch.float32 and not first.requires_grad
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(MissingFileError) as err:
+        rewards.load("hpsv2", checkpoint=tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / "HPS_v2_compressed.pt") in message and "checkpoint=" in message
+
+
+def test_missing_from_hub_offline(monkeypatch, tmp_path):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(MissingFileError) as err:
+        rewards.load("hpsv2.1")
+    message = str(err.value)
+    assert "xswu/HPSv2" in message and FILE in message and "checkpoint=" in message
+
+
+def test_checkpoint_that_does_not_fit(tmp_path):
+    state = {"visual.conv1.weight": torch.zeros(2, 3, 14, 14), "visual.extra": torch.zeros(1)}
+    torch.save({"state_dict": state}, tmp_path / FILE)
+    with pytest.raises(CheckpointMismatchError) as err:
+        rewards.load("hpsv2.1", checkpoint=tmp_path / FILE)
+    message = str(err.value)
+    assert "visual.extra" in message and "visual.conv1.weight" in message and "missing" in message
+
+
+def test_random_weights_have_the_intended_cosine():
+    from rewards import openclip
+
+    model = openclip.build_model("ViT-B-32")
+    state = random_clip_state_dict(model, seed=0, cosine=0.3)
+    bias, proj = state["visual.ln_post.bias"].float(), state["visual.proj"].float()
+    text_bias, text_proj = state["ln_final.bias"].float(), state["text_projection"].float()
+    assert torch.allclose(bias @ proj, text_bias @ text_proj, rtol=1e-2, atol=1e-2)

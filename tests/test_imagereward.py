@@ -1,0 +1,325 @@
+"""ImageReward: parity with the official `image-reward` package (run in its own cached environment), the key
+mapping from the original checkpoint, gradients, and the errors a user can act on.
+
+The oracle environment is built once (tests/imagereward_oracle/build.py, ~1 min cold) and cached; the official
+model writes a full-size random-weight ImageReward.pt and scores real photographs with its own score(); ours
+loads that file through rewards.load and scores the same PNGs.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import rewards
+from rewards import imagereward as ir
+
+ORACLE = Path(__file__).parent / "imagereward_oracle"
+SEED = 0
+HEAD_STD = 2.0  # head init gain in the random checkpoint (the official 1/769 std makes every score equal)
+MED_CONFIG = {  # THUDM/ImageReward med_config.json (BLIP's BERT-base "med" config)
+    "architectures": ["BertModel"],
+    "attention_probs_dropout_prob": 0.1,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "hidden_size": 768,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-12,
+    "max_position_embeddings": 512,
+    "model_type": "bert",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 0,
+    "type_vocab_size": 2,
+    "vocab_size": 30524,
+    "encoder_width": 768,
+    "add_cross_attention": True,
+}
+PROMPTS = [
+    "an astronaut in a white space suit, studio portrait",
+    "A cup of coffee on a saucer, seen from above!",
+    "a cat",
+    "black-and-white photo of a cameraman with a tripod, standing on a lawn, highly detailed photograph, 35mm film, "
+    "golden hour, sharp focus, trending on artstation",  # longer than 35 tokens: truncated
+    "tiny astronaut",
+    "coffee (portrait crop)",
+]
+
+
+def _images() -> list[np.ndarray]:
+    """Real photographs at several sizes and aspect ratios, uint8 HxWx3."""
+    from skimage import data
+
+    camera = np.repeat(data.camera()[:, :, None], 3, axis=2)
+    tiny = np.asarray(Image.fromarray(data.astronaut()).resize((160, 120), Image.LANCZOS))
+    return [
+        data.astronaut(),  # 512 x 512
+        data.coffee(),  # 400 x 600, landscape
+        data.chelsea(),  # 300 x 451, landscape, odd width
+        camera[:, 100:400],  # 512 x 300, portrait
+        tiny,  # 120 x 160, smaller than 224
+        data.coffee()[:, 150:350],  # 400 x 200, portrait, narrower than 224
+    ]
+
+
+def write_vocab(path: Path, prompts: list[str]) -> None:
+    """A 30522-entry BERT vocabulary with bert-base-uncased's special-token ids, covering `prompts`."""
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'()-:;\""
+    words = sorted({w for p in prompts for w in re.findall(r"[a-z0-9]+", p.lower())})
+    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += list(chars) + [f"##{c}" for c in chars] + [w for w in words if w not in chars]
+    tokens += [f"[unused{i}]" for i in range(99, 99 + 30522 - len(tokens))]
+    assert len(tokens) == 30522 and len(set(tokens)) == 30522
+    path.write_text("\n".join(tokens) + "\n")
+
+
+def _oracle_python() -> Path:
+    spec = importlib.util.spec_from_file_location("imagereward_oracle_build", ORACLE / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build.build()  # raises OracleBuildError with pip's output if the environment cannot be built
+
+
+def run_official(job: Path) -> None:
+    """Run the official package on `job` in the oracle environment (building that environment first if needed)."""
+    proc = subprocess.run([str(_oracle_python()), str(ORACLE / "run_oracle.py"), str(job)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"the official ImageReward oracle failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1)
+
+
+def run_parity(workdir: Path) -> tuple[dict, rewards.Reward, dict]:
+    """Official scores from the oracle environment vs ours on the same files; returns (metrics, our reward, paths)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = {"checkpoint": workdir / ir.CHECKPOINT_FILE, "config": workdir / ir.CONFIG_FILE, "vocab": workdir / "vocab.txt"}
+    paths["config"].write_text(json.dumps(MED_CONFIG, indent=2))
+    write_vocab(paths["vocab"], PROMPTS)
+    arrays = _images()
+    pngs = []
+    for i, arr in enumerate(arrays):
+        pngs.append(workdir / f"image{i}.png")
+        Image.fromarray(arr).save(pngs[-1])
+    job = {
+        "seed": SEED, "med_config": str(paths["config"]), "vocab_dir": str(workdir), "checkpoint": str(paths["checkpoint"]),
+        "head_std": HEAD_STD, "images": [str(p) for p in pngs], "prompts": PROMPTS, "out": str(workdir / "official.pt"),
+    }
+    (workdir / "job.json").write_text(json.dumps(job))
+    t0 = time.perf_counter()
+    if not (workdir / "official.pt").is_file():
+        run_official(workdir / "job.json")
+    oracle_s = time.perf_counter() - t0
+    official = torch.load(workdir / "official.pt", weights_only=True)
+
+    t0 = time.perf_counter()
+    reward = rewards.load("imagereward", checkpoint=paths["checkpoint"], config=paths["config"], tokenizer=paths["vocab"])
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    images = [torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float() / 255 for a in arrays]
+    ours = _score_with_taps(reward, images, PROMPTS)
+    score_s = time.perf_counter() - t0
+    # The same model on the official pipeline's own 224 px crops (PIL-resized, 8-bit): isolates the network from
+    # the preprocessing; our resize/crop is the identity on a 224 x 224 input.
+    crops = (official["pixels"] * reward.std + reward.mean).clamp(0, 1)
+    same_pixels = _score_with_taps(reward, [crops], PROMPTS)
+    metrics = {"n_images": len(arrays), "official_score_std": official["scores"].std().item()}
+    metrics.update(_compare(ours, official, prefix=""))
+    metrics.update(_compare(same_pixels, official, prefix="same_pixels_"))
+    metrics.update(
+        official_scores=official["scores"].tolist(),
+        ours_scores=ours["scores"].tolist(),
+        seconds={"oracle_total": oracle_s, "oracle_build": official["build_s"], "oracle_score": official["score_s"],
+                 "ours_load": load_s, "ours_score": score_s},
+        oracle_versions=official["versions"],
+    )
+    return metrics, reward, paths
+
+
+def _score_with_taps(reward, images: list[torch.Tensor], prompts: list[str]) -> dict:
+    """Scores of `images` (a list of batches) plus the ViT tokens and the head's input, in one forward each."""
+    taps: dict[str, list] = {"image_embeds": [], "features": []}
+    hooks = [
+        reward.vision.norm.register_forward_hook(lambda m, i, o: taps["image_embeds"].append(o.double())),
+        reward.text.register_forward_hook(lambda m, i, o: taps["features"].append(o.last_hidden_state[:, 0].double())),
+    ]
+    scores, start = [], 0
+    try:
+        with torch.no_grad():
+            for batch in images:
+                scores.append(reward(batch, prompts[start : start + len(batch)]).double())
+                start += len(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {"scores": torch.cat(scores), **{k: torch.cat(v) for k, v in taps.items()}}
+
+
+def _compare(ours: dict, official: dict, prefix: str) -> dict:
+    diff = (ours["scores"] - official["scores"]).abs()
+    spread = official["scores"].std().item()
+    image_cos = _cos(ours["image_embeds"], official["image_embeds"])
+    feature_cos = _cos(ours["features"], official["features"])
+    return {
+        f"{prefix}image_tokens_cosine_min": image_cos.min().item(),
+        f"{prefix}image_tokens_cosine_mean": image_cos.mean().item(),
+        f"{prefix}feature_cosine_min": feature_cos.min().item(),
+        f"{prefix}feature_cosine_mean": feature_cos.mean().item(),
+        f"{prefix}mean_abs_diff_over_std": diff.mean().item() / spread,
+        f"{prefix}max_abs_diff_over_std": diff.max().item() / spread,
+        f"{prefix}mean_rel_diff": (diff / official["scores"].abs()).mean().item(),
+        f"{prefix}max_abs_diff": diff.max().item(),
+    }
+
+
+def measure_parity() -> dict:
+    """Parity numbers for the card (docs/parity.py imports this)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics, reward, _ = run_parity(Path(tmp))
+        del reward
+        gc.collect()
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    metrics, reward, paths = run_parity(tmp_path_factory.mktemp("imagereward"))
+    yield metrics, reward, paths
+    del reward
+    gc.collect()
+
+
+# -- parity -------------------------------------------------------------------------------------------------
+def test_parity_with_official_package(parity):
+    m, _, _ = parity
+    assert m["official_score_std"] > 1.0, f"random-weight scores barely spread ({m['official_score_std']:.3g})"
+    # End to end (our tensor resize vs PIL's 8-bit resize): the targets every reward meets.
+    assert m["image_tokens_cosine_min"] >= 0.9999, m
+    assert m["feature_cosine_min"] >= 0.9999, m
+    assert m["mean_rel_diff"] < 1e-3, m
+    assert m["mean_abs_diff_over_std"] < 1e-2, m
+    # The network alone, on the official pipeline's own pixels: equal up to float32 rounding.
+    assert m["same_pixels_image_tokens_cosine_min"] >= 0.999999, m
+    assert m["same_pixels_feature_cosine_min"] >= 0.999999, m
+    assert m["same_pixels_max_abs_diff_over_std"] < 1e-4, m
+
+
+def test_batch_and_float64_match_single_float32(parity):
+    _, reward, _ = parity
+    from skimage import data
+
+    x = torch.stack([torch.from_numpy(a.copy()).permute(2, 0, 1) / 255.0 for a in (data.astronaut(), data.astronaut()[:, ::-1])])
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    with torch.no_grad():
+        batch = reward(x.double(), prompts)
+        single = torch.cat([reward(x[i : i + 1].float(), [p]) for i, p in enumerate(prompts)])
+    assert batch.dtype == torch.float32 and batch.shape == (2,)
+    torch.testing.assert_close(batch, single, atol=1e-4, rtol=1e-5)
+
+
+# -- key mapping ----------------------------------------------------------------------------------------------
+def test_every_original_key_is_loaded_and_nothing_left_at_init(parity):
+    _, reward, paths = parity
+    original = torch.load(paths["checkpoint"], map_location="cpu", weights_only=True)
+    ours = reward.state_dict()
+    used = {k: v for k, v in original.items() if k not in ir.UNUSED_KEYS and k != ir.POSITION_IDS}
+    converted = ir.convert_checkpoint(original)
+    assert sorted(converted) == sorted(ours), "our persistent tensors and the converted checkpoint differ"
+    assert len(converted) == len(used), "an original key was dropped or two were merged"
+    for key, value in used.items():
+        new = ir._convert_key(key)
+        assert torch.equal(ours[new].to(value.dtype), value), f"{new} does not hold {key}"
+    assert torch.equal(reward.text.embeddings.position_ids[0], torch.arange(original[ir.POSITION_IDS].shape[-1]))
+    leftovers = sorted(set(original) - set(used))
+    assert leftovers == sorted(ir.UNUSED_KEYS | {ir.POSITION_IDS}), leftovers
+
+
+def test_mapping_names():
+    assert ir._convert_key("blip.visual_encoder.blocks.3.attn.qkv.weight") == "vision.blocks.3.attn.qkv.weight"
+    assert ir._convert_key("blip.text_encoder.encoder.layer.0.crossattention.self.key.bias") == (
+        "text.encoder.layer.0.crossattention.self.key.bias"
+    )
+    assert [ir._convert_key(f"mlp.layers.{i}.weight") for i in (0, 2, 4, 6, 7)] == [f"head.{j}.weight" for j in range(5)]
+    assert ir._convert_key("mlp.layers.1.weight") is None
+
+
+# -- protocol, gradients, cache ---------------------------------------------------------------------------------
+def test_protocol_attributes():
+    assert "imagereward" in rewards.available()
+    assert ir.ImageReward.needs_prompt and ir.ImageReward.input_size == 224
+    assert "1.0333" in ir.ImageReward.scale_note
+
+
+def test_gradients_reach_the_pixels(parity):
+    _, reward, _ = parity
+    x = torch.rand(1, 3, 180, 260, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    reward(x, ["a photo"]).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in reward.parameters())
+
+
+def test_prompt_cache_tokenises_each_prompt_once(parity, monkeypatch):
+    _, reward, _ = parity
+    reward.clear_text_cache()
+    calls = []
+    encode = reward.encode_text
+    monkeypatch.setattr(reward, "encode_text", lambda prompts: calls.append(list(prompts)) or encode(prompts))
+    first = reward.text_features(["a cat", "a cat", "a dog"])
+    again = reward.text_features(["a dog", "a cat"])
+    assert calls == [["a cat", "a dog"]]
+    assert first.shape == (3, 2, ir.MAX_TOKENS) and torch.equal(again[1], first[0])
+    assert first[0, 0, 0].item() == reward.tokenizer.cls_token_id  # the first token stays [CLS] as in score()
+
+
+# -- bad input and bad files -------------------------------------------------------------------------------------
+def test_bad_inputs(parity):
+    _, reward, _ = parity
+    x = torch.rand(2, 3, 64, 64)
+    with pytest.raises(rewards.InputError, match="needs one prompt"):
+        reward(x)
+    with pytest.raises(rewards.InputError, match="got 1 prompts for 2 images"):
+        reward(x, ["a"])
+    with pytest.raises(rewards.InputError, match=r"\[B,3,H,W\]"):
+        reward(x[0], ["a"])
+    with pytest.raises(rewards.InputError, match=r"\[0,1\]"):
+        reward(x * 255, ["a", "b"])
+
+
+def test_missing_files_say_where_and_how(tmp_path):
+    with pytest.raises(rewards.MissingFileError, match=r"ImageReward\.pt.*checkpoint="):
+        rewards.load("imagereward", checkpoint=tmp_path / "ImageReward.pt", config=tmp_path, tokenizer=tmp_path)
+    (tmp_path / "ImageReward.pt").write_bytes(b"x")
+    with pytest.raises(rewards.MissingFileError, match=r"med_config\.json.*config="):
+        rewards.load("imagereward", checkpoint=tmp_path / "ImageReward.pt", config=tmp_path, tokenizer=tmp_path)
+
+
+def _small_files(tmp_path: Path, state: dict) -> dict:
+    torch.save(state, tmp_path / "ImageReward.pt")
+    (tmp_path / "med_config.json").write_text(json.dumps(MED_CONFIG))
+    write_vocab(tmp_path / "vocab.txt", ["a cat"])
+    return {"checkpoint": tmp_path / "ImageReward.pt", "config": tmp_path, "tokenizer": tmp_path}
+
+
+def test_checkpoint_with_foreign_keys_names_them(tmp_path):
+    files = _small_files(tmp_path, {"blip.visual_encoder.cls_token": torch.zeros(1, 1, 1024), "blip.itm_head.weight": torch.zeros(2, 768)})
+    with pytest.raises(rewards.CheckpointMismatchError, match=r"blip\.itm_head\.weight"):
+        rewards.load("imagereward", **files)
+
+
+def test_checkpoint_with_missing_and_misshaped_keys_names_them(tmp_path):
+    files = _small_files(tmp_path, {"blip.visual_encoder.cls_token": torch.zeros(1, 1, 768), "mlp.layers.7.bias": torch.zeros(1)})
+    with pytest.raises(rewards.CheckpointMismatchError, match=r"missing keys \(head\.0\.bias.*vision\.cls_token: checkpoint \(1, 1, 768\)"):
+        rewards.load("imagereward", **files)

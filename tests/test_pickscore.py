@@ -1,0 +1,335 @@
+"""PickScore: loading from local files in the official layout, input errors, gradients, and parity with
+the official path (transformers `CLIPModel` + the PIL `CLIPImageProcessorPil`, as in the PickScore README)."""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import rewards
+from rewards import CheckpointMismatchError, InputError, MissingFileError
+
+OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
+LOGIT_SCALE = math.log(100.0)  # PickScore_v1's learned scale is ~100
+
+# CLIP-H as in yuvalkirstain/PickScore_v1's config.json (transformers layout).
+FULL_CONFIG = dict(
+    text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                     max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", layer_norm_eps=1e-5),
+    vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                       image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5),
+    projection_dim=1024,
+)
+SMALL_CONFIG = dict(
+    text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=77, vocab_size=49408, hidden_act="gelu"),
+    vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=224, patch_size=14, hidden_act="gelu"),
+    projection_dim=32,
+)
+
+
+# -- local files in the official layouts ---------------------------------------------------------------
+def write_clip_tokenizer(folder: Path) -> Path:
+    """vocab.json + merges.txt of OpenAI CLIP's BPE (as in the LAION repo), rebuilt from open_clip's merges."""
+    import open_clip.tokenizer as oct
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gz = Path(oct.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(gz).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    byte_chars = list(oct.bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + [m.replace(" ", "") for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
+
+
+def clip_config(spec: dict):
+    from transformers import CLIPConfig
+
+    return CLIPConfig(**spec, logit_scale_init_value=LOGIT_SCALE)
+
+
+def random_clip_state(config, seed: int = 0, shared: float = 1.1) -> dict[str, torch.Tensor]:
+    """Random CLIP weights at sensible scales (fan-in linears, LayerNorms near identity), logit scale log(100).
+
+    Pure random towers give cosines near 0, so scores near 0 where a relative error means little. Both pooled
+    outputs get a LayerNorm bias along a direction that the projections map onto one shared unit vector u
+    (`shared` sets its weight), so prompt and image embeddings have cosine ~0.2 and scores ~20, as real
+    PickScores do. Values are slices of one random pool, which is much faster than drawing 1e9 numbers.
+    """
+    from transformers import CLIPModel
+
+    with torch.device("meta"):
+        shapes = CLIPModel(config).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(max(m.numel() for m in shapes.values()) + 2**20, generator=g)
+
+    def randn(shape: torch.Size) -> torch.Tensor:
+        start = int(torch.randint(0, pool.numel() - shape.numel() + 1, (1,), generator=g))
+        return pool[start : start + shape.numel()].view(shape)
+
+    state = {}
+    for key, meta in shapes.items():
+        if key == "logit_scale":
+            state[key] = torch.tensor(LOGIT_SCALE)
+        elif "norm" in key:
+            state[key] = 1.0 + 0.1 * randn(meta.shape) if key.endswith("weight") else 0.1 * randn(meta.shape)
+        elif key.endswith("bias"):
+            state[key] = 0.02 * randn(meta.shape)
+        elif "embedding" in key and meta.ndim < 4:
+            state[key] = (0.02 if meta.ndim == 2 else 0.2) * randn(meta.shape)
+        else:
+            state[key] = randn(meta.shape) * meta[0].numel() ** -0.5  # fan-in scaling (linears, patch conv)
+    u = torch.nn.functional.normalize(torch.randn(config.projection_dim, generator=g), dim=0)
+    for norm, proj in (("vision_model.post_layernorm", "visual_projection"), ("text_model.final_layer_norm", "text_projection")):
+        width = state[f"{norm}.bias"].numel()
+        d = torch.nn.functional.normalize(torch.randn(width, generator=g), dim=0)
+        state[f"{norm}.bias"] = state[f"{norm}.bias"] + 0.5 * width**0.5 * d
+        state[f"{proj}.weight"] = state[f"{proj}.weight"] + shared * torch.outer(u, d)
+    return state
+
+
+def write_checkpoint(folder: Path, spec: dict, seed: int = 0, fmt: str = "safetensors") -> Path:
+    """A PickScore_v1-style folder: config.json + model.safetensors (or pytorch_model.bin)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = clip_config(spec)
+    config.to_json_file(str(folder / "config.json"))
+    state = random_clip_state(config, seed)
+    if fmt == "safetensors":
+        save_file(state, str(folder / "model.safetensors"))
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+# -- the official path ---------------------------------------------------------------------------------
+def official_processor():
+    """The LAION repo's preprocessor_config.json values, on transformers' PIL ("slow") CLIP processor."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3,
+        do_center_crop=True, do_normalize=True, do_rescale=True, rescale_factor=1 / 255,
+        image_mean=OPENAI_MEAN, image_std=OPENAI_STD,
+    )
+
+
+def _pooled(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5 returns a ModelOutput
+
+
+def official_scores(folder: Path, tokenizer_dir: Path, images: list[np.ndarray], prompts: list[str]) -> dict:
+    """PickScore README: processor -> get_image/text_features -> normalise -> logit_scale.exp() * dot."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(str(folder)).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    processor = official_processor()
+    pixels = [processor(images=Image.fromarray(im), return_tensors="pt")["pixel_values"] for im in images]
+    with torch.no_grad():
+        img = torch.cat([_pooled(model.get_image_features(pixel_values=p)) for p in pixels])
+        tokens = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        txt = _pooled(model.get_text_features(**tokens))
+        img_n, txt_n = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
+        scores = model.logit_scale.exp() * (img_n * txt_n).sum(-1)
+    del model
+    gc.collect()
+    return {"image": img, "scores": scores, "pixels": pixels}
+
+
+# -- test images -----------------------------------------------------------------------------------------
+def _resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
+
+
+def parity_images() -> tuple[list[np.ndarray], list[str]]:
+    """skimage photographs at several sizes and aspect ratios (square, portrait, landscape, < 224, > 224)."""
+    from skimage import data
+
+    camera = np.repeat(data.camera()[..., None], 3, axis=-1)
+    images = [
+        data.astronaut(),  # 512x512
+        _resized(data.astronaut(), 180, 150),  # portrait, smaller than 224
+        data.coffee(),  # 400x600 landscape
+        data.chelsea(),  # 300x451 landscape
+        data.rocket(),  # 427x640: odd crop margin, where floor and round offsets differ
+        _resized(camera, 1000, 761),  # large portrait, grey
+    ]
+    prompts = [
+        "an astronaut in a white suit next to a flag",
+        "a small portrait of a woman in a space suit",
+        "a cup of coffee on a saucer, top view",
+        "a ginger cat looking at the camera",
+        "a rocket on the launch pad at dusk",
+        "a black and white photo of a man with a camera",
+    ]
+    return images, prompts
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+
+
+# -- parity measurement (imported by docs/parity.py) -----------------------------------------------------
+def measure_parity() -> dict:
+    """Full-size CLIP-H with random weights: ours (rewards.load from the files) vs the official path."""
+    images, prompts = parity_images()
+    with tempfile.TemporaryDirectory() as tmp:
+        # pytorch_model.bin (also in the PickScore_v1 repo): torch.save streams it, safetensors would copy 4 GB
+        folder = write_checkpoint(Path(tmp) / "PickScore_v1", FULL_CONFIG, seed=0, fmt="bin")
+        tok_dir = write_clip_tokenizer(Path(tmp) / "processor")
+        gc.collect()
+        ref = official_scores(folder, tok_dir, images, prompts)
+        reward = rewards.load("pickscore", checkpoint=folder, tokenizer=tok_dir)
+        with torch.no_grad():
+            ours_pixels = [reward.preprocess(to_tensor(im)) for im in images]
+            ours_img = torch.cat([reward.image_features(to_tensor(im)) for im in images])
+            ours = torch.cat([reward(to_tensor(im), [p]) for im, p in zip(images, prompts)])
+        del reward
+        gc.collect()
+    cos = torch.nn.functional.cosine_similarity(ours_img, ref["image"], dim=-1)
+    diff = (ours - ref["scores"]).abs()
+    spread = ref["scores"].std().item()
+    pixel_err = max((a - b).abs().max().item() for a, b in zip(ours_pixels, ref["pixels"]))
+    return {
+        "reward": "pickscore",
+        "images": len(images),
+        "official_scores": [round(v, 4) for v in ref["scores"].tolist()],
+        "ours_scores": [round(v, 4) for v in ours.tolist()],
+        "official_std": spread,
+        "cosine_min": cos.min().item(),
+        "cosine_mean": cos.mean().item(),
+        "abs_diff_mean": diff.mean().item(),
+        "abs_diff_max": diff.max().item(),
+        "diff_mean_over_std": diff.mean().item() / spread,
+        "diff_max_over_std": diff.max().item() / spread,
+        "rel_diff_mean": (diff / ref["scores"].abs()).mean().item(),
+        "pixel_max_abs_diff": pixel_err,  # normalised pixels (units of std), after resize + crop
+    }
+
+
+@pytest.fixture(scope="module")
+def parity() -> dict:
+    return measure_parity()
+
+
+@pytest.mark.slow
+def test_parity_image_features_match_official(parity):
+    assert parity["cosine_min"] >= 0.9999, parity
+
+
+@pytest.mark.slow
+def test_parity_scores_match_official(parity):
+    assert parity["official_std"] > 0.5, f"random weights gave degenerate scores: {parity}"
+    assert parity["rel_diff_mean"] < 1e-3, parity
+    assert parity["diff_max_over_std"] < 2e-2, parity
+
+
+# -- small model: loading, errors, gradients ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("pickscore")
+    return {
+        "checkpoint": write_checkpoint(root / "PickScore_v1", SMALL_CONFIG, seed=1),
+        "tokenizer": write_clip_tokenizer(root / "processor"),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def small(files):
+    return rewards.load("pickscore", checkpoint=files["checkpoint"], tokenizer=files["tokenizer"])
+
+
+def test_attributes_and_frozen(small):
+    assert small.name == "pickscore" and small.needs_prompt and small.input_size == 224
+    assert small.model.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-5)
+    assert not any(p.requires_grad for p in small.parameters())
+
+
+def test_gradients_reach_pixels(small):
+    images = torch.rand(2, 3, 250, 333, requires_grad=True)
+    scores = small(images, ["a cat", "a dog"])
+    assert scores.dtype == torch.float32 and scores.shape == (2,)
+    scores.sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_small_model_matches_official_path(small, files):
+    images, prompts = parity_images()
+    ref = official_scores(files["checkpoint"], files["tokenizer"], images[:4], prompts[:4])
+    with torch.no_grad():
+        ours = torch.cat([small(to_tensor(im), [p]) for im, p in zip(images[:4], prompts[:4])])
+    torch.testing.assert_close(ours, ref["scores"], atol=2e-2, rtol=0)
+
+
+def test_pytorch_model_bin_and_bfloat16(files):
+    folder = write_checkpoint(files["root"] / "bin", SMALL_CONFIG, seed=1, fmt="bin")
+    reward = rewards.load("pickscore", checkpoint=folder, tokenizer=files["tokenizer"], dtype=torch.bfloat16)
+    images = torch.rand(1, 3, 224, 224)
+    scores = reward(images, ["a cat"])
+    ref = rewards.load("pickscore", checkpoint=files["checkpoint"], tokenizer=files["tokenizer"])(images, ["a cat"])
+    assert reward.model.logit_scale.dtype == torch.bfloat16 and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, ref, atol=0.5, rtol=0)
+
+
+def test_weights_file_with_config_beside_it(files):
+    reward = rewards.load(
+        "pickscore", checkpoint=files["checkpoint"] / "model.safetensors", tokenizer=files["tokenizer"] / "vocab.json"
+    )
+    assert reward.model.config.vision_config.hidden_size == SMALL_CONFIG["vision_config"]["hidden_size"]
+
+
+def test_text_is_encoded_once_per_prompt(small, monkeypatch):
+    calls = []
+    original = small.encode_text
+    monkeypatch.setattr(small, "encode_text", lambda prompts: calls.append(list(prompts)) or original(prompts))
+    small.clear_text_cache()
+    images = torch.rand(3, 3, 224, 224)
+    small(images, ["x", "y", "x"])
+    small(images, ["y", "x", "x"])
+    assert calls == [["x", "y"]]
+
+
+def test_prompt_errors(small):
+    images = torch.rand(2, 3, 224, 224)
+    with pytest.raises(InputError, match="needs one prompt per image"):
+        small(images)
+    with pytest.raises(InputError, match="got 1 prompts for 2 images"):
+        small(images, ["only one"])
+
+
+def test_mismatched_checkpoint_names_keys(files):
+    folder = files["root"] / "bad"
+    write_checkpoint(folder, SMALL_CONFIG, seed=1)
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    state["visual_projection.bias"] = torch.zeros(32)
+    del state["text_projection.weight"]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match="text_projection.weight") as err:
+        rewards.load("pickscore", checkpoint=folder, tokenizer=files["tokenizer"])
+    assert "visual_projection.bias" in str(err.value)
+
+
+def test_missing_files_say_where_and_how(files, tmp_path):
+    with pytest.raises(MissingFileError, match="model.safetensors") as err:
+        rewards.load("pickscore", checkpoint=tmp_path, tokenizer=files["tokenizer"])
+    assert str(tmp_path) in str(err.value) and "checkpoint=" in str(err.value)
+    with pytest.raises(MissingFileError, match="vocab.json") as err:
+        rewards.load("pickscore", checkpoint=files["checkpoint"], tokenizer=tmp_path)
+    assert "tokenizer=" in str(err.value)

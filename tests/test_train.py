@@ -1,0 +1,139 @@
+"""The training loop end to end on a tiny SDXL: outputs, exact resume, non-finite steps."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tuner import checkpoint as ckpt
+from tuner.config import ConfigError, load_config, validate
+from tuner.logging import read_metrics
+from tuner.train import NonFiniteError, lr_at, train
+
+FAST = ["sampling.num_steps=4", "method_options={num_trained: 2, early_stop_range: 2}", "train.batch_size=1",
+        "log.progress=false", "prompts.num_eval=2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not stall on a busy machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny(tmp_path, name, *overrides):
+    return validate(load_config(None, [f"output_dir={tmp_path}", f"name={name}", *FAST, *overrides]))
+
+
+class Brightness(torch.nn.Module):
+    """A small differentiable reward; raises or returns NaN on chosen training calls (eval calls run without grad)."""
+
+    def __init__(self, crash_at=None, nan_at=()):
+        super().__init__()
+        self.calls, self.crash_at, self.nan_at = 0, crash_at, set(nan_at)
+
+    def forward(self, images, prompts):
+        score = -(images - 0.7).pow(2).mean(dim=(1, 2, 3))
+        if not torch.is_grad_enabled():
+            return score
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise KeyboardInterrupt("simulated kill")
+        return score * float("nan") if self.calls in self.nan_at else score
+
+
+def test_end_to_end_writes_every_output(tmp_path):
+    cfg = tiny(tmp_path, "e2e", "train.steps=4", "log.eval_every=2", "checkpoint.every=2", "checkpoint.keep=1",
+               "train.ema_decay=0.5", "train.grad_accum=2")
+    summary = train(cfg)  # the real `symmetry` reward through rewards.load
+    run = tmp_path / "e2e"
+    for name in ("config.yaml", "metrics.jsonl", "reward_curve.png", "summary.json", "summary.md",
+                 "gallery/before.safetensors", "gallery/step-00000002.png", "gallery/step-00000004.png",
+                 "lora/pytorch_lora_weights.safetensors"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").glob("events.out.tfevents.*"))
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step-00000004"]  # keep=1
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    rows = read_metrics(run / "metrics.jsonl")
+    train_rows = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert all(r["skipped"] == 0 and r["grad_norm"] > 0 and r["lr"] == pytest.approx(lr_at(r["step"] - 1, cfg)) for r in train_rows)
+    assert [r["step"] for r in rows if "eval/reward" in r] == [0, 2, 4]
+    assert 0 < summary["eval_reward_before"] <= 1 and summary["skipped_steps"] == 0
+    assert json.loads((run / "summary.json").read_text())["final_weights"].endswith("pytorch_lora_weights.safetensors")
+    written = load_config(run / "config.yaml")
+    assert written.name == "e2e" and written.train.mixed_precision == "no" and written.train.steps == 4
+    # the final LoRA holds the EMA weights, the same as the last checkpoint's EMA
+    ema = ckpt.read_tensors(ckpt.latest(run / "checkpoints"), "ema.safetensors")
+    lora = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
+    assert len(lora) == len(ema)
+    assert sorted(round(v.double().square().sum().item(), 9) for v in lora.values()) == \
+        sorted(round(v.double().square().sum().item(), 9) for v in ema.values())
+    with pytest.raises(ConfigError, match="already holds checkpoints.*resume=latest"):
+        train(cfg)
+
+
+def test_resume_reaches_the_same_weights(tmp_path):
+    common = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep=5", "log.eval_every=100", "train.ema_decay=0.8",
+              "train.warmup_steps=1", "log.tensorboard=false"]
+    train(tiny(tmp_path, "whole", *common), reward_fn=Brightness())
+    with pytest.raises(KeyboardInterrupt):  # killed during step 3, after the checkpoint of step 2
+        train(tiny(tmp_path, "cut", *common), reward_fn=Brightness(crash_at=3))
+    assert ckpt.latest(tmp_path / "cut" / "checkpoints").name == "step-00000002"
+    summary = train(tiny(tmp_path, "cut", *common, "resume=latest"), reward_fn=Brightness())
+    assert summary["resumed_from_step"] == 2
+    a, b = (ckpt.latest(tmp_path / n / "checkpoints") for n in ("whole", "cut"))
+    assert a.name == b.name == "step-00000004"
+    for name in ("trainable.safetensors", "ema.safetensors"):
+        wa, wb = ckpt.read_tensors(a, name), ckpt.read_tensors(b, name)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name  # bitwise
+    oa, ob = (ckpt.read_state(p, "optimizer.pt")["optimizer"]["state"] for p in (a, b))
+    assert all(torch.equal(oa[i]["exp_avg_sq"], ob[i]["exp_avg_sq"]) for i in oa)
+    # the moved-on weights differ from the step-2 ones (the test could fail)
+    w2 = ckpt.read_tensors(tmp_path / "cut" / "checkpoints" / "step-00000002", "trainable.safetensors")
+    assert any(not torch.equal(w2[k], ckpt.read_tensors(b, "trainable.safetensors")[k]) for k in w2)
+    rows = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3, 4]  # the dead run's partial rows are gone
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
+    cfg = tiny(tmp_path, "nan", "train.steps=8", "checkpoint.every=1", "checkpoint.keep=10", "log.eval_every=100",
+               "train.max_nonfinite=2", "log.tensorboard=false")
+    # step 2 is NaN (skipped, then training goes on); steps 4 and 5 are NaN: two in a row stop the run
+    with pytest.raises(NonFiniteError, match=r"2 consecutive steps \(up to step 5\).*step-00000004"):
+        train(cfg, reward_fn=Brightness(nan_at=(2, 4, 5, 6, 7, 8)))
+    run = tmp_path / "nan"
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "reward" in r]
+    assert [(r["step"], r["skipped"]) for r in rows] == [(1, 0), (2, 1), (3, 0), (4, 1), (5, 1)]
+    assert rows[1]["reward"] is None and rows[2]["reward"] is not None
+    assert ckpt.latest(run / "checkpoints").name == "step-00000004"  # none written for the stopping step
+
+    def state(step):
+        folder = run / "checkpoints" / f"step-{step:08d}"
+        return ckpt.read_tensors(folder, "trainable.safetensors"), ckpt.read_state(folder, "optimizer.pt")["optimizer"]
+
+    (w1, o1), (w2, o2), (w3, o3), (w4, o4) = (state(s) for s in (1, 2, 3, 4))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1) and all(torch.equal(w3[k], w4[k]) for k in w3)  # skipped: no update
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)  # a finite step updates
+    steps = [float(next(iter(o["state"].values()))["step"]) for o in (o1, o2, o3, o4)]
+    assert steps == [1.0, 1.0, 2.0, 2.0]  # Adam's moments untouched by a skipped step
+
+
+def test_full_finetune_of_sd15_saves_a_loadable_unet(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from tuner.pipelines import tiny_sd15_pipeline
+
+    cfg = tiny(tmp_path, "full", "model=tiny-sd15", "train.full_finetune=true", "train.steps=2", "log.eval_every=100",
+               "checkpoint.every=100", "log.tensorboard=false", "sampling.guidance_scale=1.0", "train.lr=1e-3")
+    summary = train(cfg, reward_fn=Brightness())
+    base = tiny_sd15_pipeline(seed=0).unet
+    assert summary["trained_parameters"] == sum(p.numel() for p in base.parameters())
+    tuned = UNet2DConditionModel.from_pretrained(tmp_path / "full" / "unet")
+    saved = ckpt.read_tensors(ckpt.latest(tmp_path / "full" / "checkpoints"), "ema.safetensors")  # EMA is on
+    state = tuned.state_dict()
+    assert set(saved) == set(state) and all(torch.equal(saved[k], state[k]) for k in saved)
+    assert any(not torch.equal(v, base.state_dict()[k]) for k, v in state.items())

@@ -1,0 +1,461 @@
+"""Run configuration: dataclasses, YAML files, `key=value` overrides and validation.
+
+Every option lives in one dataclass field with its default and a help string; `docs/tuner.md`
+renders its table from these fields (`python -m tuner.config`). A configuration is checked
+completely (names, types, allowed values) before any model is loaded, so a typo costs seconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+TINY_MODELS = ("tiny-sdxl", "tiny-sd15")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adamw8bit")
+FALLBACK_SCHEDULERS = ("ddim",)
+
+
+class ConfigError(ValueError):
+    """A configuration value that was refused; the message names the key and what is allowed."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a default (copied if mutable) and a help string for the docs."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SamplingConfig:
+    scheduler: str = opt("ddim", "Sampling scheduler used for training trajectories and galleries.")
+    num_steps: int = opt(50, "Sampling steps T per trajectory.")
+    guidance_scale: float = opt(5.0, "Classifier-free guidance scale (1.0 turns guidance off).")
+    eta: float = opt(0.0, "DDIM eta: 0 is deterministic sampling, >0 adds noise each step.")
+    height: int = opt(1024, "Image height in pixels (multiple of 8).")
+    width: int = opt(1024, "Image width in pixels (multiple of 8).")
+    negative_prompt: str = opt("", "Negative prompt for the unconditional branch of guidance.")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(1000, "Optimizer steps of the whole run.")
+    batch_size: int = opt(1, "Prompts per micro-batch on each process.")
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = opt(1e-4, "Peak learning rate.")
+    lr_schedule: str = opt("constant_with_warmup", "Learning-rate schedule.")
+    warmup_steps: int = opt(0, "Linear warm-up steps at the start of the schedule.")
+    optimizer: str = opt("adamw", "adamw (torch) or adamw8bit (needs bitsandbytes).")
+    adam_beta1: float = opt(0.9, "Adam beta1.")
+    adam_beta2: float = opt(0.999, "Adam beta2.")
+    adam_eps: float = opt(1e-8, "Adam epsilon.")
+    weight_decay: float = opt(0.0, "Decoupled weight decay.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value (0 turns clipping off).")
+    ema_decay: float = opt(0.0, "EMA decay of the trained weights (0 turns EMA off); the EMA is used for galleries and saved.")
+    full_finetune: bool = opt(False, "Train every UNet weight instead of a LoRA.")
+    gradient_checkpointing: bool = opt(False, "Recompute UNet activations in backward to save memory.")
+    mixed_precision: Union[str, None] = opt(None, "no, fp16 or bf16; null picks bf16 on GPU and no (fp32) on CPU.")
+    seed: int = opt(0, "Seed of the run; each process derives its own generators from it and its rank.")
+    max_nonfinite: int = opt(5, "Stop after this many consecutive steps with a non-finite reward, loss or gradient.")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = opt(8, "LoRA rank r.")
+    alpha: float = opt(8.0, "LoRA alpha (the update is scaled by alpha / rank).")
+    dropout: float = opt(0.0, "LoRA dropout.")
+    target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"], "UNet module names (suffixes) that get a LoRA.")
+
+
+@dataclass
+class PromptConfig:
+    file: str = opt("simple_animals", "Training prompts: a text file (one prompt a line, # comments) or a shipped list name.")
+    eval_file: Union[str, None] = opt(None, "Evaluation prompts file; null holds num_eval prompts out of `file`.")
+    num_eval: int = opt(4, "Evaluation prompts held out (or taken from eval_file).")
+    eval_seed: int = opt(1234, "Seed of the evaluation images; prompt i uses eval_seed + i.")
+
+
+@dataclass
+class LogConfig:
+    every: int = opt(1, "Write training metrics every this many steps.")
+    eval_every: int = opt(100, "Evaluation gallery and eval reward every this many steps (and at the end).")
+    tensorboard: bool = opt(True, "Write TensorBoard events under the run folder (tb/).")
+    wandb: bool = opt(False, "Log to Weights & Biases (needs wandb installed).")
+    wandb_project: str = opt("drtune", "Weights & Biases project name.")
+    progress: bool = opt(True, "Show a progress bar with reward and step time.")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = opt(100, "Save a resumable checkpoint every this many steps (and at the end).")
+    keep: int = opt(3, "Keep the last this many checkpoints.")
+
+
+@dataclass
+class Config:
+    name: Union[str, None] = opt(None, "Run name; the run writes to output_dir/name. null: model-method-time.")
+    output_dir: str = opt("runs", "Folder that holds the runs.")
+    model: str = opt("tiny-sdxl", "Diffusers repo id or local folder (SDXL or SD 1.5), or tiny-sdxl / tiny-sd15 (random, built in code).")
+    vae: Union[str, None] = opt(None, "Optional VAE repo id or folder replacing the model's VAE.")
+    method: str = opt("drtune", "Tuning method: drtune, refl, draft, draft-lv or alignprop.")
+    method_options: dict[str, Any] = opt({}, "Options of the method, e.g. {num_trained: 5, early_stop_range: 10} for drtune.")
+    reward: Union[str, dict[str, float]] = opt("hpsv2.1", "Reward name, or a weighted mixture {name: weight}.")
+    reward_sources: dict[str, dict[str, str]] = opt({}, "Local files per reward, e.g. {hpsv2.1: {checkpoint: path}}.")
+    resume: Union[str, None] = opt(None, "Resume from a checkpoint folder, a run folder, or latest.")
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (converting only lossless spellings) or refuse it."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': {value!r} is none of the allowed forms: {_type_name(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping {{name: value}}, got {value!r}")
+        return {_coerce(k, args[0], f"{key} (a key)"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in args)
+    if tp is type(None):
+        return "null"
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3, cutoff=0.5)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f" Did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Known keys here: {', '.join(sorted(known))}.")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}': expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    kwargs = {}
+    for k, v in data.items():
+        if k not in hints:
+            raise _unknown(prefix + str(k), list(hints))
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v or {}, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(v, tp, prefix + k)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The configuration as plain data (what config.yaml holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from plain data, refusing unknown keys and wrong types."""
+    return _build(Config, data or {})
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _DICT_FIELDS else v
+    return out
+
+
+_DICT_FIELDS = {"method_options", "reward", "reward_sources"}  # replaced whole by a file, not merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one YAML config file into plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (looked at {path.resolve()}).")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, found {type(data).__name__}.")
+    return data
+
+
+def apply_override(data: dict[str, Any], item: str) -> dict[str, Any]:
+    """Apply one `dotted.key=value` override (value parsed as YAML) to plain config data."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4).")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    data = _merge(data, {})
+    node, cls, parts = data, Config, key.split(".")
+    for i, part in enumerate(parts):
+        hints = _hints(cls)
+        if part not in hints:
+            raise _unknown(".".join(parts[: i + 1]), list(hints))
+        tp = hints[part]
+        if dataclasses.is_dataclass(tp):
+            if i == len(parts) - 1:
+                raise ConfigError(f"config key '{key}' is a section; set one of its keys, e.g. {key}.{next(iter(_hints(tp)))}=...")
+            node[part] = dict(node.get(part) or {})
+            node, cls = node[part], tp
+            continue
+        rest = parts[i + 1:]
+        if not rest:
+            node[part] = value
+        elif typing.get_origin(tp) is dict or any(typing.get_origin(a) is dict for a in typing.get_args(tp)):
+            node[part] = _set_in_mapping(node.get(part), rest, value, tp)
+        else:
+            raise _unknown(key, list(hints))
+        return data
+    return data
+
+
+def _set_in_mapping(current: Any, rest: list[str], value: Any, tp: Any) -> dict:
+    """Set `a.b.c=v` inside a mapping field; reward names may hold dots, so nesting is read from the type."""
+    mapping = dict(current) if isinstance(current, dict) else {}
+    dict_tp = tp if typing.get_origin(tp) is dict else next(a for a in typing.get_args(tp) if typing.get_origin(a) is dict)
+    inner = typing.get_args(dict_tp)[1] if typing.get_args(dict_tp) else Any
+    if typing.get_origin(inner) is dict and len(rest) >= 2:
+        outer_key, inner_key = ".".join(rest[:-1]), rest[-1]
+        mapping[outer_key] = {**(mapping.get(outer_key) or {}), inner_key: value}
+    else:
+        mapping[".".join(rest)] = value
+    return mapping
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file (the embedded default.yaml when none) <- key=value overrides."""
+    data = read_yaml(path if path is not None else DEFAULT_CONFIG)
+    from_dict(data)  # report errors of the file itself before those of the overrides
+    for item in overrides:
+        data = apply_override(data, item)
+    return from_dict(data)
+
+
+# ---------------------------------------------------------------- semantic checks
+
+
+def _one_of(key: str, value: Any, allowed: typing.Iterable[str]) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=2)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"config key '{key}': {value!r} is not known. Allowed: {', '.join(allowed)}.{hint}")
+
+
+def _positive(key: str, value: float, zero_ok: bool = False) -> None:
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"config key '{key}': must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
+def scheduler_names() -> tuple[str, ...]:
+    """Scheduler names the pipeline adapters accept."""
+    from tuner import pipelines
+
+    return tuple(getattr(pipelines, "SCHEDULERS", FALLBACK_SCHEDULERS))
+
+
+def reward_names(reward: str | dict[str, float]) -> list[str]:
+    """The reward names a `reward` value uses."""
+    return [reward] if isinstance(reward, str) else list(reward)
+
+
+def validate(cfg: Config) -> Config:
+    """Refuse a configuration that cannot run, before any model loads; returns it unchanged."""
+    from tuner import methods
+
+    _one_of("method", cfg.method, methods.METHODS)
+    try:
+        methods.get_method(cfg.method, **cfg.method_options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key 'method_options' for method {cfg.method!r}: {e}") from None
+    _check_rewards(cfg)
+    _one_of("sampling.scheduler", cfg.sampling.scheduler, scheduler_names())
+    s, t = cfg.sampling, cfg.train
+    for key, value in (("sampling.num_steps", s.num_steps), ("sampling.height", s.height), ("sampling.width", s.width),
+                       ("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+                       ("train.max_nonfinite", t.max_nonfinite), ("lora.rank", cfg.lora.rank),
+                       ("log.every", cfg.log.every), ("log.eval_every", cfg.log.eval_every),
+                       ("checkpoint.every", cfg.checkpoint.every), ("checkpoint.keep", cfg.checkpoint.keep),
+                       ("lora.alpha", cfg.lora.alpha), ("train.adam_eps", t.adam_eps)):
+        _positive(key, value)
+    for key, value in (("train.lr", t.lr), ("train.warmup_steps", t.warmup_steps), ("train.weight_decay", t.weight_decay),
+                       ("train.max_grad_norm", t.max_grad_norm), ("sampling.eta", s.eta), ("prompts.num_eval", cfg.prompts.num_eval),
+                       ("sampling.guidance_scale", s.guidance_scale)):
+        _positive(key, value, zero_ok=True)
+    for key, value in (("sampling.height", s.height), ("sampling.width", s.width)):
+        if value % 8:
+            raise ConfigError(f"config key '{key}': must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+    for key, value in (("train.ema_decay", t.ema_decay), ("lora.dropout", cfg.lora.dropout),
+                       ("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"config key '{key}': must be in [0, 1), got {value}")
+    if t.mixed_precision is not None:
+        _one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISIONS)
+    _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
+    if t.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("config key 'train.optimizer': adamw8bit needs bitsandbytes, which is not installed. "
+                          "Install it (pip install bitsandbytes, CUDA only) or use train.optimizer=adamw.")
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("config key 'log.wandb': wandb is not installed. Install it (pip install wandb) or set log.wandb=false.")
+    if not t.full_finetune and not cfg.lora.target_modules:
+        raise ConfigError("config key 'lora.target_modules': empty; name at least one module (e.g. to_q) or set train.full_finetune=true.")
+    _check_model("model", cfg.model, allow_tiny=True)
+    if cfg.vae is not None:
+        _check_model("vae", cfg.vae, allow_tiny=False)
+    from tuner import prompts
+
+    try:
+        prompts.load_prompt_sets(cfg.prompts)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"config section 'prompts': {e}") from None
+    return cfg
+
+
+def _check_rewards(cfg: Config) -> None:
+    import rewards
+
+    known = list(rewards.available())
+    names = reward_names(cfg.reward)
+    if not names:
+        raise ConfigError("config key 'reward': the mixture is empty; give at least one {name: weight}.")
+    for name in names:
+        _one_of(f"reward ({name!r})" if isinstance(cfg.reward, dict) else "reward", name, known)
+    if isinstance(cfg.reward, dict):
+        for name, w in cfg.reward.items():
+            if not math.isfinite(w):
+                raise ConfigError(f"config key 'reward.{name}': the weight must be a finite number, got {w}")
+    for name in cfg.reward_sources:
+        if name not in names:
+            raise ConfigError(f"config key 'reward_sources.{name}': {name!r} is not one of the rewards in use ({', '.join(names)}).")
+
+
+_REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+
+def _check_model(key: str, value: str, allow_tiny: bool) -> None:
+    if allow_tiny and value in TINY_MODELS:
+        return
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"config key '{key}': {value} is a file; give a diffusers folder (with model_index.json) or a repo id.")
+        return
+    if value.startswith((".", "/", "~")) or not _REPO_ID.match(value):
+        extra = f" or one of {', '.join(TINY_MODELS)}" if allow_tiny else ""
+        raise ConfigError(f"config key '{key}': {value!r} is neither an existing folder nor a Hugging Face repo id (owner/name){extra}.")
+
+
+# ---------------------------------------------------------------- documentation
+
+
+def options(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """Every option as (dotted key, type, default, help), in declaration order."""
+    rows = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += options(tp, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, _type_name(tp), default, f.metadata.get("help", "")))
+    return rows
+
+
+def markdown_table() -> str:
+    """The options table of docs/tuner.md."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, help in options():
+        shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+        lines.append(f"| `{key}` | {tp} | `{shown}` | {help.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def method_options_table() -> str:
+    """The table of each method's options and defaults (the keys of `method_options`)."""
+    from tuner.methods import METHODS
+
+    lines = ["| method | option | default |", "|---|---|---|"]
+    for name, cls in METHODS.items():
+        for f in dataclasses.fields(cls):
+            default = "required" if f.default is dataclasses.MISSING else f"`{f.default}`"
+            lines.append(f"| `{name}` | `{f.name}` | {default} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
+    print("\n## Method options\n\nThe keys `method_options` takes for each method (their meaning: tuner/methods.py):\n")
+    print(method_options_table())

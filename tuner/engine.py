@@ -1,0 +1,283 @@
+"""The trajectory engine: executes any method's Plan with flat memory and the exact chain gradient.
+
+1. Sample the chain under no_grad, keeping the latents, guided eps and scheduler state of the steps the
+   backward sweep will visit (from the first trained step to the stop step).
+2. Decode x0, score it and backpropagate reward -> VAE -> x0 once, giving the adjoint of x0.
+3. Sweep the visited steps from last to first: restore the scheduler state, recompute eps with grad on
+   trained steps (reuse the saved eps elsewhere), rebuild the scheduler update and backpropagate the
+   adjoint that arrived from later steps. Only one UNet graph is alive at any time.
+
+Multistep schedulers (DPM-Solver++) keep earlier model outputs as history; on recompute those entries are
+fed back as leaves and their adjoints are routed to the step that produced them, so the gradient is exactly
+that of autograd through the whole chain with the plan's detaches.
+
+Randomness comes only from the caller's generator, drawn in this order: one seed per step (torch.randint,
+seeding the step's ancestral / DDIM-eta noise, so a rebuilt step sees the same noise), the initial latents,
+then one noise tensor per DRaFT-LV re-noising.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+from diffusers.utils.torch_utils import randn_tensor
+
+from .methods import Plan
+from .pipelines import Adapter, Conditioning
+
+# Schedulers whose gradients the tests prove exact (tests/test_engine_exact.py).
+SUPPORTED_SCHEDULERS = (
+    DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
+)
+
+
+@dataclass
+class StepOutput:
+    """What one reward_backward call reports (all detached)."""
+
+    rewards: torch.Tensor  # [B] float32, reward of the backpropagated images
+    images: torch.Tensor  # [B,3,H,W], the decoded x0
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # per-part rewards of a mixture
+    loss: float = 0.0
+
+
+@dataclass
+class _Saved:
+    """What the backward sweep needs of one sampling step."""
+
+    x: torch.Tensor  # latent entering the step
+    eps: torch.Tensor  # guided denoiser output (detached)
+    state: dict  # scheduler attributes before the step (lists copied)
+
+
+def check_scheduler(scheduler, eta: float = 0.0) -> None:
+    """Refuse schedulers whose engine gradient is not proven exact, and eta where it has no meaning."""
+    if not isinstance(scheduler, SUPPORTED_SCHEDULERS):
+        names = ", ".join(c.__name__ for c in SUPPORTED_SCHEDULERS)
+        raise ValueError(
+            f"the trajectory engine does not support {type(scheduler).__name__}: its gradient is only proven exact "
+            f"for {names}. Pick one with scheduler='ddim' | 'euler' | 'euler-ancestral' | 'dpm++'."
+        )
+    if eta != 0.0 and not isinstance(scheduler, DDIMScheduler):
+        raise ValueError(f"eta={eta} applies to DDIM only; {type(scheduler).__name__} takes no eta")
+
+
+def _snapshot(scheduler) -> dict:
+    """Shallow copy of the scheduler's attributes; lists (multistep history) are copied so steps can't mutate them."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in vars(scheduler).items()}
+
+
+def _history(scheduler) -> list[torch.Tensor]:
+    """Tensors the scheduler keeps in list attributes between steps (DPM-Solver++ model outputs)."""
+    return [t for v in vars(scheduler).values() if isinstance(v, list) for t in v if torch.is_tensor(t)]
+
+
+class _Chain:
+    """The scheduler side of one trajectory: per-step noise seeds, states and history producers."""
+
+    def __init__(self, adapter: Adapter, num_steps: int, generator: torch.Generator, eta: float):
+        self.adapter, self.scheduler, self.eta = adapter, adapter.scheduler, eta
+        self.scheduler.set_timesteps(num_steps, device=adapter.device)
+        self.timesteps = self.scheduler.timesteps
+        # One seed per step so ancestral / eta noise is the same when a step is rebuilt.
+        self.seeds = torch.randint(0, 2**62, (num_steps,), generator=generator, device=generator.device).tolist()
+        self.noise_device = generator.device
+        self.producer: dict[int, tuple[torch.Tensor, int]] = {}  # id(history tensor) -> (tensor, step made)
+        self.made: dict[int, list[int]] = {}  # step -> ids of the history tensors it made, in order
+
+    def reset(self) -> None:
+        """Leave the scheduler freshly set (drops history leaves and the references they hold)."""
+        self.scheduler.set_timesteps(len(self.timesteps), device=self.adapter.device)
+        self.producer.clear()
+
+    def step(self, i: int, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        kwargs = {"generator": torch.Generator(self.noise_device).manual_seed(self.seeds[i])}
+        if isinstance(self.scheduler, DDIMScheduler):
+            kwargs["eta"] = self.eta
+        return self.scheduler.step(eps, self.timesteps[i], x, return_dict=False, **kwargs)[0]
+
+    def record(self, i: int) -> None:
+        """Remember the history tensors step i created (strong refs keep their ids unique)."""
+        new = [t for t in _history(self.scheduler) if id(t) not in self.producer]
+        for t in new:
+            self.producer[id(t)] = (t, i)
+        self.made[i] = [id(t) for t in new]
+
+    def restore(self, state: dict, first: int) -> list[tuple[torch.Tensor, int]]:
+        """Put the scheduler back to `state`; history made by steps >= first becomes fresh leaves.
+
+        Returns (leaf, id of the original tensor) pairs, so leaf gradients can be routed to their producer.
+        """
+        leaves, restored = [], {}
+        for key, value in state.items():
+            if isinstance(value, list):
+                value = [self._leaf(t, first, leaves) if torch.is_tensor(t) else t for t in value]
+            restored[key] = value
+        vars(self.scheduler).update(restored)
+        return leaves
+
+    def _leaf(self, t: torch.Tensor, first: int, leaves: list) -> torch.Tensor:
+        _, step = self.producer.get(id(t), (None, -1))
+        if step < first:
+            return t
+        leaf = t.detach().requires_grad_(True)
+        leaves.append((leaf, id(t)))
+        return leaf
+
+
+def _sample(chain: _Chain, plan: Plan, cond: Conditioning, x: torch.Tensor, guidance_scale: float, first: int):
+    """Run the chain to the plan's stop under no_grad; returns x0 and the saved steps >= first."""
+    adapter, saved = chain.adapter, {}
+    with torch.no_grad():
+        for i in range(plan.stop + 1):
+            state = _snapshot(chain.scheduler)
+            t = chain.timesteps[i]
+            eps = adapter.eps(x, t, cond, guidance_scale)
+            if i >= first:
+                saved[i] = _Saved(x, eps, state)
+            if plan.predict_x0 and i == plan.stop:
+                return adapter.predict_x0(x, eps, t), saved
+            x = chain.step(i, x, eps)
+            chain.record(i)
+    return x, saved
+
+
+def _score(adapter: Adapter, latents: torch.Tensor, reward_fn, prompts, loss_scale: float, weight: float = 1.0):
+    """Decode and score; returns (loss, rewards, images, parts) with the loss still attached."""
+    images = adapter.decode(latents)
+    rewards = reward_fn(images, prompts)
+    if not torch.is_tensor(rewards) or rewards.ndim != 1 or rewards.shape[0] != latents.shape[0]:
+        got = tuple(rewards.shape) if torch.is_tensor(rewards) else type(rewards).__name__
+        raise ValueError(f"reward_fn must return a tensor of shape [{latents.shape[0]}], got {got}")
+    if not rewards.requires_grad:
+        raise ValueError("reward_fn returned scores without a gradient path to the images; use a differentiable reward")
+    loss = -loss_scale * weight * rewards.to(torch.promote_types(rewards.dtype, torch.float32)).mean()
+    parts = {k: v.detach().float() for k, v in getattr(reward_fn, "last_parts", {}).items()}
+    return loss, rewards.detach().float(), images.detach(), parts
+
+
+def _sweep(chain: _Chain, plan: Plan, saved: dict[int, _Saved], adj_x0: torch.Tensor, cond, guidance_scale, no_sync):
+    """Backpropagate the x0 adjoint through steps stop..first, one UNet graph at a time."""
+    adapter, first, trained = chain.adapter, plan.trained[0], set(plan.trained)
+    adj_x, adj_hist = adj_x0, {}  # adj_hist: id(original history tensor) -> adjoint
+    for i in range(plan.stop, first - 1, -1):
+        s, t, last = saved[i], chain.timesteps[i], i == first
+        with contextlib.nullcontext() if last else no_sync(), torch.enable_grad():
+            # At the first trained step nothing upstream needs an adjoint: no input or history leaves.
+            leaves = chain.restore(s.state, plan.num_steps if last else first)
+            x = s.x.detach().requires_grad_(not last)
+            eps = s.eps
+            if i in trained:
+                eps = adapter.eps(x.detach() if plan.detach_input else x, t, cond, guidance_scale)
+            if plan.predict_x0 and i == plan.stop:
+                outputs, grads = [adapter.predict_x0(x, eps, t)], [adj_x]
+            else:
+                before = {id(h) for h in _history(chain.scheduler)}
+                outputs, grads = [chain.step(i, x, eps)], [adj_x]
+                produced = [h for h in _history(chain.scheduler) if id(h) not in before]
+                for h, original in zip(produced, chain.made.get(i, [])):
+                    if original in adj_hist:
+                        outputs.append(h)
+                        grads.append(adj_hist.pop(original))
+            pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+            torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
+        if last:
+            break
+        adj_x = x.grad if x.grad is not None else torch.zeros_like(x)
+        for leaf, original in leaves:
+            if leaf.grad is not None:
+                adj_hist[original] = adj_hist[original] + leaf.grad if original in adj_hist else leaf.grad
+
+
+def reward_backward(
+    adapter: Adapter,
+    plan: Plan,
+    cond: Conditioning,
+    reward_fn: Callable,
+    prompts: list[str],
+    *,
+    height: int,
+    width: int,
+    guidance_scale: float,
+    generator: torch.Generator,
+    loss_scale: float = 1.0,
+    no_sync=contextlib.nullcontext,
+    eta: float = 0.0,
+) -> StepOutput:
+    """Sample one batch, score it and accumulate d(-loss_scale * mean reward)/d(params) into param.grad.
+
+    Every backward but the last runs inside `no_sync()` (UNet forward included), so DDP reduces once.
+    Deterministic given `generator`. The caller zeroes grads and steps the optimizer.
+    """
+    check_scheduler(adapter.scheduler, eta)
+    if len(prompts) != len(cond):
+        raise ValueError(f"got {len(prompts)} prompts for a conditioning batch of {len(cond)}")
+    chain = _Chain(adapter, plan.num_steps, generator, eta)
+    x = adapter.initial_latents(len(prompts), height, width, generator)
+    if plan.renoise:
+        return _renoise_backward(
+            chain, plan, cond, reward_fn, prompts, x, guidance_scale, generator, loss_scale, no_sync
+        )
+    x0, saved = _sample(chain, plan, cond, x, guidance_scale, plan.trained[0])
+    latent = x0.detach().requires_grad_(True)
+    with no_sync():
+        loss, rewards, images, parts = _score(adapter, latent, reward_fn, prompts, loss_scale)
+        (adj_x0,) = torch.autograd.grad(loss, latent)
+    _sweep(chain, plan, saved, adj_x0, cond, guidance_scale, no_sync)
+    chain.reset()
+    return StepOutput(rewards, images, parts, float(loss.detach()))
+
+
+def _renoise_backward(chain, plan, cond, reward_fn, prompts, x, guidance_scale, generator, loss_scale, no_sync):
+    """DRaFT-LV: re-noise the final latent n times to the last step's level and backprop through that step."""
+    adapter, last = chain.adapter, plan.num_steps - 1
+    x0, saved = _sample(chain, plan, cond, x, guidance_scale, last)
+    t = chain.timesteps[last]
+    total, rewards, parts, images = 0.0, 0.0, {}, None
+    for r in range(plan.renoise):
+        ctx = contextlib.nullcontext() if r == plan.renoise - 1 else no_sync()
+        with ctx, torch.enable_grad():
+            chain.restore(saved[last].state, plan.num_steps)
+            noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_t = chain.scheduler.add_noise(x0, noise, t.reshape(1))
+            eps = adapter.eps(x_t, t, cond, guidance_scale)
+            loss, got, images, parts = _score(
+                adapter, chain.step(last, x_t, eps), reward_fn, prompts, loss_scale, 1.0 / plan.renoise
+            )
+            loss.backward()
+        total, rewards = total + float(loss.detach()), rewards + got / plan.renoise
+    chain.reset()
+    return StepOutput(rewards, images, parts, total)
+
+
+@torch.no_grad()
+def sample(
+    adapter: Adapter,
+    cond: Conditioning,
+    *,
+    height: int,
+    width: int,
+    num_steps: int,
+    guidance_scale: float,
+    generator: torch.Generator,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """Images in [0,1] from a full chain, no gradients (galleries, evaluation); same noise as training."""
+    check_scheduler(adapter.scheduler, eta)
+    chain = _Chain(adapter, num_steps, generator, eta)
+    x = adapter.initial_latents(len(cond), height, width, generator)
+    for i, t in enumerate(chain.timesteps):
+        x = chain.step(i, x, adapter.eps(x, t, cond, guidance_scale))
+    return adapter.decode(x, checkpoint=False)
+
+
+__all__ = ["StepOutput", "reward_backward", "sample", "check_scheduler", "SUPPORTED_SCHEDULERS"]

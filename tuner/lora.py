@@ -1,0 +1,57 @@
+"""LoRA on the UNet through peft, and saving it in the diffusers format `load_lora_weights` reads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(unet: torch.nn.Module, *, rank: int, alpha: float, target_modules: list[str],
+             dropout: float = 0.0) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, inject a LoRA into `target_modules`, and return its (fp32) parameters."""
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        init_lora_weights=True)
+    try:
+        unet.add_adapter(config)
+    except ValueError as e:
+        raise ValueError(f"lora.target_modules={list(target_modules)}: {e}. Module names of this UNet ending in "
+                         f"these suffixes are replaced, e.g. to_q, to_k, to_v, to_out.0, proj_in, ff.net.2") from None
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # trained weights stay fp32 under mixed precision
+    return params
+
+
+def trainable_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Parameters that get gradients (LoRA or full), by name."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trained parameters by name (LoRA or full), detached."""
+    return {name: p.detach() for name, p in trainable_parameters(module).items()}
+
+
+def is_sdxl(unet: torch.nn.Module) -> bool:
+    """Whether a diffusers UNet is SDXL's (it takes text_time added conditioning)."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def save_lora(unet: torch.nn.Module, directory: str | Path) -> Path:
+    """Write the UNet's LoRA as `pytorch_lora_weights.safetensors` (+ alpha/rank metadata) for `pipe.load_lora_weights`."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    metadata = unet.peft_config["default"].to_dict()
+    pipeline = StableDiffusionXLPipeline if is_sdxl(unet) else StableDiffusionPipeline
+    directory = Path(directory)
+    pipeline.save_lora_weights(directory, unet_lora_layers=state, unet_lora_adapter_metadata=metadata,
+                               safe_serialization=True)
+    return directory / LORA_WEIGHTS

@@ -1,0 +1,432 @@
+"""The training loop: setup, then one optimizer step per iteration, read top to bottom.
+
+    for step in range(start, steps):
+        prompts of this rank -> plan = method.plan(T, gen) -> engine.reward_backward(...) per micro-batch
+        -> skip if non-finite -> clip -> optimizer step -> EMA -> log -> eval gallery -> checkpoint
+
+One process per GPU (accelerate); gradients are all-reduced once per optimizer step; only the main
+process logs and saves. On CPU with deterministic ops a resumed run reaches the same weights as an
+uninterrupted one: every random draw comes from saved generators or from (seed, step, rank).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
+from tqdm.auto import tqdm
+
+from tuner import checkpoint as ckpt
+from tuner import engine, lora
+from tuner.config import Config, ConfigError, to_dict
+from tuner.logging import RunLogger, gallery, plot_rewards, read_metrics, write_summary
+from tuner.methods import get_method
+from tuner.prompts import PromptSampler, load_prompt_sets
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite reward, loss or gradient."""
+
+
+class EMA:
+    """Exponential moving average of the trained weights (fp32 shadows), swappable into the model."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Inside the block the model holds the EMA weights; the trained ones come back after."""
+        backup = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(backup[n])
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate of optimizer step `step` (a pure function of the step, so resuming needs no state)."""
+    t = cfg.train
+    if t.lr_schedule == "constant":
+        return t.lr
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant_with_warmup":
+        return t.lr
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    if t.lr_schedule == "linear":
+        return t.lr * max(0.0, 1 - progress)
+    return t.lr * 0.5 * (1 + math.cos(math.pi * progress))  # cosine
+
+
+# ---------------------------------------------------------------- setup helpers
+
+
+def resolve_run(cfg: Config) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint to resume from or None); refuses to silently overwrite a run."""
+    out = Path(cfg.output_dir)
+    if cfg.resume is None:
+        if cfg.name is None:
+            raise ValueError("resolve_run needs cfg.name (train() fills it in)")
+        run = out / cfg.name
+        if ckpt.latest(run / "checkpoints") is not None:
+            raise ConfigError(f"run folder {run} already holds checkpoints; continue it with resume=latest "
+                              f"(--resume latest) or pick another name (name=...)")
+        return run, None
+    if cfg.resume == "latest":
+        if cfg.name is not None:
+            runs = [out / cfg.name]
+        else:
+            runs = sorted((p for p in out.glob("*") if ckpt.latest(p / "checkpoints")), key=lambda p: p.stat().st_mtime)
+        found = ckpt.latest(runs[-1] / "checkpoints") if runs else None
+        if found is None:
+            where = runs[-1] if cfg.name is not None else out
+            raise ConfigError(f"resume=latest: no checkpoint found under {where}; start without resume or pass a checkpoint folder.")
+        return found.parent.parent, found
+    path = Path(cfg.resume)
+    if (path / ckpt.META).is_file():
+        return path.parent.parent, path
+    found = ckpt.latest(path / "checkpoints")
+    if found is None:
+        raise ConfigError(f"resume={cfg.resume}: neither a checkpoint folder (with {ckpt.META}) nor a run folder with checkpoints.")
+    return path, found
+
+
+def build_adapter(cfg: Config, device: torch.device, dtype: torch.dtype):
+    """The pipeline adapter of `cfg.model` (tiny pipelines are built in code, seeded)."""
+    from tuner import pipelines
+
+    kwargs = dict(device=device, dtype=dtype, scheduler=cfg.sampling.scheduler)
+    if cfg.model in ("tiny-sdxl", "tiny-sd15"):
+        make = pipelines.tiny_sdxl_pipeline if cfg.model == "tiny-sdxl" else pipelines.tiny_sd15_pipeline
+        return pipelines.adapter_from_pipeline(make(seed=0), **kwargs)
+    return pipelines.load_adapter(cfg.model, vae=cfg.vae, **kwargs)
+
+
+def build_reward(cfg: Config, device: torch.device) -> torch.nn.Module:
+    """The reward (or weighted mixture) named by the configuration, frozen."""
+    import rewards
+
+    if isinstance(cfg.reward, str):
+        return rewards.load(cfg.reward, device=device, **cfg.reward_sources.get(cfg.reward, {}))
+    return rewards.combine(cfg.reward, device=device, sources=cfg.reward_sources)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
+    """AdamW from torch, or 8-bit AdamW from bitsandbytes."""
+    t = cfg.train
+    kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _seed(base: int, *parts: int) -> int:
+    return (base * 1_000_003 + sum(p * 7919 ** (i + 1) for i, p in enumerate(parts))) % 2**63
+
+
+@torch.no_grad()
+def evaluate(adapter, unet, conds, prompts: list[str], reward, cfg: Config, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of the evaluation prompts (prompt i seeded eval_seed + i) and their rewards, with `unet`."""
+    s, trained = cfg.sampling, adapter.unet
+    adapter.unet = unet  # the plain module: no collective calls from the main process alone
+    images = []
+    try:
+        for i in range(len(prompts)):
+            gen = torch.Generator().manual_seed(cfg.prompts.eval_seed + i)
+            with autocast():
+                images.append(engine.sample(adapter, conds[i:i + 1], height=s.height, width=s.width,
+                                            num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+                                            generator=gen, eta=s.eta).float())
+    finally:
+        adapter.unet = trained
+    images = torch.cat(images)
+    with autocast():
+        scores = reward(images, prompts).float()
+    return images.cpu(), scores.cpu()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(root: Path, step: int, *, accelerator: Accelerator, unet, ema: EMA | None, optimizer, scaler,
+                    generators: dict[str, torch.Generator], meta: dict[str, Any], keep: int) -> None:
+    """All ranks write their RNG states into one temporary folder; the main process writes the rest and commits."""
+    if accelerator.is_main_process:
+        ckpt.begin(root, step)
+    accelerator.wait_for_everyone()
+    tmp = root / f"{ckpt.TMP_PREFIX}{ckpt.PREFIX}{step:08d}"
+    ckpt.write_state(tmp, f"rng-{accelerator.process_index}.pt", ckpt.rng_state(generators))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.write_tensors(tmp, "trainable.safetensors", lora.trainable_state(unet))
+        if ema is not None:
+            ckpt.write_tensors(tmp, "ema.safetensors", ema.shadow)
+        ckpt.write_state(tmp, "optimizer.pt", {"optimizer": optimizer.state_dict(),
+                                               "scaler": scaler.state_dict() if scaler is not None else None})
+        ckpt.commit(tmp, meta, keep)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(folder: Path, *, rank: int, unet, ema: EMA | None, optimizer, scaler,
+                    generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """Restore weights, EMA, optimizer, scaler and this rank's RNGs; returns the checkpoint's meta."""
+    meta = ckpt.read_meta(folder)
+    params = dict(unet.named_parameters())
+    saved = ckpt.read_tensors(folder, "trainable.safetensors")
+    expected = set(lora.trainable_state(unet))
+    if set(saved) != expected:
+        missing, extra = sorted(expected - set(saved))[:3], sorted(set(saved) - expected)[:3]
+        raise ConfigError(f"checkpoint {folder} does not match this run's trained weights (missing e.g. {missing}, "
+                          f"unexpected e.g. {extra}); resume with the model, lora.* and train.full_finetune it was written with.")
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
+    if ema is not None:
+        if (folder / "ema.safetensors").is_file():
+            ema.shadow = {n: v.to(ema.shadow[n].device) for n, v in ckpt.read_tensors(folder, "ema.safetensors").items()}
+        else:
+            ema.shadow = {n: p.detach().float().clone() for n, p in ema.params.items()}
+    state = ckpt.read_state(folder, "optimizer.pt")
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    rng = folder / f"rng-{rank}.pt"
+    if rng.is_file():
+        ckpt.set_rng_state(ckpt.read_state(folder, rng.name), generators)
+    else:  # resumed on more processes than saved: new ranks start fresh, deterministic streams
+        for i, (_, g) in enumerate(sorted(generators.items())):
+            g.manual_seed(_seed(meta["step"], rank, i + 2))
+    return meta
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Run (or resume) reward fine-tuning as `cfg` says; returns the run summary. `reward_fn` replaces cfg.reward."""
+    # --- setup: processes, run folder, precision
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",  # autocast is ours
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device = accelerator.device
+    precision = cfg.train.mixed_precision or ("bf16" if device.type == "cuda" else "no")
+    if cfg.name is None and cfg.resume is None:
+        stamp = [datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")]
+        broadcast_object_list(stamp)  # every rank writes to the same folder
+        cfg = dataclasses.replace(cfg, name=f"{Path(cfg.model).name}-{cfg.method}-{stamp[0]}")
+    run_dir, resume_from = resolve_run(cfg)
+    cfg = dataclasses.replace(cfg, name=run_dir.name, train=dataclasses.replace(cfg.train, mixed_precision=precision))
+    t, s = cfg.train, cfg.sampling
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    weight_dtype = DTYPES[precision] if not t.full_finetune else torch.float32
+    autocast_dtype = DTYPES[precision]
+    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if precision != "no" else contextlib.nullcontext
+
+    # --- models, reward, prompts, method
+    adapter = build_adapter(cfg, device, weight_dtype)
+    unet = adapter.unet
+    if t.full_finetune:
+        unet.requires_grad_(True)
+        params = list(unet.parameters())
+    else:
+        params = lora.add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                               dropout=cfg.lora.dropout)
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    reward = reward_fn if reward_fn is not None else build_reward(cfg, device)
+    train_prompts, eval_prompts = load_prompt_sets(cfg.prompts)
+    sampler = PromptSampler(train_prompts, t.batch_size, grad_accum=t.grad_accum, rank=rank, world_size=world, seed=t.seed)
+    method = get_method(cfg.method, **cfg.method_options)
+    eval_conds = adapter.encode_prompts(eval_prompts, [s.negative_prompt] * len(eval_prompts))
+
+    # --- optimizer, EMA, processes, generators, resume
+    optimizer = build_optimizer(params, cfg)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    if scaler is not None:
+        scaler.scale(torch.ones((), device=device))  # creates the scale; the engine applies it through loss_scale
+    ema = EMA(lora.trainable_parameters(unet), t.ema_decay) if t.ema_decay > 0 else None
+    ddp_unet = accelerator.prepare(unet)
+    adapter.unet = ddp_unet
+    torch.manual_seed(_seed(t.seed, rank))  # from here on, every rank draws its own samples
+    gen = torch.Generator().manual_seed(_seed(t.seed, rank, 1))
+    generators = {"train": gen}
+    start, streak = 0, 0
+    if resume_from is not None:
+        meta = load_checkpoint(resume_from, rank=rank, unet=unet, ema=ema, optimizer=optimizer, scaler=scaler,
+                               generators=generators)
+        start, streak = meta["step"], meta["nonfinite_streak"]
+    logger = RunLogger(run_dir, enabled=main, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+                       wandb_project=cfg.log.wandb_project, config=to_dict(cfg),
+                       resume_step=start if resume_from is not None else None)
+    gallery_dir = run_dir / "gallery"
+    if main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        gallery_dir.mkdir(parents=True, exist_ok=True)
+        before_file = gallery_dir / "before.safetensors"
+        if resume_from is not None and before_file.is_file():
+            before = ckpt.read_tensors(gallery_dir, before_file.name)["images"]
+        else:
+            with _model_weights(unet, ema, base=True):
+                before, before_rewards = evaluate(adapter, unet, eval_conds, eval_prompts, reward, cfg, autocast)
+            ckpt.write_tensors(gallery_dir, before_file.name, {"images": before})
+            logger.log(0, {"eval/reward": before_rewards.mean()})
+    accelerator.wait_for_everyone()
+
+    # --- the loop
+    bar = tqdm(total=t.steps, initial=start, disable=not (main and cfg.log.progress), desc=f"{cfg.method}")
+    last, t_start = {}, time.perf_counter()
+    for step in range(start, t.steps):
+        tic = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_scale = (scaler.get_scale() if scaler is not None else 1.0) / t.grad_accum
+        outs = []
+        for micro in range(t.grad_accum):
+            prompts = sampler.batch(step, micro)
+            cond = adapter.encode_prompts(prompts, [s.negative_prompt] * len(prompts))
+            plan = method.plan(s.num_steps, gen)
+            # earlier micro-batches accumulate locally; the engine syncs on the last backward of the last one
+            sync = accelerator.no_sync(ddp_unet) if micro < t.grad_accum - 1 else contextlib.nullcontext()
+            with sync, autocast():
+                outs.append(engine.reward_backward(
+                    adapter, plan, cond, reward, prompts, height=s.height, width=s.width,
+                    guidance_scale=s.guidance_scale, generator=gen, loss_scale=loss_scale,
+                    no_sync=lambda: accelerator.no_sync(ddp_unet), eta=s.eta))
+
+        # skip a non-finite step on every rank alike, clip, update
+        rewards_local = torch.cat([o.rewards.float().reshape(-1) for o in outs]).to(device)
+        loss_local = sum(o.loss for o in outs) / len(outs) / loss_scale  # as if unscaled: -(mean reward)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grads = [p.grad for p in params if p.grad is not None]
+        clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if grads else torch.zeros((), device=device)
+        values_bad = not (torch.isfinite(rewards_local).all() and math.isfinite(loss_local))
+        grads_bad = not torch.isfinite(grad_norm)
+        flags = accelerator.reduce(torch.tensor([float(values_bad), float(grads_bad)], device=device), "sum")
+        values_bad, grads_bad = bool(flags[0] > 0), bool(flags[1] > 0)
+        skipped = values_bad or grads_bad
+        if scaler is not None:
+            if not values_bad:
+                scaler.step(optimizer)  # the scaler itself skips inf/nan gradients
+            scaler.update()
+        elif not skipped:
+            optimizer.step()
+        if not skipped and ema is not None:
+            ema.update()
+        optimizer.zero_grad(set_to_none=True)
+        overflow_only = scaler is not None and grads_bad and not values_bad  # fp16 overflow: the scaler adapts
+        streak = streak + 1 if skipped and not overflow_only else 0
+        done = step + 1
+
+        # log (metrics averaged over ranks), eval gallery, checkpoint
+        reward_mean = accelerator.reduce(rewards_local.mean().reshape(1), "mean").item()
+        metrics = {"reward": reward_mean, "loss": loss_local, "grad_norm": grad_norm.item(), "lr": lr,
+                   "step_time": time.perf_counter() - tic, "skipped": float(skipped)}
+        for key in outs[0].parts:
+            metrics[f"reward/{key}"] = torch.cat([o.parts[key].float().reshape(-1) for o in outs]).mean().item()
+        if done % cfg.log.every == 0 or skipped or done == t.steps:
+            logger.log(done, metrics)
+        bar.update(1)
+        bar.set_postfix(reward=f"{reward_mean:.4g}", s_per_step=f"{metrics['step_time']:.2f}")
+        if streak >= t.max_nonfinite:
+            bar.close()
+            logger.close()
+            kept = ckpt.latest(run_dir / "checkpoints")
+            raise NonFiniteError(
+                f"{streak} consecutive steps (up to step {done}) had a non-finite reward, loss or gradient; stopped. "
+                f"The last good checkpoint is {kept or 'none (no checkpoint was written yet)'}. Check the reward "
+                f"on these images, lower train.lr, or raise train.max_nonfinite.")
+        if main and (done % cfg.log.eval_every == 0 or done == t.steps):
+            with _model_weights(unet, ema):
+                now, now_rewards = evaluate(adapter, unet, eval_conds, eval_prompts, reward, cfg, autocast)
+            path = gallery_dir / f"step-{done:08d}.png"
+            gallery(before, now, eval_prompts, f"step {done}").save(path)
+            logger.image("gallery", path, done)
+            logger.log(done, {"eval/reward": now_rewards.mean()})
+            last = {"eval_reward": now_rewards.mean().item()}
+        if done % cfg.checkpoint.every == 0 or done == t.steps:
+            save_checkpoint(run_dir / "checkpoints", done, accelerator=accelerator, unet=unet, ema=ema,
+                            optimizer=optimizer, scaler=scaler, generators=generators, keep=cfg.checkpoint.keep,
+                            meta={"step": done, "nonfinite_streak": streak, "world_size": world, "lr": lr,
+                                  "model": cfg.model, "method": cfg.method})
+    bar.close()
+
+    # --- final weights, reward curve, summary
+    summary = {}
+    if main:
+        with _model_weights(unet, ema):
+            final = lora.save_lora(unet, run_dir / "lora") if not t.full_finetune else _save_unet(unet, run_dir / "unet")
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        plot_rewards(rows, run_dir / "reward_curve.png")
+        summary = _summary(cfg, rows, run_dir, final, time.perf_counter() - t_start, start, world, params, last)
+        write_summary(run_dir, summary)
+    logger.close()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+@contextlib.contextmanager
+def _model_weights(unet, ema: EMA | None, base: bool = False):
+    """The weights galleries and saved files use: the base model (adapters off), else EMA if any, else current."""
+    if base and getattr(unet, "_hf_peft_config_loaded", False):
+        unet.disable_adapters()
+        try:
+            yield
+        finally:
+            unet.enable_adapters()
+    elif ema is not None and not base:
+        with ema.applied():
+            yield
+    else:
+        yield
+
+
+def _save_unet(unet, folder: Path) -> Path:
+    unet.save_pretrained(folder)
+    return folder
+
+
+def _summary(cfg: Config, rows: list[dict], run_dir: Path, final: Path, seconds: float, start: int, world: int,
+             params: list, last: dict) -> dict[str, Any]:
+    train_rewards = [r["reward"] for r in rows if r.get("reward") is not None]
+    evals = [(r["step"], r["eval/reward"]) for r in rows if r.get("eval/reward") is not None]
+    tenth = max(1, len(train_rewards) // 10)
+    return {
+        "name": cfg.name, "model": cfg.model, "method": cfg.method, "reward": cfg.reward,
+        "steps": cfg.train.steps, "resumed_from_step": start, "processes": world,
+        "trained_parameters": sum(p.numel() for p in params),
+        "eval_reward_before": evals[0][1] if evals else None,
+        "eval_reward_after": last.get("eval_reward", evals[-1][1] if evals else None),
+        "train_reward_first_10pct": sum(train_rewards[:tenth]) / tenth if train_rewards else None,
+        "train_reward_last_10pct": sum(train_rewards[-tenth:]) / tenth if train_rewards else None,
+        "skipped_steps": int(sum(r.get("skipped", 0) or 0 for r in rows)),
+        "seconds_this_session": round(seconds, 1),
+        "final_weights": str(final), "run_dir": str(run_dir),
+    }
