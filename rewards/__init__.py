@@ -19,21 +19,22 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .mixture import Mixture, combine
-from .registry import available, load, register
+from .registry import available, load, needs_prompt, register
 
-register("hpsv2", "rewards.hps:load_hps", version="v2.0")
-register("hpsv2.1", "rewards.hps:load_hps", version="v2.1")
-register("pickscore", "rewards.pickscore:load_pickscore")
-register("imagereward", "rewards.imagereward:load_imagereward")
-register("aesthetic", "rewards.aesthetic:load_aesthetic")
-register("clip", "rewards.clip_score:load_clip")
-register("symmetry", "rewards.lowlevel:load_symmetry")
-register("sharpness", "rewards.lowlevel:load_sharpness")
+register("hpsv2", "rewards.hps:load_hps", needs_prompt=True, version="v2.0")
+register("hpsv2.1", "rewards.hps:load_hps", needs_prompt=True, version="v2.1")
+register("pickscore", "rewards.pickscore:load_pickscore", needs_prompt=True)
+register("imagereward", "rewards.imagereward:load_imagereward", needs_prompt=True)
+register("aesthetic", "rewards.aesthetic:load_aesthetic", needs_prompt=False)
+register("clip", "rewards.clip_score:load_clip", needs_prompt=True)
+register("symmetry", "rewards.lowlevel:load_symmetry", needs_prompt=False)
+register("sharpness", "rewards.lowlevel:load_sharpness", needs_prompt=False)
 
 __all__ = [
     "Reward",
     "Mixture",
     "available",
+    "needs_prompt",
     "combine",
     "load",
     "register",

@@ -53,7 +53,9 @@ def _corrupt(path: Path, reward: str, err: BaseException) -> CorruptCheckpointEr
     )
 
 
-def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, *, reward: str, source: str) -> None:
+def load_state_dict_strict(
+    module: torch.nn.Module, state_dict: dict, *, reward: str, source: str, assign: bool = False
+) -> None:
     """Load `state_dict` into `module`; any missing, unexpected or mis-shaped key is an error that names it."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -77,7 +79,7 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, *, reward:
             )
             + ". Is this the right checkpoint for this reward?"
         )
-    module.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 def _listing(what: str, items: list[str], limit: int = 8) -> str:

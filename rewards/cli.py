@@ -11,26 +11,15 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, get_type_hints
+from typing import Sequence
 
 import torch
 
 from .errors import RewardError, UnknownRewardError
-from .registry import _entry, available
+from .registry import _entry, available, needs_prompt
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-# Fallback for rewards whose factory module cannot be imported or does not annotate its return type.
-BUILTIN_NEEDS_PROMPT = {
-    "hpsv2": True,
-    "hpsv2.1": True,
-    "pickscore": True,
-    "imagereward": True,
-    "clip": True,
-    "aesthetic": False,
-    "symmetry": False,
-    "sharpness": False,
-}
 
 PROMPTS_HELP = """\
 prompts for prompt rewards, from FILE:
@@ -151,17 +140,6 @@ def _source_params(name: str) -> dict[str, inspect.Parameter] | None:
     return {p: v for p, v in params if v.kind == v.KEYWORD_ONLY and p not in fixed}
 
 
-def needs_prompt(name: str) -> bool | None:
-    """Whether reward `name` needs prompts, known without loading it (None: only loading will tell)."""
-    factory = _factory(name)
-    if factory is not None:
-        try:
-            returned = get_type_hints(factory).get("return")
-        except Exception:  # unresolvable annotation: fall back to the table
-            returned = None
-        if isinstance(returned, type) and hasattr(returned, "needs_prompt"):
-            return bool(returned.needs_prompt)
-    return BUILTIN_NEEDS_PROMPT.get(name)
 
 
 # -- images and prompts -----------------------------------------------------------------------------

@@ -118,7 +118,10 @@ def load_clip(
     if checkpoint is None and pretrained is None:
         raise ValueError("clip: pass pretrained='<open_clip tag>' or checkpoint='/path/to/open_clip weights'")
     tag = openclip.pretrained_config(model, pretrained, reward="clip")
-    path = _local_checkpoint(checkpoint) if checkpoint is not None else openclip.pretrained_file(model, pretrained, reward="clip")
+    if checkpoint is not None:
+        path = _local_checkpoint(checkpoint)
+    else:
+        path = openclip.pretrained_file(model, pretrained, reward="clip")
     quick_gelu = True if tag.get("quick_gelu") else None
     net = openclip.load_model(model, path, reward="clip", device=device, dtype=dtype, quick_gelu=quick_gelu)
     description = f"{model} ({pretrained or Path(path).name})"

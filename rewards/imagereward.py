@@ -21,7 +21,7 @@ from torch import nn
 
 from .base import Reward
 from .checkpoint import load_state_dict_strict, read_checkpoint
-from .errors import CheckpointMismatchError, CorruptCheckpointError
+from .errors import CheckpointMismatchError, CorruptCheckpointError, MissingFileError
 from .hub import resolve_file
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resize_shortest_then_crop
 
@@ -44,11 +44,12 @@ HEAD_WIDTHS = (768, 1024, 128, 64, 16, 1)
 PREFIXES = {"blip.visual_encoder.": "vision.", "blip.text_encoder.": "text."}
 HEAD_INDICES = {0: 0, 2: 1, 4: 2, 6: 3, 7: 4}
 # Tensors of the original BLIP_Pretrain that the score never reads (contrastive projections); dropped by name.
-UNUSED_KEYS = frozenset({"blip.vision_proj.weight", "blip.vision_proj.bias", "blip.text_proj.weight", "blip.text_proj.bias"})
+UNUSED_KEYS = frozenset(f"blip.{proj}.{p}" for proj in ("vision_proj", "text_proj") for p in ("weight", "bias"))
 POSITION_IDS = "blip.text_encoder.embeddings.position_ids"  # a buffer; must be arange, ours rebuilds it
+RENAMED = "keys renamed blip.visual_encoder.* -> vision.*, blip.text_encoder.* -> text.*, mlp.layers.* -> head.*"
 
 
-def convert_checkpoint(state_dict: dict[str, torch.Tensor], *, source: str = CHECKPOINT_FILE) -> dict[str, torch.Tensor]:
+def convert_checkpoint(state_dict: dict[str, torch.Tensor], *, source: str = CHECKPOINT_FILE) -> dict:
     """Map the original ImageReward state dict to this module's keys; unknown or malformed keys are errors."""
     out, unknown = {}, []
     for key, value in state_dict.items():
@@ -95,7 +96,9 @@ def read_med_config(path: str | os.PathLike) -> dict:
     if absent:
         raise CorruptCheckpointError(f"{NAME}: {path} lacks {', '.join(absent)}; is it ImageReward's {CONFIG_FILE}?")
     if not config.get("add_cross_attention", False):
-        raise CorruptCheckpointError(f"{NAME}: {path} sets add_cross_attention false; ImageReward's text encoder cross-attends.")
+        raise CorruptCheckpointError(
+            f"{NAME}: {path} sets add_cross_attention false, but ImageReward's text encoder cross-attends."
+        )
     if config.get("position_embedding_type", "absolute") != "absolute":
         raise CorruptCheckpointError(f"{NAME}: {path}: only absolute position embeddings are supported.")
     return config
@@ -134,7 +137,10 @@ def load_tokenizer(vocab: str | os.PathLike):
     """bert-base-uncased from `vocab` (its vocab.txt) plus BLIP's two added tokens, as the official init_tokenizer."""
     from transformers import BertTokenizer
 
-    tokenizer = BertTokenizer.from_pretrained(str(Path(vocab).parent), do_lower_case=True)
+    vocab = Path(vocab)
+    if vocab.name != VOCAB_FILE:
+        raise MissingFileError(f"{NAME}: the tokenizer file must be named {VOCAB_FILE} (got {vocab}); rename it.")
+    tokenizer = BertTokenizer.from_pretrained(str(vocab.parent), do_lower_case=True)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return tokenizer
@@ -163,13 +169,15 @@ class ImageReward(Reward):
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Token ids and attention mask [N, 2, 35], as the official score() tokenises (first token stays [CLS])."""
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+        tokens = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+        )
         return torch.stack([tokens["input_ids"], tokens["attention_mask"]], dim=1).to(self.device)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Shortest side to 224 (bicubic, antialiased), centre crop (torchvision's rounded offset), CLIP mean/std."""
         x = resize_shortest_then_crop(images.float(), IMAGE_SIZE, offset="round")
-        return (x - self.mean) / self.std
+        return (x - self.mean.float()) / self.std.float()
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """ViT tokens [B, 197, 1024] that the text encoder cross-attends to."""
@@ -208,14 +216,13 @@ def load_imagereward(
     med_config, tok = read_med_config(config_path), load_tokenizer(vocab_path)
     with torch.device("meta"):  # no random init of 447M parameters; every tensor comes from the checkpoint
         model = ImageReward(med_config, tok)
+    model.vision.to(dtype)  # the head stays float32; loading casts the checkpoint's tensors into these
+    model.text.to(dtype)
     model.to_empty(device=device)
     model.mean.copy_(torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1))
     model.std.copy_(torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1))
     ids = model.text.embeddings.position_ids
     ids.copy_(torch.arange(ids.shape[-1], device=device).expand_as(ids))
     state = convert_checkpoint(read_checkpoint(ckpt_path, reward=NAME), source=str(ckpt_path))
-    renamed = "keys renamed blip.visual_encoder.* -> vision.*, blip.text_encoder.* -> text.*, mlp.layers.{0,2,4,6,7} -> head.{0..4}"
-    load_state_dict_strict(model, state, reward=NAME, source=f"{ckpt_path} ({renamed})")
-    model.vision.to(dtype)
-    model.text.to(dtype)
+    load_state_dict_strict(model, state, reward=NAME, source=f"{ckpt_path} ({RENAMED})")
     return model

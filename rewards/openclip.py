@@ -3,15 +3,15 @@
 Public API (used by rewards.hps, rewards.clip_score and rewards.aesthetic):
 
     model_config(name: str, *, quick_gelu: bool | None = None) -> dict
-    build_model(name: str, *, quick_gelu: bool | None = None) -> nn.Module            # parameters on the meta device
-    open_clip_state_dict(checkpoint: dict) -> dict[str, Tensor]                       # unwrap 'state_dict', strip 'module.'
+    build_model(name: str, *, quick_gelu: bool | None = None) -> nn.Module    # parameters on the meta device
+    open_clip_state_dict(checkpoint: dict) -> dict[str, Tensor]                # unwrap 'state_dict', strip 'module.'
     load_model(name, checkpoint, *, reward, device, dtype, quick_gelu=None, image_only=False) -> nn.Module
-    pretrained_config(name: str, tag: str | None, *, reward: str) -> dict              # open_clip's entry for a tag
-    pretrained_file(name: str, tag: str, *, reward: str) -> Path                      # the tag's file, via the hub cache
-    preprocess_config(name: str, tag: str | None = None) -> dict                       # size, mean, std, interpolation, ...
-    get_tokenizer(name: str) -> Callable[[list[str]], LongTensor]                      # open_clip's own tokenizer
-    image_features(model: nn.Module, pixels: Tensor) -> Tensor                         # L2-normalised [B, D]
-    text_features(model: nn.Module, tokens: LongTensor) -> Tensor                      # L2-normalised [B, D]
+    pretrained_config(name: str, tag: str | None, *, reward: str) -> dict      # open_clip's entry for a tag
+    pretrained_file(name: str, tag: str, *, reward: str) -> Path              # the tag's file (hub cache)
+    preprocess_config(name: str, tag: str | None = None) -> dict               # size, mean, std, interpolation...
+    get_tokenizer(name: str) -> Callable[[list[str]], LongTensor]              # open_clip's own tokenizer
+    image_features(model: nn.Module, pixels: Tensor) -> Tensor                 # L2-normalised [B, D]
+    text_features(model: nn.Module, tokens: LongTensor) -> Tensor              # L2-normalised [B, D]
 
 A model is built with its parameters on the meta device (no random init of hundreds of millions of
 weights, no download of base weights), its buffers real; the parameters are then allocated empty on the
@@ -67,7 +67,10 @@ def model_config(name: str, *, quick_gelu: bool | None = None) -> dict:
 
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """While active, every parameter a module registers moves to the meta device; buffers stay real."""
+    """While active, every parameter a module registers moves to the meta device; buffers stay real.
+
+    It patches `nn.Module.register_parameter` for the duration: do not build modules in other threads meanwhile.
+    """
     register = nn.Module.register_parameter
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:

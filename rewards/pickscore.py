@@ -10,7 +10,6 @@ to 224 (bicubic, long side truncated), center crop 224 with the offset floored, 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -90,9 +89,8 @@ def load_pickscore(
     (a folder with vocab.json and merges.txt), each defaulting to the official Hugging Face repo."""
     weights = _weights_file(checkpoint)
     config_file = _config_file(config, checkpoint, weights)
-    model = build_clip(config_file, weights)
-    reward = PickScore(model, load_tokenizer(tokenizer), input_size=model.config.vision_config.image_size)
-    return reward.to(device=device, dtype=dtype).to(device)
+    model = build_clip(config_file, weights).to(device=device, dtype=dtype)
+    return PickScore(model, load_tokenizer(tokenizer), input_size=model.config.vision_config.image_size).to(device)
 
 
 def build_clip(config_file: Path, weights: Path) -> nn.Module:
@@ -103,10 +101,9 @@ def build_clip(config_file: Path, weights: Path) -> nn.Module:
     with torch.device("meta"):
         model = CLIPModel(config)
     state = read_checkpoint(weights, reward=NAME)
-    with warnings.catch_warnings():  # the strict check copies into meta tensors, a no-op torch warns about
-        warnings.filterwarnings("ignore", message=".*meta parameter.*")
-        load_state_dict_strict(model, state, reward=NAME, source=str(weights))
-    model.load_state_dict(state, strict=True, assign=True)  # keys checked above; assign keeps one copy in memory
+    # transformers < 4.31 saved the position_ids buffers (aranges) that PickScore_v1's files still hold
+    state = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
+    load_state_dict_strict(model, state, reward=NAME, source=str(weights), assign=True)  # one copy in memory
     _restore_position_ids(model)
     return model.float().eval()
 

@@ -18,15 +18,21 @@ class Entry:
     """Where a reward's factory lives; imported only when the reward is loaded."""
 
     target: str  # "module:function"
+    needs_prompt: bool  # known without importing the factory (the CLI checks prompts before loading)
     kwargs: tuple[tuple[str, object], ...] = ()
 
 
 _REGISTRY: dict[str, Entry] = {}
 
 
-def register(name: str, target: str, **kwargs) -> None:
+def register(name: str, target: str, *, needs_prompt: bool, **kwargs) -> None:
     """Register factory `target` ("rewards.module:function") under `name`, with fixed keyword arguments."""
-    _REGISTRY[name] = Entry(target, tuple(kwargs.items()))
+    _REGISTRY[name] = Entry(target, needs_prompt, tuple(kwargs.items()))
+
+
+def needs_prompt(name: str) -> bool:
+    """Whether reward `name` scores images against prompts (no model is loaded to tell)."""
+    return _entry(name).needs_prompt
 
 
 def available() -> list[str]:
@@ -42,6 +48,8 @@ def load(name: str, *, device: str | torch.device | None = None, dtype: torch.dt
     _check_sources(name, factory, sources)
     device = torch.device(device) if device is not None else torch.device("cpu")
     reward = factory(device=device, dtype=dtype or torch.float32, **dict(entry.kwargs), **sources)
+    if reward.needs_prompt != entry.needs_prompt:
+        raise RuntimeError(f"reward {name!r} is registered with needs_prompt={entry.needs_prompt} but is {reward.needs_prompt}")
     reward.eval().requires_grad_(False)
     return reward
 

@@ -1,8 +1,8 @@
 """LAION aesthetic predictor v2: loading from local files in the original formats, errors, gradients, and parity
 with the official recipe (OpenAI `clip` package model + its torchvision `preprocess` on PIL + the MLP head).
 
-The oracle needs OpenAI's `clip` package: `pip install --no-deps openai-clip==1.0.1` (it needs ftfy and regex,
-already test dependencies; its clip.py imports `pkg_resources`, which recent setuptools dropped: shimmed below).
+The oracle is OpenAI's `clip` package (`openai-clip`, in the test extra); its clip.py imports `pkg_resources`,
+which recent setuptools dropped: shimmed below.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 
 import rewards
 from rewards import CheckpointMismatchError, MissingFileError
-from tests.test_pickscore import parity_images, to_tensor
+from tests.test_pickscore import parity_images, pool_sampler, to_tensor
 
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 SCORE_MEAN, SCORE_STD = 5.0, 1.0  # where the random head puts scores, like real ones (about 4-7)
@@ -45,13 +45,6 @@ def import_openai_clip():
             "the aesthetic parity oracle needs OpenAI's clip package: pip install --no-deps openai-clip==1.0.1"
         ) from err
 
-
-def have_openai_clip() -> bool:
-    try:
-        import_openai_clip()
-    except ImportError:
-        return False
-    return True
 
 
 class OfficialHead(nn.Module):
@@ -96,13 +89,7 @@ def random_openai_clip_state(seed: int = 0) -> dict[str, torch.Tensor]:
     from rewards import openclip
 
     shapes = openclip.build_model("ViT-L-14", quick_gelu=True).state_dict()
-    g = torch.Generator().manual_seed(seed)
-    pool = torch.randn(max(m.numel() for m in shapes.values()) + 2**20, generator=g)
-
-    def randn(shape: torch.Size) -> torch.Tensor:
-        start = int(torch.randint(0, pool.numel() - shape.numel() + 1, (1,), generator=g))
-        return pool[start : start + shape.numel()].view(shape)
-
+    randn = pool_sampler(max(m.numel() for m in shapes.values()), torch.Generator().manual_seed(seed))
     state = {}
     for key, meta in shapes.items():
         if key == "logit_scale":
@@ -184,11 +171,6 @@ def measure_parity(files: dict | None = None) -> dict:
     }
 
 
-needs_oracle = pytest.mark.skipif(
-    not have_openai_clip(), reason="oracle package missing: pip install --no-deps openai-clip==1.0.1"
-)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict:
     return write_files(tmp_path_factory.mktemp("aesthetic"), seed=0)
@@ -196,17 +178,17 @@ def files(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def parity(files) -> dict:
-    return measure_parity(files)
+    result = measure_parity(files)
+    print(result)  # shown with pytest -s; docs/parity.py prints the same
+    return result
 
 
 @pytest.mark.slow
-@needs_oracle
 def test_parity_image_features_match_official(parity):
     assert parity["cosine_min"] >= 0.9999, parity
 
 
 @pytest.mark.slow
-@needs_oracle
 def test_parity_scores_match_official(parity):
     assert parity["official_std"] > 0.2, f"random weights gave degenerate scores: {parity}"
     assert parity["rel_diff_mean"] < 1e-3, parity
@@ -225,15 +207,15 @@ def test_attributes_and_frozen(reward):
 
 
 def test_gradients_reach_pixels_and_prompts_are_ignored(reward):
-    images = torch.rand(2, 3, 200, 300, requires_grad=True)
-    scores = reward(images, ["ignored", "too"])
-    assert scores.dtype == torch.float32 and scores.shape == (2,)
+    images = torch.rand(1, 3, 150, 200, requires_grad=True)
+    scores = reward(images, ["ignored"])
+    assert scores.dtype == torch.float32 and scores.shape == (1,)
     scores.sum().backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
 
 
 def test_head_is_the_affine_map_of_the_normalised_embedding(reward, files):
-    images = torch.rand(3, 3, 224, 224)
+    images = torch.rand(2, 3, 224, 224)
     state = torch.load(files["head"], weights_only=True)
     with torch.no_grad():
         emb = reward.image_features(images).double()
@@ -243,11 +225,14 @@ def test_head_is_the_affine_map_of_the_normalised_embedding(reward, files):
         torch.testing.assert_close(reward(images).double(), x.squeeze(-1), atol=1e-4, rtol=0)
 
 
-def test_bfloat16_backbone_keeps_float32_head(files, reward):
-    half = rewards.load("aesthetic", checkpoint=files["head"], backbone=files["backbone"], dtype=torch.bfloat16)
-    assert half.visual.conv1.weight.dtype == torch.bfloat16 and half.head.layers[0].weight.dtype == torch.float32
-    images = torch.rand(2, 3, 224, 224)
-    torch.testing.assert_close(half(images), reward(images), atol=0.15, rtol=0)
+def test_backbone_dtype_follows_load_and_head_stays_float32(files, reward):
+    # float64 exercises the same casts as bfloat16 at a fraction of the CPU time (no bf16 matmul units here)
+    wide = rewards.load("aesthetic", checkpoint=files["head"], backbone=files["backbone"], dtype=torch.float64)
+    assert wide.visual.conv1.weight.dtype == torch.float64 and wide.head.layers[0].weight.dtype == torch.float32
+    images = torch.rand(1, 3, 224, 224)
+    scores = wide(images)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, reward(images), atol=1e-3, rtol=0)
 
 
 def test_mismatched_head_names_keys(files):
@@ -262,12 +247,11 @@ def test_mismatched_head_names_keys(files):
 
 
 def test_mismatched_backbone_names_keys(files):
-    state = torch.load(files["backbone"], weights_only=True)
-    del state["visual.proj"]
-    bad = files["root"] / "bad_backbone.bin"
-    torch.save(state, bad)
-    with pytest.raises(CheckpointMismatchError, match="proj"):
+    bad = files["root"] / "vit_b16.bin"  # e.g. a ViT-B/16 file: other patch size, most keys absent
+    torch.save({"visual.conv1.weight": torch.zeros(768, 3, 16, 16), "visual.extra": torch.zeros(1)}, bad)
+    with pytest.raises(CheckpointMismatchError, match=r"conv1.weight: checkpoint \(768, 3, 16, 16\)") as err:
         rewards.load("aesthetic", checkpoint=files["head"], backbone=bad)
+    assert "missing keys" in str(err.value) and "extra" in str(err.value)
 
 
 def test_backbone_folder_in_open_clip_layout(files, reward):
@@ -275,8 +259,8 @@ def test_backbone_folder_in_open_clip_layout(files, reward):
     folder.mkdir()
     (folder / "open_clip_pytorch_model.bin").symlink_to(files["backbone"])
     same = rewards.load("aesthetic", checkpoint=files["head"], backbone=folder)
-    images = torch.rand(1, 3, 224, 224)
-    torch.testing.assert_close(same(images), reward(images), atol=0, rtol=0)
+    for (name, ours), (_, ref) in zip(same.state_dict().items(), reward.state_dict().items()):
+        assert torch.equal(ours, ref), name
 
 
 def test_missing_files_say_where_and_how(files, tmp_path):

@@ -86,6 +86,7 @@ def measure_parity() -> dict:
 def parity(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip")
     metrics, reward = _parity_run(folder)
+    print(f"\nparity {reward.name}: {metrics}")  # shown with pytest -s
     yield metrics, reward, folder
     del reward
     gc.collect()
@@ -93,7 +94,7 @@ def parity(tmp_path_factory):
 
 def test_parity_with_open_clip(parity):
     m, _, _ = parity
-    assert m["official_score_std"] > 0.01, f"random weights gave degenerate scores: {m}"
+    assert m["official_score_std"] > 0.005, f"random weights gave degenerate scores: {m}"
     assert m["image_feature_cosine_min"] >= TARGET_COSINE, m
     assert m["text_feature_cosine_min"] >= TARGET_COSINE, m
     assert m["score_rel_diff_mean"] < TARGET_REL_DIFF, m
@@ -132,7 +133,7 @@ def test_prompt_errors(parity):
 def test_tag_sets_quick_gelu_and_preprocessing(parity):
     """An OpenAI tag means QuickGELU: our model must equal open_clip's '-quickgelu' model on the same weights."""
     _, _, folder = parity
-    samples = photographs()[:2]
+    samples = photographs()[2:3]  # the 512x200 portrait: shortest-side resize and crop
     reward = rewards.load("clip", model=ARCH, pretrained="openai", checkpoint=folder / FILE)
     official_image, _ = _official(folder / FILE, samples, model_name=ARCH + "-quickgelu")
     with torch.no_grad():
@@ -181,7 +182,8 @@ def test_missing_pretrained_offline(monkeypatch, tmp_path):
 
 
 def test_checkpoint_that_does_not_fit(tmp_path):
-    torch.save({"state_dict": {"module.visual.proj": torch.zeros(3, 3), "module.bogus": torch.zeros(1)}}, tmp_path / FILE)
+    state = {"module.visual.proj": torch.zeros(3, 3), "module.bogus": torch.zeros(1)}  # a DDP-style file
+    torch.save({"state_dict": state}, tmp_path / FILE)
     with pytest.raises(CheckpointMismatchError) as err:
         rewards.load("clip", model=ARCH, pretrained=None, checkpoint=tmp_path)
     message = str(err.value)

@@ -136,3 +136,20 @@ def test_docs_list_every_option_with_its_default():
         assert help, f"option {key} has no help text"
         row = next(line for line in table.splitlines() if line.startswith(f"| `{key}` |"))
         assert yaml.safe_load(row.split("|")[3].strip().strip("`")) == default
+
+
+def test_prompt_split_and_sampler(tmp_path):
+    from tuner.prompts import PromptSampler, read_prompts, split
+
+    path = tmp_path / "p.txt"
+    path.write_text("# a comment\none\n\ntwo\nthree\nfour\nfive\n")
+    prompts = read_prompts(str(path))
+    assert prompts == ["one", "two", "three", "four", "five"]
+    train_set, eval_set = split(prompts, 2, seed=3)
+    assert len(eval_set) == 2 and sorted(train_set + eval_set) == sorted(prompts)
+    assert split(prompts, 2, seed=3) == (train_set, eval_set)
+    ranks = [PromptSampler(prompts, 2, grad_accum=1, rank=r, world_size=2, seed=0) for r in (0, 1)]
+    drawn = [p for step in range(5) for s in ranks for p in s.batch(step)]  # 20 draws = 4 epochs of 5
+    for epoch in range(4):
+        assert sorted(drawn[5 * epoch:5 * epoch + 5]) == sorted(prompts)  # every prompt once per epoch, no gaps
+    assert PromptSampler(prompts, 2, rank=1, world_size=2).batch(3) == ranks[1].batch(3)  # a pure function of step

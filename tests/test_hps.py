@@ -11,6 +11,7 @@ import gc
 import math
 import sys
 import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -31,26 +32,26 @@ FILE = "HPS_v2.1_compressed.pt"
 
 # -- test data shared with tests/test_clip_score.py -------------------------------------------------------
 def photographs() -> list[tuple[Image.Image, str]]:
-    """skimage photographs at several sizes and aspect ratios, each with a prompt (one longer than 77 tokens)."""
+    """skimage photographs: landscape, portrait, smaller and larger than 224, with prompts (one over 77 tokens)."""
     from skimage import data
 
     def rgb(array: np.ndarray) -> Image.Image:
         return Image.fromarray(array).convert("RGB")
 
-    long_prompt = "a ginger cat " + ", ".join(["sitting on a wooden floor in warm afternoon light"] * 12)
+    long_prompt = "a rocket " + ", ".join(["standing on the launch pad under a clear blue morning sky"] * 10)
     return [
-        (rgb(data.astronaut()), "an astronaut in a white spacesuit with a flag"),  # 512x512
         (rgb(data.coffee()), "a cup of coffee on a saucer"),  # 400x600 landscape
-        (rgb(data.chelsea()[:, 100:300]), long_prompt),  # 300x200 portrait
-        (rgb(data.rocket()).resize((240, 160), Image.LANCZOS), "a rocket on the launch pad"),  # smaller than 224
+        (rgb(data.rocket()).resize((240, 160), Image.LANCZOS), long_prompt),  # smaller than 224
         (rgb(data.camera()[:, 150:350]), "a black and white photo of a man with a camera"),  # 512x200 portrait
-        (rgb(data.astronaut()).resize((96, 96), Image.LANCZOS), "a tiny portrait"),  # upsampled
     ]
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> float [1,3,H,W] in [0,1], exactly as torchvision's ToTensor."""
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255.0
+
+
+SHARED_KEYS = ("visual.ln_post.bias", "visual.proj", "ln_final.bias", "text_projection")
 
 
 def random_clip_state_dict(model: torch.nn.Module, seed: int, cosine: float = 0.3) -> dict[str, torch.Tensor]:
@@ -62,29 +63,29 @@ def random_clip_state_dict(model: torch.nn.Module, seed: int, cosine: float = 0.
     state = {}
     for key, ref in model.state_dict().items():
         shape, (owner, leaf) = ref.shape, ("." + key).rsplit(".", 2)[-2:]
-        randn = torch.randn(shape, generator=g)
+        noise = (torch.rand(shape, generator=g) * 2 - 1) * math.sqrt(3)  # unit variance, cheaper than randn
         if key == "logit_scale":
             value = torch.full(shape, math.log(100.0))
         elif owner.startswith("ln"):  # ln_1, ln_2, ln_pre, ln_post, ln_final
-            value = 1.0 + 0.05 * randn if leaf == "weight" else 0.5 * randn
+            value = 1.0 + 0.05 * noise if leaf == "weight" else 0.5 * noise
         elif leaf.endswith("bias"):
-            value = 0.02 * randn
+            value = 0.02 * noise
         elif key == "token_embedding.weight":
-            value = 0.02 * randn
+            value = 0.02 * noise
         elif key in ("visual.proj", "text_projection"):
-            value = randn * shape[0] ** -0.5
+            value = noise * shape[0] ** -0.5
         elif "positional_embedding" in key or "class_embedding" in key:
-            value = randn * shape[-1] ** -0.5
+            value = noise * shape[-1] ** -0.5
         else:
-            value = randn * math.prod(shape[1:]) ** -0.5
-        state[key] = value
+            value = noise * math.prod(shape[1:]) ** -0.5
+        state[key] = value if key in SHARED_KEYS else value.half()  # halve now: peak memory stays one fp16 copy
     dim = state["text_projection"].shape[1]
     shared = torch.randn(dim, generator=g)
     shared *= math.sqrt(cosine / (1 - cosine) * dim) / shared.norm()
-    for bias_key, proj_key in (("visual.ln_post.bias", "visual.proj"), ("ln_final.bias", "text_projection")):
+    for bias_key, proj_key in (SHARED_KEYS[:2], SHARED_KEYS[2:]):
         bias, proj = state[bias_key], state[proj_key]
         state[proj_key] = proj + torch.outer(bias, shared - bias @ proj) / bias.dot(bias)
-    return {k: v.half() for k, v in state.items()}
+    return {k: v.half() for k, v in state.items()}  # a no-op for all but SHARED_KEYS
 
 
 def summarize(official: np.ndarray, ours: np.ndarray, cosines: np.ndarray, **extra) -> dict:
@@ -137,61 +138,82 @@ def build_official():
     return model, preprocess
 
 
+def _official_scores(img_score, model, preprocess, samples, checkpoint: Path):
+    """Score each sample with the official `score()`, capturing its normalised image and text features."""
+    images, texts = [], []
+    hook = model.visual.register_forward_hook(lambda m, i, out: images.append(out.detach()))
+    encode_text = model.encode_text
+
+    def capture_text(text, normalize=False):
+        features = encode_text(text, normalize=normalize)
+        texts.append(features.detach())
+        return features
+
+    model.encode_text = capture_text
+    img_score.model_dict.update(model=model, preprocess_val=preprocess)
+    try:
+        scores = np.array([img_score.score(image, prompt, cp=str(checkpoint))[0] for image, prompt in samples])
+    finally:
+        img_score.model_dict.clear()
+        hook.remove()
+        del model.encode_text
+    return scores, torch.nn.functional.normalize(torch.cat(images), dim=-1), torch.cat(texts)
+
+
+def _our_scores(reward: rewards.Reward, samples, with_gradient: bool):
+    """Score each sample through the reward; the last one with autograd on, to check the pixel gradient."""
+    images, scores, gradient = [], [], {}
+    hook = reward.model.visual.register_forward_hook(lambda m, i, out: images.append(out.detach()))
+    for k, (image, prompt) in enumerate(samples):
+        pixels = to_tensor(image)
+        if with_gradient and k == len(samples) - 1:
+            pixels.requires_grad_(True)
+            score = reward(pixels, [prompt])
+            score.sum().backward()
+            finite, size = bool(torch.isfinite(pixels.grad).all()), pixels.grad.abs().mean().item()
+            gradient = {"gradient_finite": finite, "gradient_abs_mean": size}
+        else:
+            with torch.no_grad():
+                score = reward(pixels, [prompt])
+        scores.append(score.item())
+    hook.remove()
+    return np.array(scores), torch.nn.functional.normalize(torch.cat(images), dim=-1), gradient
+
+
 def _parity_run(workdir: Path, with_gradient: bool = False) -> tuple[dict, rewards.Reward]:
-    img_score, hps_open_clip = _import_hpsv2()
+    img_score, _ = _import_hpsv2()
     torch.manual_seed(0)
     samples = photographs()
     official_model, preprocess = build_official()
     checkpoint = workdir / FILE
     torch.save({"state_dict": random_clip_state_dict(official_model, seed=0)}, checkpoint)
-
-    captured = []
-    hook = official_model.visual.register_forward_hook(lambda m, i, out: captured.append(out.detach()))
-    img_score.model_dict.update(model=official_model, preprocess_val=preprocess)
-    try:
-        official = np.array([img_score.score(image, prompt, cp=str(checkpoint))[0] for image, prompt in samples])
-    finally:
-        img_score.model_dict.clear()
-        hook.remove()
-    official_image = torch.nn.functional.normalize(torch.cat(captured), dim=-1)
-    with torch.no_grad():
-        tokens = hps_open_clip.get_tokenizer("ViT-H-14")([p for _, p in samples])
-        official_text = official_model.encode_text(tokens, normalize=True)
-        official_pixels = [preprocess(image)[None] for image, _ in samples]
+    official, official_image, official_text = _official_scores(img_score, official_model, preprocess, samples,
+                                                               checkpoint)
+    official_pixels = [preprocess(image)[None] for image, _ in samples]
     del official_model
     gc.collect()
 
+    start = time.perf_counter()
     reward = rewards.load("hpsv2.1", checkpoint=workdir)  # a folder: the official file name is found inside
-    captured.clear()
-    hook = reward.model.visual.register_forward_hook(lambda m, i, out: captured.append(out.detach()))
+    load_seconds = time.perf_counter() - start
+    ours, ours_image, gradient = _our_scores(reward, samples, with_gradient)
+    ours_text = reward.text_features([p for _, p in samples])  # cached by the calls above
     with torch.no_grad():
-        ours = np.array([reward(to_tensor(image), [prompt]).item() for image, prompt in samples])
-        ours_text = reward.text_features([p for _, p in samples])
         pixel_diff = max(
             (reward.preprocess(to_tensor(image)) - ref).abs().max().item()
             for (image, _), ref in zip(samples, official_pixels)
         )
-    hook.remove()
-    ours_image = torch.nn.functional.normalize(torch.cat(captured), dim=-1)
-    cosines = (ours_image * official_image).sum(-1).numpy()
     metrics = summarize(
         official,
         ours,
-        cosines,
+        (ours_image * official_image).sum(-1).numpy(),
         text_feature_cosine_min=float((ours_text * official_text).sum(-1).min()),
         preprocessed_pixel_max_abs_diff=pixel_diff,
+        load_seconds=round(load_seconds, 1),  # reported, never asserted
         oracle="hpsv2.img_score.score (hpsv2x 1.2.0), fp32 CPU",
+        **gradient,
     )
-    if with_gradient:
-        metrics.update(_gradient(reward))
     return metrics, reward
-
-
-def _gradient(reward: rewards.Reward) -> dict:
-    image = to_tensor(photographs()[3][0])[..., :150, :100].requires_grad_(True)
-    reward(image, ["a rocket"]).sum().backward()
-    grad = image.grad
-    return {"gradient_finite": bool(torch.isfinite(grad).all()), "gradient_abs_mean": float(grad.abs().mean())}
 
 
 def measure_parity() -> dict:
@@ -207,6 +229,7 @@ def measure_parity() -> dict:
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
     metrics, reward = _parity_run(tmp_path_factory.mktemp("hps"), with_gradient=True)
+    print(f"\nparity {reward.name}: {metrics}")  # shown with pytest -s
     yield metrics, reward
     del reward
     gc.collect()
@@ -215,7 +238,8 @@ def parity(tmp_path_factory):
 @pytest.mark.slow
 def test_parity_with_official_hpsv2(parity):
     m, _ = parity
-    assert m["official_score_std"] > 0.005, f"random weights gave degenerate scores: {m}"
+    assert m["official_score_std"] > 0.003, f"random weights gave degenerate scores: {m}"  # diffs are ~1e-8
+    assert 0.15 < m["official_score_mean"] < 0.6, m  # the shared direction of random_clip_state_dict is in place
     assert m["image_feature_cosine_min"] >= TARGET_COSINE, m
     assert m["text_feature_cosine_min"] >= TARGET_COSINE, m
     assert m["score_rel_diff_mean"] < TARGET_REL_DIFF, m
@@ -246,13 +270,17 @@ def test_text_features_cached_per_prompt(parity, monkeypatch):
     _, reward = parity
     reward.clear_text_cache()
     seen = []
-    encode = reward.encode_text
-    monkeypatch.setattr(reward, "encode_text", lambda prompts: seen.append(list(prompts)) or encode(prompts))
+
+    def encode(prompts: list[str]) -> torch.Tensor:  # stands in for the text tower: only the caching is tested
+        seen.append(list(prompts))
+        return torch.randn(len(prompts), 1024)
+
+    monkeypatch.setattr(reward, "encode_text", encode)
     first = reward.text_features(["a", "b", "a"])
     second = reward.text_features(["b", "c"])
     assert seen == [["a", "b"], ["c"]]
     assert torch.equal(first[1], second[0]) and torch.equal(first[0], first[2])
-    assert first.dtype == torch.float32 and not first.requires_grad
+    reward.clear_text_cache()
 
 
 def test_missing_checkpoint_file(tmp_path):
@@ -280,13 +308,3 @@ def test_checkpoint_that_does_not_fit(tmp_path):
         rewards.load("hpsv2.1", checkpoint=tmp_path / FILE)
     message = str(err.value)
     assert "visual.extra" in message and "visual.conv1.weight" in message and "missing" in message
-
-
-def test_random_weights_have_the_intended_cosine():
-    from rewards import openclip
-
-    model = openclip.build_model("ViT-B-32")
-    state = random_clip_state_dict(model, seed=0, cosine=0.3)
-    bias, proj = state["visual.ln_post.bias"].float(), state["visual.proj"].float()
-    text_bias, text_proj = state["ln_final.bias"].float(), state["text_projection"].float()
-    assert torch.allclose(bias @ proj, text_bias @ text_proj, rtol=1e-2, atol=1e-2)

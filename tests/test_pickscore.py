@@ -62,6 +62,17 @@ def clip_config(spec: dict):
     return CLIPConfig(**spec, logit_scale_init_value=LOGIT_SCALE)
 
 
+def pool_sampler(largest: int, generator: torch.Generator):
+    """randn(shape) drawing a random slice of one pool of normal numbers: fast for a billion weights."""
+    pool = torch.randn(largest + 2**20, generator=generator)
+
+    def randn(shape: torch.Size) -> torch.Tensor:
+        start = int(torch.randint(0, pool.numel() - shape.numel() + 1, (1,), generator=generator))
+        return pool[start : start + shape.numel()].view(shape)
+
+    return randn
+
+
 def random_clip_state(config, seed: int = 0, shared: float = 1.1) -> dict[str, torch.Tensor]:
     """Random CLIP weights at sensible scales (fan-in linears, LayerNorms near identity), logit scale log(100).
 
@@ -75,12 +86,7 @@ def random_clip_state(config, seed: int = 0, shared: float = 1.1) -> dict[str, t
     with torch.device("meta"):
         shapes = CLIPModel(config).state_dict()
     g = torch.Generator().manual_seed(seed)
-    pool = torch.randn(max(m.numel() for m in shapes.values()) + 2**20, generator=g)
-
-    def randn(shape: torch.Size) -> torch.Tensor:
-        start = int(torch.randint(0, pool.numel() - shape.numel() + 1, (1,), generator=g))
-        return pool[start : start + shape.numel()].view(shape)
-
+    randn = pool_sampler(max(m.numel() for m in shapes.values()), g)
     state = {}
     for key, meta in shapes.items():
         if key == "logit_scale":
@@ -140,7 +146,7 @@ def official_scores(folder: Path, tokenizer_dir: Path, images: list[np.ndarray],
     processor = official_processor()
     pixels = [processor(images=Image.fromarray(im), return_tensors="pt")["pixel_values"] for im in images]
     with torch.no_grad():
-        img = torch.cat([_pooled(model.get_image_features(pixel_values=p)) for p in pixels])
+        img = _pooled(model.get_image_features(pixel_values=torch.cat(pixels)))
         tokens = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
         txt = _pooled(model.get_text_features(**tokens))
         img_n, txt_n = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
@@ -164,7 +170,6 @@ def parity_images() -> tuple[list[np.ndarray], list[str]]:
         data.astronaut(),  # 512x512
         _resized(data.astronaut(), 180, 150),  # portrait, smaller than 224
         data.coffee(),  # 400x600 landscape
-        data.chelsea(),  # 300x451 landscape
         data.rocket(),  # 427x640: odd crop margin, where floor and round offsets differ
         _resized(camera, 1000, 761),  # large portrait, grey
     ]
@@ -172,7 +177,6 @@ def parity_images() -> tuple[list[np.ndarray], list[str]]:
         "an astronaut in a white suit next to a flag",
         "a small portrait of a woman in a space suit",
         "a cup of coffee on a saucer, top view",
-        "a ginger cat looking at the camera",
         "a rocket on the launch pad at dusk",
         "a black and white photo of a man with a camera",
     ]
@@ -223,7 +227,9 @@ def measure_parity() -> dict:
 
 @pytest.fixture(scope="module")
 def parity() -> dict:
-    return measure_parity()
+    result = measure_parity()
+    print(result)  # shown with pytest -s; docs/parity.py prints the same
+    return result
 
 
 @pytest.mark.slow
@@ -270,9 +276,9 @@ def test_gradients_reach_pixels(small):
 
 def test_small_model_matches_official_path(small, files):
     images, prompts = parity_images()
-    ref = official_scores(files["checkpoint"], files["tokenizer"], images[:4], prompts[:4])
+    ref = official_scores(files["checkpoint"], files["tokenizer"], images[:3], prompts[:3])
     with torch.no_grad():
-        ours = torch.cat([small(to_tensor(im), [p]) for im, p in zip(images[:4], prompts[:4])])
+        ours = torch.cat([small(to_tensor(im), [p]) for im, p in zip(images[:3], prompts[:3])])
     torch.testing.assert_close(ours, ref["scores"], atol=2e-2, rtol=0)
 
 
@@ -283,7 +289,20 @@ def test_pytorch_model_bin_and_bfloat16(files):
     scores = reward(images, ["a cat"])
     ref = rewards.load("pickscore", checkpoint=files["checkpoint"], tokenizer=files["tokenizer"])(images, ["a cat"])
     assert reward.model.logit_scale.dtype == torch.bfloat16 and scores.dtype == torch.float32
-    torch.testing.assert_close(scores, ref, atol=0.5, rtol=0)
+    torch.testing.assert_close(scores, ref, atol=0, rtol=3e-2)  # bfloat16 keeps ~3 significant digits
+
+
+def test_checkpoint_with_saved_position_ids_loads(files):
+    """PickScore_v1's files come from transformers < 4.31, which saved the position_ids aranges too."""
+    folder = write_checkpoint(files["root"] / "old", SMALL_CONFIG, seed=1)
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    state["vision_model.embeddings.position_ids"] = torch.arange(257)[None]
+    save_file(state, str(folder / "model.safetensors"))
+    reward = rewards.load("pickscore", checkpoint=folder, tokenizer=files["tokenizer"])
+    assert torch.equal(reward.model.vision_model.embeddings.position_ids, torch.arange(257)[None])
 
 
 def test_weights_file_with_config_beside_it(files):

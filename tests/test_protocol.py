@@ -76,7 +76,7 @@ def test_loaded_rewards_are_frozen_eval_modules(name):
 
 
 def test_weights_are_frozen_after_load():
-    rewards.register("fake-test", f"{__name__}:load_fake")
+    rewards.register("fake-test", f"{__name__}:load_fake", needs_prompt=True)
     try:
         reward = rewards.load("fake-test")
         assert isinstance(reward, FakePromptReward) and not reward.training

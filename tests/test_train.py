@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from tuner import checkpoint as ckpt
 from tuner.config import ConfigError, load_config, validate
 from tuner.logging import read_metrics
+from tuner.run import main
 from tuner.train import NonFiniteError, lr_at, train
 
 FAST = ["sampling.num_steps=4", "method_options={num_trained: 2, early_stop_range: 2}", "train.batch_size=1",
@@ -45,10 +46,12 @@ class Brightness(torch.nn.Module):
 
 
 def test_end_to_end_writes_every_output(tmp_path):
-    cfg = tiny(tmp_path, "e2e", "train.steps=4", "log.eval_every=2", "checkpoint.every=2", "checkpoint.keep=1",
-               "train.ema_decay=0.5", "train.grad_accum=2")
-    summary = train(cfg)  # the real `symmetry` reward through rewards.load
+    args = [f"output_dir={tmp_path}", "name=e2e", *FAST, "train.steps=4", "log.eval_every=2", "checkpoint.every=2",
+            "checkpoint.keep=1", "train.ema_decay=0.5", "train.grad_accum=2"]
+    assert main(args) == 0  # the command line, with the real `symmetry` reward through rewards.load
     run = tmp_path / "e2e"
+    cfg = load_config(run / "config.yaml")
+    summary = json.loads((run / "summary.json").read_text())
     for name in ("config.yaml", "metrics.jsonl", "reward_curve.png", "summary.json", "summary.md",
                  "gallery/before.safetensors", "gallery/step-00000002.png", "gallery/step-00000004.png",
                  "lora/pytorch_lora_weights.safetensors"):
@@ -62,9 +65,8 @@ def test_end_to_end_writes_every_output(tmp_path):
     assert all(r["skipped"] == 0 and r["grad_norm"] > 0 and r["lr"] == pytest.approx(lr_at(r["step"] - 1, cfg)) for r in train_rows)
     assert [r["step"] for r in rows if "eval/reward" in r] == [0, 2, 4]
     assert 0 < summary["eval_reward_before"] <= 1 and summary["skipped_steps"] == 0
-    assert json.loads((run / "summary.json").read_text())["final_weights"].endswith("pytorch_lora_weights.safetensors")
-    written = load_config(run / "config.yaml")
-    assert written.name == "e2e" and written.train.mixed_precision == "no" and written.train.steps == 4
+    assert summary["final_weights"].endswith("pytorch_lora_weights.safetensors")
+    assert cfg.name == "e2e" and cfg.train.mixed_precision == "no" and cfg.train.steps == 4 and cfg.train.grad_accum == 2
     # the final LoRA holds the EMA weights, the same as the last checkpoint's EMA
     ema = ckpt.read_tensors(ckpt.latest(run / "checkpoints"), "ema.safetensors")
     lora = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
@@ -72,7 +74,7 @@ def test_end_to_end_writes_every_output(tmp_path):
     assert sorted(round(v.double().square().sum().item(), 9) for v in lora.values()) == \
         sorted(round(v.double().square().sum().item(), 9) for v in ema.values())
     with pytest.raises(ConfigError, match="already holds checkpoints.*resume=latest"):
-        train(cfg)
+        train(validate(load_config(None, args)))
 
 
 def test_resume_reaches_the_same_weights(tmp_path):
@@ -137,3 +139,16 @@ def test_full_finetune_of_sd15_saves_a_loadable_unet(tmp_path):
     state = tuned.state_dict()
     assert set(saved) == set(state) and all(torch.equal(saved[k], state[k]) for k in saved)
     assert any(not torch.equal(v, base.state_dict()[k]) for k, v in state.items())
+
+
+def test_lr_schedules():
+    def lrs(schedule, warmup=2, steps=10):
+        cfg = load_config(None, [f"train.lr_schedule={schedule}", f"train.warmup_steps={warmup}", f"train.steps={steps}",
+                                 "train.lr=1.0"])
+        return [lr_at(s, cfg) for s in range(steps)]
+
+    assert lrs("constant") == [1.0] * 10
+    assert lrs("constant_with_warmup") == [0.5, 1.0] + [1.0] * 8
+    assert lrs("linear")[:3] == [0.5, 1.0, 1.0] and lrs("linear")[-1] == pytest.approx(1 / 8)
+    cosine = lrs("cosine", warmup=0, steps=4)
+    assert cosine == pytest.approx([1.0, 0.5 * (1 + 2 ** -0.5), 0.5, 0.5 * (1 - 2 ** -0.5)])

@@ -6,6 +6,7 @@ completely (names, types, allowed values) before any model is loaded, so a typo 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib.util
@@ -138,12 +139,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Union:
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"config key '{key}': {value!r} is none of the allowed forms: {_type_name(tp)}")
     if tp is bool:
         if isinstance(value, bool):
@@ -225,16 +225,6 @@ def from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data or {})
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _DICT_FIELDS else v
-    return out
-
-
-_DICT_FIELDS = {"method_options", "reward", "reward_sources"}  # replaced whole by a file, not merged
-
-
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read one YAML config file into plain data."""
     path = Path(path)
@@ -255,8 +245,11 @@ def apply_override(data: dict[str, Any], item: str) -> dict[str, Any]:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4).")
     key, raw = item.split("=", 1)
     key = key.strip()
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    data = _merge(data, {})
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. an unbalanced bracket): the type check below decides
+    data = copy.deepcopy(data)
     node, cls, parts = data, Config, key.split(".")
     for i, part in enumerate(parts):
         hints = _hints(cls)

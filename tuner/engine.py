@@ -244,16 +244,19 @@ def _renoise_backward(chain, plan, cond, reward_fn, prompts, x, guidance_scale, 
     t = chain.timesteps[last]
     total, rewards, parts, images = 0.0, 0.0, {}, None
     for r in range(plan.renoise):
+        # As in reward_backward: VAE + reward backward first, then the UNet graph alone, so one graph is alive.
+        chain.restore(saved[last].state, plan.num_steps)
+        noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = chain.scheduler.add_noise(x0, noise, t.reshape(1))
+        with torch.no_grad():
+            latent = chain.step(last, x_t, adapter.eps(x_t, t, cond, guidance_scale)).requires_grad_(True)
+        with no_sync():
+            loss, got, images, parts = _score(adapter, latent, reward_fn, prompts, loss_scale, 1.0 / plan.renoise)
+            (adj,) = torch.autograd.grad(loss, latent)
         ctx = contextlib.nullcontext() if r == plan.renoise - 1 else no_sync()
         with ctx, torch.enable_grad():
             chain.restore(saved[last].state, plan.num_steps)
-            noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            x_t = chain.scheduler.add_noise(x0, noise, t.reshape(1))
-            eps = adapter.eps(x_t, t, cond, guidance_scale)
-            loss, got, images, parts = _score(
-                adapter, chain.step(last, x_t, eps), reward_fn, prompts, loss_scale, 1.0 / plan.renoise
-            )
-            loss.backward()
+            chain.step(last, x_t, adapter.eps(x_t, t, cond, guidance_scale)).backward(adj)
         total, rewards = total + float(loss.detach()), rewards + got / plan.renoise
     chain.reset()
     return StepOutput(rewards, images, parts, total)

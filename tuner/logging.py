@@ -92,8 +92,20 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def gallery(before: torch.Tensor, now: torch.Tensor, prompts: list[str], title: str, pad: int = 4) -> Image.Image:
+def _fit(images: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:
+    """Enlarge tiny images (nearest, to be seen) and shrink large ones (area, to keep the PNG small)."""
+    side = min(images.shape[-2:])
+    scale = min_size / side if side < min_size else max_size / side if side > max_size else 1.0
+    if scale == 1.0:
+        return images
+    size = [round(d * scale) for d in images.shape[-2:]]
+    return torch.nn.functional.interpolate(images.float(), size=size, mode="nearest" if scale > 1 else "area")
+
+
+def gallery(before: torch.Tensor, now: torch.Tensor, prompts: list[str], title: str, pad: int = 4,
+            min_size: int = 192, max_size: int = 512) -> Image.Image:
     """A grid with one row per prompt: the base model's image (left) beside the current one (right)."""
+    before, now = _fit(before, min_size, max_size), _fit(now, min_size, max_size)
     n, _, h, w = now.shape
     caption = 28
     cols = 2

@@ -14,9 +14,10 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from tuner import checkpoint as ckpt
 from tuner import engine, lora
-from tuner.config import Config, ConfigError, to_dict
+from tuner.config import Config, ConfigError, to_dict, validate
 from tuner.logging import RunLogger, gallery, plot_rewards, read_metrics, write_summary
 from tuner.methods import get_method
 from tuner.prompts import PromptSampler, load_prompt_sets
@@ -47,6 +48,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
+        """Move every shadow towards its weight by (1 - decay)."""
         for n, p in self.params.items():
             self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
 
@@ -169,6 +171,35 @@ def evaluate(adapter, unet, conds, prompts: list[str], reward, cfg: Config, auto
     return images.cpu(), scores.cpu()
 
 
+def optimizer_step(accelerator: Accelerator, optimizer, scaler, params: list[torch.nn.Parameter],
+                   rewards: torch.Tensor, loss: float, max_grad_norm: float) -> tuple[float, bool, bool, float]:
+    """Clip and step unless any rank saw a non-finite reward, loss or gradient; gradients are zeroed either way.
+
+    Returns (grad norm, skipped, counts as non-finite, reward mean over all ranks). Under fp16 a gradient
+    overflow alone is the scaler's business (it lowers the scale) and does not count towards max_nonfinite.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    clip = max_grad_norm if max_grad_norm > 0 else float("inf")
+    has_grads = any(p.grad is not None for p in params)
+    norm = torch.nn.utils.clip_grad_norm_(params, clip) if has_grads else torch.zeros((), device=rewards.device)
+    values_bad = not (torch.isfinite(rewards).all() and math.isfinite(loss))
+    local = torch.tensor([float(values_bad), float(not torch.isfinite(norm)), rewards.sum().item(), rewards.numel()],
+                         device=rewards.device, dtype=torch.float64)
+    values_bad_n, grads_bad_n, reward_sum, count = accelerator.reduce(local, "sum").tolist()  # one collective a step
+    values_bad, grads_bad = values_bad_n > 0, grads_bad_n > 0
+    skipped = values_bad or grads_bad
+    if scaler is not None:
+        if not values_bad:
+            scaler.step(optimizer)  # skips the update itself when gradients overflowed
+        scaler.update()
+    elif not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    nonfinite = values_bad or (grads_bad and scaler is None)
+    return norm.item(), skipped, nonfinite, reward_sum / count
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -229,6 +260,7 @@ def load_checkpoint(folder: Path, *, rank: int, unet, ema: EMA | None, optimizer
 def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None) -> dict[str, Any]:
     """Run (or resume) reward fine-tuning as `cfg` says; returns the run summary. `reward_fn` replaces cfg.reward."""
     # --- setup: processes, run folder, precision
+    validate(cfg)  # cheap, and before any model loads (the command line has checked it already)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",  # autocast is ours
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -270,7 +302,9 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None) -> dict[str,
     if scaler is not None:
         scaler.scale(torch.ones((), device=device))  # creates the scale; the engine applies it through loss_scale
     ema = EMA(lora.trainable_parameters(unet), t.ema_decay) if t.ema_decay > 0 else None
-    ddp_unet = accelerator.prepare(unet)
+    with warnings.catch_warnings():  # ranks run different numbers of forwards: buffers must never sync in forward
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        ddp_unet = accelerator.prepare(unet)
     adapter.unet = ddp_unet
     torch.manual_seed(_seed(t.seed, rank))  # from here on, every rank draws its own samples
     gen = torch.Generator().manual_seed(_seed(t.seed, rank, 1))
@@ -319,35 +353,18 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None) -> dict[str,
                     guidance_scale=s.guidance_scale, generator=gen, loss_scale=loss_scale,
                     no_sync=lambda: accelerator.no_sync(ddp_unet), eta=s.eta))
 
-        # skip a non-finite step on every rank alike, clip, update
+        # skip a non-finite step on every rank alike; else clip, update, EMA
         rewards_local = torch.cat([o.rewards.float().reshape(-1) for o in outs]).to(device)
         loss_local = sum(o.loss for o in outs) / len(outs) / loss_scale  # as if unscaled: -(mean reward)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grads = [p.grad for p in params if p.grad is not None]
-        clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if grads else torch.zeros((), device=device)
-        values_bad = not (torch.isfinite(rewards_local).all() and math.isfinite(loss_local))
-        grads_bad = not torch.isfinite(grad_norm)
-        flags = accelerator.reduce(torch.tensor([float(values_bad), float(grads_bad)], device=device), "sum")
-        values_bad, grads_bad = bool(flags[0] > 0), bool(flags[1] > 0)
-        skipped = values_bad or grads_bad
-        if scaler is not None:
-            if not values_bad:
-                scaler.step(optimizer)  # the scaler itself skips inf/nan gradients
-            scaler.update()
-        elif not skipped:
-            optimizer.step()
+        grad_norm, skipped, nonfinite, reward_mean = optimizer_step(
+            accelerator, optimizer, scaler, params, rewards_local, loss_local, t.max_grad_norm)
         if not skipped and ema is not None:
             ema.update()
-        optimizer.zero_grad(set_to_none=True)
-        overflow_only = scaler is not None and grads_bad and not values_bad  # fp16 overflow: the scaler adapts
-        streak = streak + 1 if skipped and not overflow_only else 0
+        streak = streak + 1 if nonfinite else 0
         done = step + 1
 
         # log (metrics averaged over ranks), eval gallery, checkpoint
-        reward_mean = accelerator.reduce(rewards_local.mean().reshape(1), "mean").item()
-        metrics = {"reward": reward_mean, "loss": loss_local, "grad_norm": grad_norm.item(), "lr": lr,
+        metrics = {"reward": reward_mean, "loss": loss_local, "grad_norm": grad_norm, "lr": lr,
                    "step_time": time.perf_counter() - tic, "skipped": float(skipped)}
         for key in outs[0].parts:
             metrics[f"reward/{key}"] = torch.cat([o.parts[key].float().reshape(-1) for o in outs]).mean().item()

@@ -11,6 +11,7 @@ site-packages, placed after its own so its pins win. Nothing outside the cache f
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -40,9 +41,10 @@ class OracleBuildError(RuntimeError):
 
 
 def main_site_packages() -> list[str]:
-    """Site-packages folders of the running interpreter (the project's environment), in import order."""
-    paths = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
-    return list(dict.fromkeys(p for p in paths if Path(p).is_dir()))
+    """Site-packages folders the running interpreter (the project's environment) imports from, in its order."""
+    own = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    found = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")] + own
+    return list(dict.fromkeys(str(Path(p).resolve()) for p in found if Path(p).is_dir()))
 
 
 def oracle_dir() -> Path:
@@ -61,11 +63,20 @@ def oracle_python(root: Path | None = None) -> Path:
 
 
 def build(root: Path | None = None, *, quiet: bool = True) -> Path:
-    """Build the oracle environment if it is not ready yet (idempotent); return its python."""
+    """Build the oracle environment if it is not ready yet (idempotent, safe to run concurrently); return its python."""
     root = root or oracle_dir()
     python = oracle_python(root)
     if (root / READY).is_file() and python.is_file():
         return python
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f"{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds the environment ready
+        if (root / READY).is_file() and python.is_file():
+            return python
+        return _build(root, python, quiet)
+
+
+def _build(root: Path, python: Path, quiet: bool) -> Path:
     start = time.perf_counter()
     venv.EnvBuilder(with_pip=True, clear=True).create(root)
     _run([python, "-m", "pip", "install", "--no-deps", *(["-q"] if quiet else []), *PINS], "pip install the pins")

@@ -75,8 +75,8 @@ def main(job_path):
             features.append(captured["feature"][0])
     score_s = time.perf_counter() - t0
     torch.save(
-        {"scores": torch.tensor(scores, dtype=torch.float64), "pixels": torch.stack(pixels), "image_embeds": torch.stack(images),
-         "features": torch.stack(features), "build_s": build_s, "score_s": score_s,
+        {"scores": torch.tensor(scores, dtype=torch.float64), "pixels": torch.stack(pixels),
+         "image_embeds": torch.stack(images), "features": torch.stack(features), "build_s": build_s, "score_s": score_s,
          "versions": {"torch": str(torch.__version__), "transformers": str(sys.modules["transformers"].__version__)}},
         job["out"],
     )
