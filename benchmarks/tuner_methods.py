@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=64)
     ap.add_argument("--naive-k", type=int, nargs="*", default=[1, 2, 5])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--only", nargs="*", default=None, help="run only the cases whose name contains one of these")
     ap.add_argument("--smoke", action="store_true", help="tiny pipeline on CPU: checks the script, measures nothing")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -113,12 +114,16 @@ def main() -> None:
             p.grad = None
 
     rows = {}
+    wanted = lambda name: args.only is None or any(w in name for w in args.only)  # noqa: E731
     gen = lambda: torch.Generator(device).manual_seed(0)  # noqa: E731
-    rows["sampling only (no grad)"] = measure(
-        lambda: sample(adapter, cond, num_steps=args.steps, guidance_scale=args.guidance, generator=gen(), **size),
-        args.iters,
-    )
+    if wanted("sampling only (no grad)"):
+        rows["sampling only (no grad)"] = measure(
+            lambda: sample(adapter, cond, num_steps=args.steps, guidance_scale=args.guidance, generator=gen(), **size),
+            args.iters,
+        )
     for name, plan in cases(args.steps).items():
+        if not wanted(name):
+            continue
         def run(plan=plan):
             zero()
             reward_backward(adapter, plan, cond, reward, prompts, guidance_scale=args.guidance, generator=gen(), **size)
