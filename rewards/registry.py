@@ -45,7 +45,7 @@ def load(name: str, *, device: str | torch.device | None = None, dtype: torch.dt
     entry = _entry(name)
     module_name, func_name = entry.target.split(":")
     factory = getattr(importlib.import_module(module_name), func_name)
-    _check_sources(name, factory, sources)
+    _check_sources(name, factory, sources, fixed=dict(entry.kwargs))
     device = torch.device(device) if device is not None else torch.device("cpu")
     reward = factory(device=device, dtype=dtype or torch.float32, **dict(entry.kwargs), **sources)
     if reward.needs_prompt != entry.needs_prompt:
@@ -62,9 +62,10 @@ def _entry(name: str) -> Entry:
     raise UnknownRewardError(f"unknown reward {name!r}.{hint} Available: {', '.join(available())}")
 
 
-def _check_sources(name: str, factory, sources: dict) -> None:
+def _check_sources(name: str, factory, sources: dict, fixed: dict) -> None:
     params = inspect.signature(factory).parameters
-    allowed = [p for p in params if p not in ("device", "dtype") and params[p].kind == inspect.Parameter.KEYWORD_ONLY]
+    skip = {"device", "dtype", *fixed}  # options the registry entry fixes (e.g. HPS's version) are not the user's
+    allowed = [p for p in params if p not in skip and params[p].kind == inspect.Parameter.KEYWORD_ONLY]
     unknown = [key for key in sources if key not in allowed]
     if unknown:
         raise TypeError(

@@ -266,7 +266,7 @@ def test_prompt_errors(parity):
 
 
 @pytest.mark.slow
-def test_text_features_cached_per_prompt(parity, monkeypatch):
+def test_text_features_cached_per_prompt(parity):
     _, reward = parity
     reward.clear_text_cache()
     seen = []
@@ -275,12 +275,15 @@ def test_text_features_cached_per_prompt(parity, monkeypatch):
         seen.append(list(prompts))
         return torch.randn(len(prompts), 1024)
 
-    monkeypatch.setattr(reward, "encode_text", encode)
-    first = reward.text_features(["a", "b", "a"])
-    second = reward.text_features(["b", "c"])
+    reward.encode_text = encode  # an instance attribute, removed below (monkeypatch would leave a reference cycle)
+    try:
+        first = reward.text_features(["a", "b", "a"])
+        second = reward.text_features(["b", "c"])
+    finally:
+        del reward.encode_text
+        reward.clear_text_cache()
     assert seen == [["a", "b"], ["c"]]
     assert torch.equal(first[1], second[0]) and torch.equal(first[0], first[2])
-    reward.clear_text_cache()
 
 
 def test_missing_checkpoint_file(tmp_path):
