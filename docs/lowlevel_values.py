@@ -1,6 +1,6 @@
 """Typical values of the weight-free rewards on skimage photographs: `python docs/lowlevel_values.py`.
 
-Prints a markdown table (used in docs/cards/symmetry.md and docs/cards/sharpness.md): each photo as is,
+Prints a markdown table (used in the symmetry and sharpness cards of docs/rewards.md): each photo as is,
 mirror-symmetrised, blurred (Gaussian sigma 2 px) and with Gaussian noise (std 0.05), all at short side 512.
 """
 

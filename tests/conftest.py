@@ -15,3 +15,12 @@ def _seed():
     """Every test starts from the same global RNG state."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: bitwise-stable reductions, and faster than two for tiny models on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,7 +17,8 @@ import torch
 import rewards
 from rewards import CheckpointMismatchError, InputError, MissingFileError, openclip
 from rewards.clip_score import clip_geometry
-from tests.test_hps import TARGET_COSINE, TARGET_REL_DIFF, photographs, random_clip_state_dict, summarize, to_tensor
+from tests.parity import summarize
+from tests.test_hps import TARGET_COSINE, TARGET_REL_DIFF, photographs, random_clip_state_dict, to_tensor
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

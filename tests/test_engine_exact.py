@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.tuner_fixtures import (
-    PROMPTS, SIZE, ToyReward, naive_backward, relative_error, single_thread, tiny_adapter, unet_grads,  # noqa: F401
+    PROMPTS, SIZE, ToyReward, naive_backward, relative_error, tiny_adapter, unet_grads,
 )
 from tuner.engine import reward_backward, sample
 from tuner.methods import Plan

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import rewards
+from tests.parity import summarize
 from rewards import CheckpointMismatchError, InputError, MissingFileError
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
@@ -86,25 +87,6 @@ def random_clip_state_dict(model: torch.nn.Module, seed: int, cosine: float = 0.
         bias, proj = state[bias_key], state[proj_key]
         state[proj_key] = proj + torch.outer(bias, shared - bias @ proj) / bias.dot(bias)
     return {k: v.half() for k, v in state.items()}  # a no-op for all but SHARED_KEYS
-
-
-def summarize(official: np.ndarray, ours: np.ndarray, cosines: np.ndarray, **extra) -> dict:
-    """The parity numbers every reward reports: feature cosine, score differences absolute and relative."""
-    diff = np.abs(ours - official)
-    spread = float(official.std())
-    return {
-        "images": int(len(official)),
-        "image_feature_cosine_min": float(cosines.min()),
-        "image_feature_cosine_mean": float(cosines.mean()),
-        "official_score_mean": float(official.mean()),
-        "official_score_std": spread,
-        "score_abs_diff_mean": float(diff.mean()),
-        "score_abs_diff_max": float(diff.max()),
-        "score_abs_diff_mean_over_std": float(diff.mean() / spread),
-        "score_abs_diff_max_over_std": float(diff.max() / spread),
-        "score_rel_diff_mean": float((diff / np.abs(official)).mean()),
-        **extra,
-    }
 
 
 # -- the official path ------------------------------------------------------------------------------------

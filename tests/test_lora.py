@@ -7,13 +7,7 @@ from tuner.lora import LORA_WEIGHTS, add_lora, save_lora, trainable_state
 from tuner.pipelines import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _unet_inputs(unet, sdxl: bool, seed: int = 0):

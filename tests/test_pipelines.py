@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from tests.tuner_fixtures import PROMPTS, SIZE, single_thread, tiny_adapter  # noqa: F401 (fixture)
+from tests.tuner_fixtures import PROMPTS, SIZE, tiny_adapter
 from tuner.engine import check_scheduler
 from tuner.pipelines import (
     SCHEDULERS, Conditioning, SD15Adapter, SDXLAdapter, adapter_from_pipeline, load_adapter, tiny_sd15_pipeline,

@@ -15,13 +15,7 @@ FAST = ["sampling.num_steps=4", "method_options={num_trained: 2, early_stop_rang
         "log.progress=false", "prompts.num_eval=2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(tmp_path, name, *overrides):

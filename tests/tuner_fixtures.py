@@ -6,7 +6,6 @@ autograd on, calling the UNet and the scheduler directly and detaching where the
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from tuner.methods import Plan
@@ -14,15 +13,6 @@ from tuner.pipelines import adapter_from_pipeline, tiny_sd15_pipeline, tiny_sdxl
 
 SIZE = 64  # image side; latents are 8x8
 PROMPTS = ["a cat", "a red dog"]
-
-
-@pytest.fixture(autouse=False)
-def single_thread():
-    """One intra-op thread: bitwise-stable reductions, and faster than two for these tiny models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_adapter(family: str, scheduler: str = "ddim", dtype=torch.float64, seed: int = 0):
