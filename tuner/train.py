@@ -131,8 +131,12 @@ def build_reward(cfg: Config, device: torch.device) -> torch.nn.Module:
     import rewards
 
     if isinstance(cfg.reward, str):
-        return rewards.load(cfg.reward, device=device, **cfg.reward_sources.get(cfg.reward, {}))
-    return rewards.combine(cfg.reward, device=device, sources=cfg.reward_sources)
+        reward = rewards.load(cfg.reward, device=device, **cfg.reward_sources.get(cfg.reward, {}))
+    else:
+        reward = rewards.combine(cfg.reward, device=device, sources=cfg.reward_sources)
+    # Decoded images are clamped to [0, 1] and non-finite rewards are caught by the loop: skip the per-call host sync.
+    reward.check_values = False
+    return reward
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
