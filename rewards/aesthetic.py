@@ -19,7 +19,7 @@ from . import openclip
 from .base import Reward
 from .checkpoint import load_state_dict_strict, read_checkpoint
 from .hub import resolve_file
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resize_shortest_then_crop
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Normalize, resize_shortest_then_crop
 
 NAME = "aesthetic"
 HEAD_REPO = "camenduru/improved-aesthetic-predictor"  # a mirror of the GitHub release file, same name
@@ -65,13 +65,11 @@ class Aesthetic(Reward):
         self.visual = visual
         self.head = head
         self.input_size = input_size
-        self.register_buffer("mean", torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.normalize = Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [0,1] -> normalised 224x224 pixels, like OpenAI CLIP's torchvision `preprocess` (float32)."""
-        x = resize_shortest_then_crop(images.float(), self.input_size, offset="round")
-        return (x - self.mean) / self.std
+        return self.normalize(resize_shortest_then_crop(images.float(), self.input_size, offset="round"))
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised CLIP image embeddings [B, 768] (float32)."""

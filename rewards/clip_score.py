@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import openclip
 from .base import Reward
 from .hub import resolve_file
-from .preprocess import center_crop, longest_side_size, pad_to_square, resize_bicubic, shortest_side_size
+from .preprocess import Normalize, center_crop, longest_side_size, pad_to_square, resize_bicubic, shortest_side_size
 
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
@@ -66,8 +66,7 @@ class ClipScore(Reward):
         self.interpolation = preprocess_cfg["interpolation"]
         self.fill = preprocess_cfg["fill_color"] / 255.0
         self.description = description
-        self.register_buffer("mean", torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self.normalize = Normalize(preprocess_cfg["mean"], preprocess_cfg["std"])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -81,7 +80,7 @@ class ClipScore(Reward):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable preprocessing to normalised [B,3,S,S] in the model dtype (computed in float32)."""
         x = self.geometry(images.float())
-        return ((x - self.mean.float()) / self.std.float()).to(self.dtype)
+        return self.normalize(x).to(self.dtype)
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(prompts).to(self.device)

@@ -23,7 +23,7 @@ from .base import Reward
 from .checkpoint import load_state_dict_strict, read_checkpoint
 from .errors import CheckpointMismatchError, CorruptCheckpointError, MissingFileError
 from .hub import resolve_file
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resize_shortest_then_crop
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Normalize, resize_shortest_then_crop
 
 NAME = "imagereward"
 REPO_ID = "THUDM/ImageReward"
@@ -164,8 +164,7 @@ class ImageReward(Reward):
         self.vision = build_vision()
         self.text = build_text(med_config, encoder_width=VISION["embed_dim"])
         self.head = nn.Sequential(*(nn.Linear(a, b) for a, b in zip(HEAD_WIDTHS[:-1], HEAD_WIDTHS[1:])))
-        self.register_buffer("mean", torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.normalize = Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Token ids and attention mask [N, 2, 35], as the official score() tokenises (first token stays [CLS])."""
@@ -176,8 +175,7 @@ class ImageReward(Reward):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Shortest side to 224 (bicubic, antialiased), centre crop (torchvision's rounded offset), CLIP mean/std."""
-        x = resize_shortest_then_crop(images.float(), IMAGE_SIZE, offset="round")
-        return (x - self.mean.float()) / self.std.float()
+        return self.normalize(resize_shortest_then_crop(images.float(), IMAGE_SIZE, offset="round"))
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """ViT tokens [B, 197, 1024] that the text encoder cross-attends to."""
@@ -219,8 +217,7 @@ def load_imagereward(
     model.vision.to(dtype)  # the head stays float32; loading casts the checkpoint's tensors into these
     model.text.to(dtype)
     model.to_empty(device=device)
-    model.mean.copy_(torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1))
-    model.std.copy_(torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1))
+    model.normalize.reset()
     ids = model.text.embeddings.position_ids
     ids.copy_(torch.arange(ids.shape[-1], device=device).expand_as(ids))
     state = convert_checkpoint(read_checkpoint(ckpt_path, reward=NAME), source=str(ckpt_path))

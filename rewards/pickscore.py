@@ -19,7 +19,7 @@ from torch import nn
 from .base import Reward
 from .checkpoint import load_state_dict_strict, read_checkpoint
 from .hub import resolve_file
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resize_shortest_then_crop
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Normalize, resize_shortest_then_crop
 
 NAME = "pickscore"
 MODEL_REPO = "yuvalkirstain/PickScore_v1"
@@ -44,8 +44,7 @@ class PickScore(Reward):
         self.model = model
         self.tokenizer = tokenizer
         self.input_size = input_size
-        self.register_buffer("mean", torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.normalize = Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -54,8 +53,7 @@ class PickScore(Reward):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [0,1] -> normalised 224x224 pixels, like the PIL CLIP processor (float32)."""
-        x = resize_shortest_then_crop(images.float(), self.input_size, offset="floor")
-        return (x - self.mean) / self.std
+        return self.normalize(resize_shortest_then_crop(images.float(), self.input_size, offset="floor"))
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 image embeddings [B, D]."""

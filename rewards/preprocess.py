@@ -11,6 +11,7 @@ from __future__ import annotations
 import PIL
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # Pillow >= 13 resizes height first when the height shrinks by more than twice the width does.
 _PIL_HEIGHT_FIRST_RULE = int(PIL.__version__.split(".")[0]) >= 13
@@ -70,11 +71,24 @@ def pad_to_square(images: torch.Tensor, size: int, fill: float = 0.0) -> torch.T
     return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill)
 
 
-def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Channel-wise (x - mean) / std."""
-    m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    return (images - m) / s
+class Normalize(nn.Module):
+    """Channel-wise (x - mean) / std in float32; the constants are buffers, so they follow the reward's device."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.constants = (tuple(mean), tuple(std))
+        self.register_buffer("mean", torch.empty(1, len(mean), 1, 1), persistent=False)
+        self.register_buffer("std", torch.empty(1, len(std), 1, 1), persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        """Fill the buffers from the constants (after `to_empty` on a model built on the meta device)."""
+        with torch.no_grad():
+            for buffer, values in zip((self.mean, self.std), self.constants):
+                buffer.copy_(torch.tensor(values).view_as(buffer))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean.float()) / self.std.float()
 
 
 def resize_shortest_then_crop(images: torch.Tensor, size: int, offset: str) -> torch.Tensor:

@@ -141,7 +141,7 @@ def run_parity(workdir: Path) -> tuple[dict, rewards.Reward, dict]:
     # The same model on the official pipeline's own 224 px crops (PIL-resized, 8-bit): isolates the network from
     # the preprocessing (our resize/crop is the identity on a 224 x 224 input). Scored as ONE float64 batch, so
     # this also checks batching with mixed prompts and the cast to the model dtype.
-    crops = (official["pixels"].double() * reward.std.double() + reward.mean.double()).clamp(0, 1)
+    crops = (official["pixels"].double() * reward.normalize.std.double() + reward.normalize.mean.double()).clamp(0, 1)
     same_pixels = _score_with_taps(reward, [crops], PROMPTS)
     metrics = {"n_images": len(arrays), "official_score_std": official["scores"].std().item()}
     metrics.update(_compare(ours, official, prefix=""))

@@ -24,7 +24,7 @@ from rewards.preprocess import (
     OPENAI_CLIP_STD,
     center_crop,
     longest_side_size,
-    normalize,
+    Normalize,
     pad_to_square,
     resize_bicubic,
     resize_longest_then_pad,
@@ -157,9 +157,19 @@ def test_resize_shortest_then_crop_matches_pil_then_torchvision(photo):
 
 
 def test_normalize_matches_torchvision():
-    x = torch.rand(2, 3, 7, 9, dtype=torch.float64)
+    x = torch.rand(2, 3, 7, 9)
     expected = T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)(x)
-    torch.testing.assert_close(normalize(x, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), expected)
+    torch.testing.assert_close(Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)(x), expected)
+    torch.testing.assert_close(Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)(x.double()), expected)  # float32 out
+
+
+def test_normalize_constants_survive_meta_build():
+    with torch.device("meta"):
+        norm = Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    norm.to_empty(device="cpu")
+    norm.reset()
+    assert norm.mean.flatten().tolist() == list(torch.tensor(OPENAI_CLIP_MEAN).tolist())
+    assert norm.std.flatten().tolist() == list(torch.tensor(OPENAI_CLIP_STD).tolist())
 
 
 # -- gradients ---------------------------------------------------------------------------------------------
@@ -173,7 +183,7 @@ def test_resize_gradient_is_exact():
     [
         lambda x: resize_shortest_then_crop(x, 16, offset="floor"),
         lambda x: resize_longest_then_pad(x, 16),
-        lambda x: normalize(resize_bicubic(x, (20, 12)), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+        lambda x: Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)(resize_bicubic(x, (20, 12))),
     ],
 )
 def test_pipelines_pass_gradients_to_pixels(fn):
