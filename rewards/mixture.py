@@ -15,7 +15,6 @@ class Mixture(Reward):
     """sum_i w_i * r_i(images, prompts); `last_parts` holds each part's detached scores from the last call."""
 
     name = "mixture"
-    check_values = True
 
     def __init__(self, parts: Mapping[str, Reward], weights: Mapping[str, float]) -> None:
         super().__init__()
