@@ -103,6 +103,10 @@ def _local_checkpoint(source: str | os.PathLike) -> Path:
     return resolve_file(path, reward="clip", role="checkpoint", repo_id="", filename=OPEN_CLIP_FILES[-1])
 
 
+def _is_model_folder(checkpoint: str | os.PathLike | None) -> bool:
+    return checkpoint is not None and (Path(checkpoint) / openclip.FOLDER_CONFIG).is_file()
+
+
 def load_clip(
     *,
     device: torch.device,
@@ -111,9 +115,13 @@ def load_clip(
     pretrained: str | None = "openai",
     checkpoint: str | os.PathLike | None = None,
 ) -> ClipScore:
-    """CLIP alignment reward for open_clip `model`: weights from `checkpoint` (a file or folder) if given, else
-    the `pretrained` tag's file through open_clip's registry (Hugging Face cache). The tag also sets the
-    preprocessing and QuickGELU; with `pretrained=None` the model's defaults are used."""
+    """CLIP alignment reward. `checkpoint` may be a folder in open_clip's own layout (open_clip_config.json, the
+    weights, and tokenizer files if the config names a Hugging Face tokenizer): its config then sets the
+    architecture, preprocessing and tokenizer, and `model`/`pretrained` are ignored. Otherwise the weights come
+    from `checkpoint` (a file or folder) if given, else the `pretrained` tag's file through open_clip's registry
+    (Hugging Face cache); the tag also sets the preprocessing and QuickGELU (`pretrained=None`: model defaults)."""
+    if _is_model_folder(checkpoint):
+        return _load_folder(Path(checkpoint), device, dtype)
     if checkpoint is None and pretrained is None:
         raise ValueError("clip: pass pretrained='<open_clip tag>' or checkpoint='/path/to/open_clip weights'")
     tag = openclip.pretrained_config(model, pretrained, reward="clip")
@@ -125,4 +133,13 @@ def load_clip(
     net = openclip.load_model(model, path, reward="clip", device=device, dtype=dtype, quick_gelu=quick_gelu)
     description = f"{model} ({pretrained or Path(path).name})"
     reward = ClipScore(net, openclip.get_tokenizer(model), openclip.preprocess_config(model, pretrained), description)
+    return reward.to(device)
+
+
+def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> ClipScore:
+    """The reward of an open_clip model folder (the layout `open_clip.create_model("local-dir:...")` reads)."""
+    config, preprocess, weights = openclip.read_folder(folder, reward="clip")
+    net = openclip.load_model(config, weights, reward="clip", device=device, dtype=dtype)
+    tokenizer = openclip.get_tokenizer(f"local-dir:{folder}")
+    reward = ClipScore(net, tokenizer, openclip.preprocess_config(config, overrides=preprocess), folder.name)
     return reward.to(device)

@@ -2,8 +2,9 @@
 
 Public API (used by rewards.hps, rewards.clip_score and rewards.aesthetic):
 
-    model_config(name: str, *, quick_gelu: bool | None = None) -> dict
-    build_model(name: str, *, quick_gelu: bool | None = None) -> nn.Module    # parameters on the meta device
+    model_config(name: str | dict, *, quick_gelu: bool | None = None) -> dict  # a built-in name or a config dict
+    build_model(name: str | dict, *, quick_gelu: bool | None = None) -> nn.Module  # parameters on the meta device
+    read_folder(folder) -> (model_cfg, preprocess_cfg, weights)                # open_clip's folder layout (local-dir:)
     open_clip_state_dict(checkpoint: dict) -> dict[str, Tensor]                # unwrap 'state_dict', strip 'module.'
     load_model(name, checkpoint, *, reward, device, dtype, quick_gelu=None, image_only=False) -> nn.Module
     pretrained_config(name: str, tag: str | None, *, reward: str) -> dict      # open_clip's entry for a tag
@@ -22,6 +23,8 @@ checkpoints do not hold (the text tower's causal attention mask) are therefore c
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import os
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,6 +36,8 @@ from torch.nn import functional as F
 from .checkpoint import load_state_dict_strict, read_checkpoint
 from .errors import MissingFileError
 
+FOLDER_CONFIG = "open_clip_config.json"
+FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
 PREPROCESS_DEFAULTS = {
     "mean": (0.48145466, 0.4578275, 0.40821073),
     "std": (0.26862954, 0.26130258, 0.27577711),
@@ -48,10 +53,11 @@ def _open_clip():
     return open_clip
 
 
-def model_config(name: str, *, quick_gelu: bool | None = None) -> dict:
-    """open_clip's architecture config for `name` (a copy), with QuickGELU forced on or off if given."""
+def model_config(name: str | dict, *, quick_gelu: bool | None = None) -> dict:
+    """open_clip's architecture config for `name` (a copy; a dict is taken as the config itself), with
+    QuickGELU forced on or off if given."""
     oc = _open_clip()
-    cfg = oc.get_model_config(name.replace("/", "-"))
+    cfg = copy.deepcopy(name) if isinstance(name, dict) else oc.get_model_config(name.replace("/", "-"))
     if cfg is None:
         known = ", ".join(oc.list_models())
         raise ValueError(f"open_clip has no model named {name!r}. Known names: {known}")
@@ -85,8 +91,8 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def build_model(name: str, *, quick_gelu: bool | None = None) -> nn.Module:
-    """Build open_clip model `name` with parameters on the meta device and real (CPU) buffers."""
+def build_model(name: str | dict, *, quick_gelu: bool | None = None) -> nn.Module:
+    """Build open_clip model `name` (or config dict) with parameters on the meta device and real (CPU) buffers."""
     oc = _open_clip()
     cfg = model_config(name, quick_gelu=quick_gelu)
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg["text_cfg"]
@@ -123,7 +129,7 @@ def _image_only(model: nn.Module, state_dict: dict) -> tuple[nn.Module, dict]:
 
 
 def load_model(
-    name: str,
+    name: str | dict,
     checkpoint: str | os.PathLike,
     *,
     reward: str,
@@ -188,20 +194,42 @@ def pretrained_file(name: str, tag: str, *, reward: str) -> Path:
     return Path(path)
 
 
-def preprocess_config(name: str, tag: str | None = None) -> dict:
-    """Image preprocessing of `name` (with pretrained `tag`): size, mean, std, interpolation, resize_mode, fill."""
+def preprocess_config(name: str | dict, tag: str | None = None, overrides: dict | None = None) -> dict:
+    """Image preprocessing of `name` (a built-in name with pretrained `tag`, or a config dict with a folder's
+    preprocess `overrides`): size, mean, std, interpolation, resize_mode, fill."""
     cfg = dict(PREPROCESS_DEFAULTS)
     if tag is not None:
         entry = pretrained_config(name, tag, reward="open_clip")
         cfg.update({k: entry[k] for k in cfg if k in entry})
+    cfg.update({k: v for k, v in (overrides or {}).items() if k in cfg})
     size = model_config(name)["vision_cfg"].get("image_size", 224)
     cfg["size"] = size if isinstance(size, int) else tuple(size)
     return cfg
 
 
 def get_tokenizer(name: str) -> Callable[[list[str]], torch.Tensor]:
-    """open_clip's tokenizer for model `name` (the CLIP BPE vocab ships inside open_clip; 77 tokens, EOT kept)."""
-    return _open_clip().get_tokenizer(name.replace("/", "-"))
+    """open_clip's tokenizer for model `name` (the CLIP BPE vocab ships inside open_clip; 77 tokens, EOT kept),
+    or for a folder in open_clip's layout (`local-dir:` + path; its own tokenizer files if its config names one)."""
+    return _open_clip().get_tokenizer(name if name.startswith("local-dir:") else name.replace("/", "-"))
+
+
+def read_folder(folder: str | os.PathLike, *, reward: str) -> tuple[dict, dict, Path]:
+    """(model config, preprocess config, weights file) of a folder in open_clip's own layout, the one
+    `open_clip.create_model("local-dir:...")` and hub repos use: open_clip_config.json + the weights."""
+    folder = Path(folder)
+    config_file = folder / FOLDER_CONFIG
+    try:
+        config = json.loads(config_file.read_text())
+        model_cfg = config["model_cfg"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise MissingFileError(
+            f"{reward}: {config_file} is missing or not an open_clip config ({type(err).__name__}: {err}); "
+            f"a model folder holds {FOLDER_CONFIG} with a 'model_cfg' entry, as open_clip's push_to_hf_hub writes it."
+        ) from err
+    weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
+    if weights is None:
+        raise MissingFileError(f"{reward}: no weights in {folder}: expected one of {', '.join(FOLDER_WEIGHTS)}.")
+    return model_cfg, config.get("preprocess_cfg", {}), weights
 
 
 def image_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:

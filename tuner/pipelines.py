@@ -324,18 +324,48 @@ def _byte_symbols() -> list[str]:
     return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
 
 
-def tiny_tokenizer(max_length: int = 77):
-    """A CLIP tokenizer over single bytes only (514 tokens, no merges), written to a temp dir and loaded."""
+def _word_merges(words: list[str], symbols: dict[int, str]) -> list[tuple[str, str]]:
+    """BPE merges that turn each word (with CLIP's "</w>" end mark) into one token, in an order where the merges
+    made for earlier words never split a later one: each word is first run through the merges so far."""
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        parts = [symbols[b] for b in word.encode("utf-8")]
+        parts[-1] += "</w>"
+        while len(parts) > 1:  # apply the existing merges, lowest rank first, as BPE does
+            best = min(range(len(parts) - 1), key=lambda i: ranks.get((parts[i], parts[i + 1]), len(ranks)))
+            if (parts[best], parts[best + 1]) not in ranks:
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        while len(parts) > 1:  # then join what is left, left to right, with new merges
+            ranks[(parts[0], parts[1])] = len(ranks)
+            merges.append((parts[0], parts[1]))
+            parts[:2] = [parts[0] + parts[1]]
+    return merges
+
+
+def tiny_tokenizer(max_length: int = 77, words: tuple[str, ...] | list[str] = ()):
+    """A CLIP BPE tokenizer over single bytes (514 tokens) plus one token per word of `words`, loaded from files.
+
+    Without words it has no merges (every character is a token): enough for random test pipelines. With a
+    closed vocabulary (the shipped shapes model's captions) every known word is one token and any other text
+    still tokenizes, byte by byte.
+    """
     from transformers import CLIPTokenizer
 
     symbols = _byte_symbols()
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    keep = [ord(s) for s in symbols if ord(s) < 256]  # bytes that stand for themselves; the rest map to 256 + n
+    by_byte = {b: chr(b) if b in keep else chr(256 + [x for x in range(256) if x not in keep].index(b)) for b in range(256)}
+    merges = _word_merges(list(words), by_byte)
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file = os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt")
         Path(vocab_file).write_text(json.dumps(vocab))
-        Path(merges_file).write_text("#version: 0.2\n")
+        Path(merges_file).write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
         return CLIPTokenizer(vocab_file, merges_file, model_max_length=max_length)
 
 

@@ -1,0 +1,363 @@
+"""Train the shipped shapes model from scratch: a VAE, then a UNet with its text encoder; a CLIP beside them.
+
+    python -m tuner.shapes.train --out build/shapes                 # every stage; the CLIP trains in a second process
+    python -m tuner.shapes.train --out build/shapes --stage unet    # one stage: vae | clip | unet | eval
+    python -m tuner.shapes.train --out build/shapes --install       # copy the results to where the package ships them
+
+Read top to bottom: the data stream, one loop per model, then evaluation (tuner/shapes/evaluate.py).
+Every image is made on the fly from (seed, index) (tuner/shapes/data.py): stream seed 0 trains, seed 1 is
+held out. Writes <out>/vae, <out>/pipeline (a StableDiffusionPipeline folder), <out>/clip (an open_clip
+folder), <out>/logs/<stage>.jsonl (loss curves) and, after `eval`, report.json and figures.
+With --<stage>-time-limit, a stage measures its speed over its first 50 steps and cuts its step count to what
+fits (its learning-rate schedule still runs to the end); its log records the steps it ran.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tuner.shapes import models
+from tuner.shapes.data import ShapesData, mismatched_caption, render_tensors, scene_tensors
+
+PACKAGE_PIPELINE = Path(__file__).parent / "model"
+PACKAGE_CLIP = Path(__file__).parents[2] / "rewards" / "weights" / "shapes-clip"
+
+
+@dataclass
+class Stage:
+    """Optimisation settings of one stage."""
+
+    steps: int
+    batch: int
+    lr: float
+    warmup: int
+    weight_decay: float = 0.0
+
+
+STAGES = {
+    "vae": Stage(steps=6000, batch=128, lr=5e-4, warmup=200),
+    "clip": Stage(steps=6000, batch=512, lr=1e-3, warmup=300, weight_decay=0.1),
+    "unet": Stage(steps=16000, batch=384, lr=5e-4, warmup=500, weight_decay=0.01),
+}
+VAE_KL_WEIGHT = 1e-5  # per latent element, against per-pixel L1: keeps the latent smooth, the decoder sharp
+CAPTION_DROP = 0.1  # UNet: share of empty captions, for classifier-free guidance
+MIN_SNR_GAMMA = 5.0  # UNet: min-SNR loss weighting (Hang et al., 2023)
+EMA_DECAY = 0.999
+
+
+# ------------------------------------------------------------------------------------------------ data
+class Tokens:
+    """Captions -> padded token ids [B, length] with a transformers tokenizer (picklable for workers)."""
+
+    def __init__(self, tok, length: int):
+        self.tok, self.length = tok, length
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        return self.tok(captions, padding="max_length", max_length=self.length, truncation=True,
+                        return_tensors="pt").input_ids
+
+
+class Stream(torch.utils.data.Dataset):
+    """Batch i of the training stream: scene tensors (rendered later, on the GPU) and caption token ids."""
+
+    def __init__(self, batch: int, tokens: Tokens | None = None, drop_caption: float = 0.0, negatives: bool = False,
+                 seed: int = 0):
+        self.batch, self.tokens, self.drop, self.negatives, self.data = batch, tokens, drop_caption, negatives, ShapesData(seed)
+
+    def __len__(self) -> int:
+        return 1 << 40
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        scenes = self.data.scenes(i * self.batch, self.batch)
+        out = scene_tensors(scenes)
+        if self.tokens is not None:
+            rng = random.Random(f"captions-{self.data.seed}-{i}")
+            out["tokens"] = self.tokens(["" if rng.random() < self.drop else s.caption for s in scenes])
+            if self.negatives:
+                out["negative_tokens"] = self.tokens([mismatched_caption(s, rng)[0] for s in scenes])
+        return out
+
+
+def batches(stream: Stream, start: int, steps: int, workers: int, device: torch.device):
+    """(step, batch on device, images [B,3,64,64] in [0,1]) for steps start..steps-1, prefetched by workers."""
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, sampler=range(start, steps), num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, persistent_workers=False)
+    for step, batch in zip(range(start, steps), loader):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        yield step, batch, render_tensors(batch, device)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def lr_at(step: int, s: Stage) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Log:
+    """JSON lines of training metrics, and the clock of the stage's time limit."""
+
+    def __init__(self, path: Path, settings: Stage, time_limit: float):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file, self.limit, self.start = path.open("w"), time_limit, time.perf_counter()
+        self.write({"settings": asdict(settings), "time_limit_s": time_limit, "device": _device_name()})
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def step(self, step: int, every: int, **metrics: torch.Tensor | float) -> None:
+        if step % every == 0:
+            row = {k: round(float(v.detach() if torch.is_tensor(v) else v), 6) for k, v in metrics.items()}
+            self.write({"step": step, "seconds": round(self.elapsed, 1), **row})
+            print(f"[{self.file.name}] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def done(self, step: int, s: Stage, probe: int = 50) -> bool:
+        """Whether `step` was the last; under a time limit the step count is cut, once, to what fits in it
+        (measured over the first `probe` steps), so the learning-rate schedule still runs to its end."""
+        if self.limit > 0 and step + 1 == probe:
+            fits = int(self.limit / (self.elapsed / probe))
+            if fits < s.steps:
+                s.steps = max(fits, probe)
+                self.write({"steps_cut_to": s.steps, "seconds_per_step": round(self.elapsed / probe, 4)})
+        return step + 1 >= s.steps or (self.limit > 0 and self.elapsed > 1.05 * self.limit)
+
+    def close(self, steps_done: int, **extra) -> None:
+        self.write({"done": steps_done, "seconds": round(self.elapsed, 1), **extra})
+        self.file.close()
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def _optimizer(params, s: Stage) -> torch.optim.AdamW:
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.99), fused=torch.cuda.is_available())
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
+
+def train_vae(out: Path, s: Stage, device: torch.device, workers: int, time_limit: float) -> None:
+    """AutoencoderKL on rendered images: L1 + L1 of image gradients (crisp edges) + a small KL; fp32 (TF32)."""
+    vae = models.vae().to(device).train()
+    opt = _optimizer(list(vae.parameters()), s)
+    log = Log(out / "logs" / "vae.jsonl", s, time_limit)
+    step = 0
+    for step, _, images in batches(Stream(s.batch), 0, s.steps, workers, device):
+        x = images * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample()).sample
+        l1 = (rec - x).abs().mean()
+        edge = sum((a - b).abs().mean() for a, b in zip(_edges(rec), _edges(x)))
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = l1 + edge + VAE_KL_WEIGHT * kl
+        _set_lr(opt, lr_at(step, s))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        log.step(step, 50, loss=loss, l1=l1, edge=edge, kl=kl)
+        if log.done(step, s):
+            break
+    vae.eval()
+    scale, psnr = _latent_scale_and_psnr(vae, device)
+    vae.register_to_config(scaling_factor=scale)
+    vae.save_pretrained(out / "vae")
+    log.close(step + 1, scaling_factor=scale, heldout_psnr=psnr)
+
+
+@torch.no_grad()
+def _latent_scale_and_psnr(vae, device: torch.device, n: int = 1024) -> tuple[float, float]:
+    """1 / std of the held-out latents (SD's scaling_factor), and the held-out reconstruction PSNR in dB."""
+    images, _ = ShapesData(1).batch(0, n, device)
+    x = images * 2 - 1
+    z = vae.encode(x).latent_dist.sample()
+    rec = (vae.decode(z).sample.clamp(-1, 1) + 1) / 2
+    mse = ((rec - images) ** 2).mean((1, 2, 3))
+    return float(1 / z.std()), float((-10 * torch.log10(mse)).mean())
+
+
+# ------------------------------------------------------------------------------------------------ CLIP
+def train_clip(out: Path, s: Stage, device: torch.device, workers: int, time_limit: float) -> None:
+    """open_clip CLIP, contrastive with one hard negative caption per image (one fact changed, NegCLIP-style)."""
+    tok = models.tokenizer()
+    length = models.CLIP["text_cfg"]["context_length"]
+    model = models.clip_model(len(tok)).to(device).train()
+    opt = _optimizer(list(model.parameters()), s)
+    mean = torch.tensor(models.CLIP_PREPROCESS["mean"], device=device)[:, None, None]
+    std = torch.tensor(models.CLIP_PREPROCESS["std"], device=device)[:, None, None]
+    log = Log(out / "logs" / "clip.jsonl", s, time_limit)
+    stream = Stream(s.batch, Tokens(tok, length), negatives=True)
+    step = 0
+    for step, batch, images in batches(stream, 0, s.steps, workers, device):
+        with _autocast(device):
+            image = F.normalize(model.encode_image((images - mean) / std).float(), dim=-1)
+            text = F.normalize(model.encode_text(torch.cat([batch["tokens"], batch["negative_tokens"]])).float(), dim=-1)
+        logits = model.logit_scale.exp() * image @ text.T  # [B, 2B]: each image against captions and negatives
+        labels = torch.arange(len(image), device=device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, : len(image)].T, labels)) / 2
+        _set_lr(opt, lr_at(step, s))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        log.step(step, 50, loss=loss, logit_scale=model.logit_scale.exp())
+        if log.done(step, s):
+            break
+    models.save_clip(model.eval(), tok, out / "clip")
+    log.close(step + 1)
+
+
+# ------------------------------------------------------------------------------------------------ UNet
+def train_unet(out: Path, s: Stage, device: torch.device, workers: int, time_limit: float) -> None:
+    """UNet + text encoder on the frozen VAE's latents: epsilon MSE with min-SNR weights, bf16 autocast, EMA."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    vae = AutoencoderKL.from_pretrained(out / "vae").to(device).eval().requires_grad_(False)
+    scale = vae.config.scaling_factor
+    tok = models.tokenizer()
+    text_encoder, unet = models.text_encoder(tok).to(device).train(), models.unet().to(device).train()
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    opt = _optimizer(params, s)
+    ema = [p.detach().clone() for p in params]
+    abar = models.scheduler("ddpm").alphas_cumprod.to(device)
+    log = Log(out / "logs" / "unet.jsonl", s, time_limit)
+    stream = Stream(s.batch, Tokens(tok, tok.model_max_length), drop_caption=CAPTION_DROP)
+    step = 0
+    for step, batch, images in batches(stream, 0, s.steps, workers, device):
+        with torch.no_grad():
+            z = vae.encode(images * 2 - 1).latent_dist.sample() * scale
+        noise = torch.randn_like(z)
+        t = torch.randint(0, len(abar), (len(z),), device=device)
+        a = abar[t][:, None, None, None]
+        z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+        with _autocast(device):
+            context = text_encoder(batch["tokens"])[0]
+            pred = unet(z_t, t, encoder_hidden_states=context).sample
+        snr = abar[t] / (1 - abar[t])
+        loss = (snr.clamp(max=MIN_SNR_GAMMA) / snr * ((pred.float() - noise) ** 2).mean((1, 2, 3))).mean()
+        _set_lr(opt, lr_at(step, s))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
+        log.step(step, 100, loss=loss)
+        if log.done(step, s):
+            break
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder.eval(), tokenizer=tok, unet=unet.eval(), scheduler=models.scheduler("ddim"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    log.close(step + 1)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def install(out: Path) -> None:
+    """Copy the trained pipeline and CLIP into the package (tuner/shapes/model, rewards/weights/shapes-clip)."""
+    for source, target in ((out / "pipeline", PACKAGE_PIPELINE), (out / "clip", PACKAGE_CLIP)):
+        if not source.is_dir():
+            raise SystemExit(f"{source} does not exist: run the training stages first")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+        print(f"installed {source} -> {target}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tuner.shapes.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for models, logs and figures")
+    p.add_argument("--stage", default="all", choices=["all", "vae", "clip", "unet", "eval"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=4, help="data worker processes per stage")
+    for name, s in STAGES.items():
+        p.add_argument(f"--{name}-steps", type=int, default=s.steps)
+        p.add_argument(f"--{name}-batch", type=int, default=s.batch)
+        p.add_argument(f"--{name}-time-limit", type=float, default=0.0, help="seconds; 0 = no limit")
+    p.add_argument("--eval-samples", type=int, default=512)
+    p.add_argument("--install", action="store_true", help="copy the results into the package and exit")
+    return p.parse_args(argv)
+
+
+def _stage(args: argparse.Namespace, name: str) -> Stage:
+    base = STAGES[name]
+    return Stage(**{**asdict(base), "steps": getattr(args, f"{name}_steps"), "batch": getattr(args, f"{name}_batch")})
+
+
+def _forward(args: argparse.Namespace, stage: str) -> list[str]:
+    """The command line that runs one stage of this invocation in its own process."""
+    flags = [f"--out={args.out}", f"--stage={stage}", f"--device={args.device}", f"--workers={args.workers}"]
+    for name in STAGES:
+        for key in ("steps", "batch", "time_limit"):
+            flags.append(f"--{name}-{key.replace('_', '-')}={getattr(args, f'{name}_{key}')}")
+    return [sys.executable, "-m", "tuner.shapes.train", *flags]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.install:
+        install(args.out)
+        return 0
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    run = {"vae": train_vae, "clip": train_clip, "unet": train_unet}
+    if args.stage in run:
+        run[args.stage](args.out, _stage(args, args.stage), device, args.workers,
+                        getattr(args, f"{args.stage}_time_limit"))
+    elif args.stage == "eval":
+        from tuner.shapes.evaluate import evaluate
+
+        evaluate(args.out, device, args.eval_samples)
+    else:  # all: the CLIP in a second process on the same device, the VAE then the UNet here, then evaluation
+        clip = subprocess.Popen(_forward(args, "clip"))
+        for stage in ("vae", "unet"):
+            run[stage](args.out, _stage(args, stage), device, args.workers, getattr(args, f"{stage}_time_limit"))
+        if clip.wait() != 0:
+            raise SystemExit(f"the CLIP stage failed with exit status {clip.returncode}")
+        from tuner.shapes.evaluate import evaluate
+
+        evaluate(args.out, device, args.eval_samples)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
