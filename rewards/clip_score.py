@@ -20,6 +20,7 @@ from .hub import resolve_file
 from .preprocess import Normalize, center_crop, longest_side_size, pad_to_square, resize_bicubic, shortest_side_size
 
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+SHAPES_CLIP_DIR = Path(__file__).parent / "weights" / "shapes-clip"
 
 
 def resize(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
@@ -143,3 +144,11 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Clip
     tokenizer = openclip.get_tokenizer(f"local-dir:{folder}")
     reward = ClipScore(net, tokenizer, openclip.preprocess_config(config, overrides=preprocess), folder.name)
     return reward.to(device)
+
+
+def load_shapes_clip(*, device: torch.device, dtype: torch.dtype) -> ClipScore:
+    """The CLIP shipped in this package, trained on the procedural shapes of the shipped shapes-sd model: a
+    learned text-alignment reward for that domain (64x64 images; model card: docs/shapes.md)."""
+    reward = _load_folder(SHAPES_CLIP_DIR, device, dtype)
+    reward.name = "shapes-clip"
+    return reward

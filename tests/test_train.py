@@ -11,7 +11,7 @@ from tuner.logging import read_metrics
 from tuner.run import main
 from tuner.train import NonFiniteError, lr_at, train
 
-FAST = ["sampling.num_steps=4", "method_options={num_trained: 2, early_stop_range: 2}", "train.batch_size=1",
+FAST = ["model=tiny-sdxl", "sampling.num_steps=4", "method_options={num_trained: 2, early_stop_range: 2}", "train.batch_size=1",
         "log.progress=false", "prompts.num_eval=2"]
 
 

@@ -23,6 +23,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 TINY_MODELS = ("tiny-sdxl", "tiny-sd15")
+SHIPPED_MODELS = ("shapes-sd",)  # trained pipelines inside the package (tuner.shapes)
+BUILTIN_MODELS = SHIPPED_MODELS + TINY_MODELS
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -109,7 +111,7 @@ class CheckpointConfig:
 class Config:
     name: Union[str, None] = opt(None, "Run name; the run writes to output_dir/name. null: model-method-time.")
     output_dir: str = opt("runs", "Folder that holds the runs.")
-    model: str = opt("tiny-sdxl", "Diffusers repo id or local folder (SDXL or SD 1.5), or tiny-sdxl / tiny-sd15 (random, built in code).")
+    model: str = opt("shapes-sd", "Diffusers repo id or local folder (SDXL or SD 1.5); shapes-sd (the shipped small trained model, 64x64 shapes); or tiny-sdxl / tiny-sd15 (random, built in code, for tests).")
     vae: Union[str, None] = opt(None, "Optional VAE repo id or folder replacing the model's VAE.")
     method: str = opt("drtune", "Tuning method: drtune, refl, draft, draft-lv or alignprop.")
     method_options: dict[str, Any] = opt({}, "Options of the method, e.g. {num_trained: 5, early_stop_range: 10} for drtune.")
@@ -398,7 +400,7 @@ _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 
 def _check_model(key: str, value: str, allow_tiny: bool) -> None:
-    if allow_tiny and value in TINY_MODELS:
+    if allow_tiny and value in BUILTIN_MODELS:
         return
     path = Path(value).expanduser()
     if path.exists():
@@ -406,7 +408,7 @@ def _check_model(key: str, value: str, allow_tiny: bool) -> None:
             raise ConfigError(f"config key '{key}': {value} is a file; give a diffusers folder (with model_index.json) or a repo id.")
         return
     if value.startswith((".", "/", "~")) or not _REPO_ID.match(value):
-        extra = f" or one of {', '.join(TINY_MODELS)}" if allow_tiny else ""
+        extra = f" or one of {', '.join(BUILTIN_MODELS)}" if allow_tiny else ""
         raise ConfigError(f"config key '{key}': {value!r} is neither an existing folder nor a Hugging Face repo id (owner/name){extra}.")
 
 

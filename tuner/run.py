@@ -6,19 +6,23 @@ multi-node: `accelerate launch -m tuner.run ...` (one process per GPU).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
-import yaml
+EXTRA_MODULES = {"yaml": "pyyaml", "diffusers": "diffusers", "peft": "peft", "accelerate": "accelerate"}
 
-from tuner.config import DEFAULT_CONFIG, ConfigError, load_config, to_dict, validate
+
+def missing_extra() -> list[str]:
+    """Distributions of the `tuner` extra that are not installed (the rewards package alone does not need them)."""
+    return [dist for module, dist in EXTRA_MODULES.items() if importlib.util.find_spec(module) is None]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags plus free `key=value` overrides (dotted keys for sections: train.lr=1e-4)."""
     p = argparse.ArgumentParser(prog="python -m tuner.run", description=__doc__.split("\n")[0],
                                 epilog="Every option and its default: docs/tuner.md (or python -m tuner.config).")
-    p.add_argument("--config", help=f"YAML run configuration (default: the embedded {DEFAULT_CONFIG.name})")
-    p.add_argument("--model", help="diffusers repo id or local folder (SDXL or SD 1.5), or tiny-sdxl / tiny-sd15")
+    p.add_argument("--config", help="YAML run configuration (default: the embedded tuner/configs/default.yaml)")
+    p.add_argument("--model", help="diffusers repo id or local folder (SDXL or SD 1.5), shapes-sd, or tiny-sdxl / tiny-sd15")
     p.add_argument("--resume", help="checkpoint folder, run folder, or latest")
     p.add_argument("--name", help="run name (the run writes to <output_dir>/<name>)")
     p.add_argument("--output-dir", help="folder that holds the runs")
@@ -31,6 +35,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate (before any model loads), then train; configuration errors exit with status 2."""
     args = parse_args(argv)
+    missing = missing_extra()
+    if missing:
+        print(f"error: the tuner needs the 'tuner' extra, and {', '.join(missing)} "
+              f"{'is' if len(missing) == 1 else 'are'} not installed. Install it with: "
+              "pip install 'drtune-rewards[tuner]'", file=sys.stderr)
+        return 2
+    import yaml
+
+    from tuner.config import ConfigError, load_config, to_dict, validate
+
     overrides = list(args.overrides)
     for flag, key in (("model", "model"), ("resume", "resume"), ("name", "name"), ("output_dir", "output_dir")):
         if getattr(args, flag) is not None:

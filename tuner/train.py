@@ -116,10 +116,12 @@ def resolve_run(cfg: Config) -> tuple[Path, Path | None]:
 
 
 def build_adapter(cfg: Config, device: torch.device, dtype: torch.dtype):
-    """The pipeline adapter of `cfg.model` (tiny pipelines are built in code, seeded)."""
-    from tuner import pipelines
+    """The pipeline adapter of `cfg.model` (tiny pipelines are built in code, seeded; shapes-sd ships inside)."""
+    from tuner import pipelines, shapes
 
     kwargs = dict(device=device, dtype=dtype, scheduler=cfg.sampling.scheduler)
+    if cfg.model == shapes.MODEL_NAME:
+        return pipelines.load_adapter(str(shapes.MODEL_DIR), vae=cfg.vae, **kwargs)
     if cfg.model in ("tiny-sdxl", "tiny-sd15"):
         make = pipelines.tiny_sdxl_pipeline if cfg.model == "tiny-sdxl" else pipelines.tiny_sd15_pipeline
         return pipelines.adapter_from_pipeline(make(seed=0), **kwargs)

@@ -19,13 +19,13 @@ LATENT_SIZE = SIZE // 4  # the VAE downsamples by 4: 64x64 images, 16x16x4 laten
 VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-    layers_per_block=1, norm_num_groups=32, sample_size=SIZE,
+    layers_per_block=1, norm_num_groups=8, sample_size=SIZE, mid_block_add_attention=False,
 )
 UNET = dict(
     sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 96, 96),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=128, attention_head_dim=3, norm_num_groups=32,  # diffusers' attention_head_dim = heads
+    cross_attention_dim=128, attention_head_dim=3, norm_num_groups=16,  # diffusers' attention_head_dim = heads
 )
 TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=77, hidden_act="gelu")
@@ -45,6 +45,15 @@ CLIP_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolati
 def tokenizer(max_length: int = 77):
     """The word-level CLIP tokenizer of the shapes captions (every caption word one token; other text by bytes)."""
     return tiny_tokenizer(max_length=max_length, words=vocabulary())
+
+
+def save_tokenizer(tok, folder: str | Path) -> None:
+    """tok.save_pretrained, plus vocab.json and merges.txt: transformers 4's slow CLIPTokenizer reads only those."""
+    tok.save_pretrained(str(folder))
+    model = json.loads(tok.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (Path(folder) / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    (Path(folder) / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
 
 
 def vae():
@@ -100,5 +109,5 @@ def save_clip(model: torch.nn.Module, tok, folder: str | Path) -> Path:
                                                              indent=2) + "\n")
     state = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
-    tok.save_pretrained(str(folder))
+    save_tokenizer(tok, folder)
     return folder

@@ -46,9 +46,9 @@ class Stage:
 
 
 STAGES = {
-    "vae": Stage(steps=6000, batch=128, lr=5e-4, warmup=200),
+    "vae": Stage(steps=8000, batch=128, lr=1e-3, warmup=200),
     "clip": Stage(steps=6000, batch=512, lr=1e-3, warmup=300, weight_decay=0.1),
-    "unet": Stage(steps=16000, batch=384, lr=5e-4, warmup=500, weight_decay=0.01),
+    "unet": Stage(steps=16000, batch=512, lr=6e-4, warmup=500, weight_decay=0.01),
 }
 VAE_KL_WEIGHT = 1e-5  # per latent element, against per-pixel L1: keeps the latent smooth, the decoder sharp
 CAPTION_DROP = 0.1  # UNet: share of empty captions, for classifier-free guidance
@@ -130,14 +130,17 @@ class Log:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def done(self, step: int, s: Stage, probe: int = 50) -> bool:
-        """Whether `step` was the last; under a time limit the step count is cut, once, to what fits in it
-        (measured over the first `probe` steps), so the learning-rate schedule still runs to its end."""
+    def done(self, step: int, s: Stage, warm: int = 20, probe: int = 80) -> bool:
+        """Whether `step` was the last. Under a time limit the step count is cut, once, to what fits in it, from
+        the speed between steps `warm` and `probe` (start-up excluded), so the learning-rate schedule still ends."""
+        if self.limit > 0 and step + 1 == warm:
+            self._warm = self.elapsed
         if self.limit > 0 and step + 1 == probe:
-            fits = int(self.limit / (self.elapsed / probe))
+            rate = (self.elapsed - self._warm) / (probe - warm)
+            fits = probe + int((self.limit - self.elapsed) / rate)
             if fits < s.steps:
                 s.steps = max(fits, probe)
-                self.write({"steps_cut_to": s.steps, "seconds_per_step": round(self.elapsed / probe, 4)})
+                self.write({"steps_cut_to": s.steps, "seconds_per_step": round(rate, 4)})
         return step + 1 >= s.steps or (self.limit > 0 and self.elapsed > 1.05 * self.limit)
 
     def close(self, steps_done: int, **extra) -> None:
@@ -171,15 +174,16 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_vae(out: Path, s: Stage, device: torch.device, workers: int, time_limit: float) -> None:
-    """AutoencoderKL on rendered images: L1 + L1 of image gradients (crisp edges) + a small KL; fp32 (TF32)."""
+    """AutoencoderKL on rendered images: L1 + L1 of image gradients (crisp edges) + a small KL; bf16 autocast."""
     vae = models.vae().to(device).train()
     opt = _optimizer(list(vae.parameters()), s)
     log = Log(out / "logs" / "vae.jsonl", s, time_limit)
     step = 0
     for step, _, images in batches(Stream(s.batch), 0, s.steps, workers, device):
         x = images * 2 - 1
-        posterior = vae.encode(x).latent_dist
-        rec = vae.decode(posterior.sample()).sample
+        with _autocast(device):
+            posterior = vae.encode(x).latent_dist
+            rec = vae.decode(posterior.sample()).sample.float()
         l1 = (rec - x).abs().mean()
         edge = sum((a - b).abs().mean() for a, b in zip(_edges(rec), _edges(x)))
         kl = posterior.kl().mean() / posterior.mean[0].numel()
@@ -193,7 +197,7 @@ def train_vae(out: Path, s: Stage, device: torch.device, workers: int, time_limi
         if log.done(step, s):
             break
     vae.eval()
-    scale, psnr = _latent_scale_and_psnr(vae, device)
+    scale, psnr = _latent_scale_and_psnr(vae, device, n=min(1024, 8 * s.batch))
     vae.register_to_config(scaling_factor=scale)
     vae.save_pretrained(out / "vae")
     log.close(step + 1, scaling_factor=scale, heldout_psnr=psnr)
@@ -260,8 +264,8 @@ def train_unet(out: Path, s: Stage, device: torch.device, workers: int, time_lim
     stream = Stream(s.batch, Tokens(tok, tok.model_max_length), drop_caption=CAPTION_DROP)
     step = 0
     for step, batch, images in batches(stream, 0, s.steps, workers, device):
-        with torch.no_grad():
-            z = vae.encode(images * 2 - 1).latent_dist.sample() * scale
+        with torch.no_grad(), _autocast(device):
+            z = vae.encode(images * 2 - 1).latent_dist.sample().float() * scale
         noise = torch.randn_like(z)
         t = torch.randint(0, len(abar), (len(z),), device=device)
         a = abar[t][:, None, None, None]
@@ -288,6 +292,7 @@ def train_unet(out: Path, s: Stage, device: torch.device, workers: int, time_lim
         vae=vae, text_encoder=text_encoder.eval(), tokenizer=tok, unet=unet.eval(), scheduler=models.scheduler("ddim"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    models.save_tokenizer(tok, out / "pipeline" / "tokenizer")
     log.close(step + 1)
 
 
@@ -338,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True  # every batch has the same shapes
     torch.manual_seed(0)
     run = {"vae": train_vae, "clip": train_clip, "unet": train_unet}
     if args.stage in run:
