@@ -5,6 +5,8 @@ give the image (trained on SAC, LAION-Logos and AVA). The CLIP is OpenAI's ViT-L
 head is a stack of linears 768-1024-128-64-16-1 with dropouts between and no activations (so, in eval,
 one affine map of the normalised embedding). Images follow OpenAI CLIP's `preprocess`: shortest side
 to 224 (bicubic, long side truncated), center crop 224 (offset rounded, as torchvision does), mean/std.
+By default (`pil_8bit=True`) the image is rounded to 8 bits and resized with PIL's 8-bit arithmetic, as the
+official script sees it; `pil_8bit=False` resizes in floating point instead.
 """
 
 from __future__ import annotations
@@ -60,16 +62,18 @@ class Aesthetic(Reward):
     published_scale = 1.0
     scale_note = "predicted mean human rating on a 1-10 scale; most photos score 4-7, curated art 6-7+"
 
-    def __init__(self, visual: nn.Module, head: AestheticHead, input_size: int = 224) -> None:
+    def __init__(self, visual: nn.Module, head: AestheticHead, input_size: int = 224, pil_8bit: bool = True) -> None:
         super().__init__()
         self.visual = visual
         self.head = head
         self.input_size = input_size
+        self.pil_8bit = pil_8bit
         self.normalize = Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [0,1] -> normalised 224x224 pixels, like OpenAI CLIP's torchvision `preprocess` (float32)."""
-        return self.normalize(resize_shortest_then_crop(images.float(), self.input_size, offset="round"))
+        pixels = resize_shortest_then_crop(images.float(), self.input_size, offset="round", pil_8bit=self.pil_8bit)
+        return self.normalize(pixels)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised CLIP image embeddings [B, 768] (float32)."""
@@ -87,9 +91,11 @@ def load_aesthetic(
     dtype: torch.dtype,
     checkpoint: PathLike | None = None,
     backbone: PathLike | None = None,
+    pil_8bit: bool = True,
 ) -> Aesthetic:
     """Build the predictor: head from `checkpoint` (the original .pth), CLIP ViT-L/14 from `backbone`
-    (an OpenAI/open_clip state-dict file or a folder holding open_clip_pytorch_model.bin); both default to the hub."""
+    (an OpenAI/open_clip state-dict file or a folder holding open_clip_pytorch_model.bin); both default to the hub.
+    `pil_8bit=False` resizes in floating point instead of reproducing PIL's 8-bit resize."""
     head_file = resolve_file(checkpoint, reward=NAME, role="checkpoint", repo_id=HEAD_REPO, filename=HEAD_FILE)
     head = AestheticHead()
     load_state_dict_strict(head, read_checkpoint(head_file, reward=NAME), reward=NAME, source=str(head_file))
@@ -97,7 +103,8 @@ def load_aesthetic(
         BACKBONE, _backbone_file(backbone), reward=NAME, device=device, dtype=dtype, quick_gelu=True, image_only=True
     )
     # the head stays float32 as in the official code (it is 1M parameters); only the CLIP follows `dtype`
-    return Aesthetic(visual, head.to(device), input_size=openclip.preprocess_config(BACKBONE)["size"]).to(device)
+    size = openclip.preprocess_config(BACKBONE)["size"]
+    return Aesthetic(visual, head.to(device), input_size=size, pil_8bit=pil_8bit).to(device)
 
 
 def _backbone_file(backbone: PathLike | None) -> Path:

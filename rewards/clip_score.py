@@ -2,6 +2,8 @@
 
 Preprocessing follows the model's open_clip preprocess config (that of its pretrained tag): resize the
 shortest side and center crop (or squash, or longest side and pad), with its interpolation and mean/std.
+By default (`pil_8bit=True`) the image is rounded to 8 bits and resized with PIL's 8-bit arithmetic, as
+open_clip's PIL transform sees it; `pil_8bit=False` resizes in floating point instead.
 CLIPScore (Hessel et al., 2021) reports 2.5 * max(cos, 0) and later papers 100 * cos; the clamp has no
 gradient below zero, so this reward returns the plain cosine.
 """
@@ -17,28 +19,42 @@ import torch.nn.functional as F
 from . import openclip
 from .base import Reward
 from .hub import resolve_file
-from .preprocess import Normalize, center_crop, longest_side_size, pad_to_square, resize_bicubic, shortest_side_size
+from .preprocess import (
+    Normalize,
+    center_crop,
+    longest_side_size,
+    pad_to_square,
+    resize_bicubic,
+    resize_pil_8bit,
+    shortest_side_size,
+)
 
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 SHAPES_CLIP_DIR = Path(__file__).parent / "weights" / "shapes-clip"
 
 
-def resize(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """Resize like PIL with open_clip's interpolation names ('bicubic' or 'bilinear'), antialiased."""
+def resize(images: torch.Tensor, size: tuple[int, int], interpolation: str, pil_8bit: bool = False) -> torch.Tensor:
+    """Resize like PIL with open_clip's interpolation names ('bicubic' or 'bilinear'), antialiased;
+    with `pil_8bit`, exactly as PIL resizes the image's 8-bit version."""
+    if pil_8bit:
+        return resize_pil_8bit(images, size, interpolation)
     if interpolation == "bilinear":  # a non-negative kernel never overshoots [0, 1]: nothing to clamp
         return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
     return resize_bicubic(images, size)
 
 
-def clip_geometry(images: torch.Tensor, size: int, resize_mode: str, interpolation: str, fill: float) -> torch.Tensor:
+def clip_geometry(
+    images: torch.Tensor, size: int, resize_mode: str, interpolation: str, fill: float, pil_8bit: bool = False
+) -> torch.Tensor:
     """open_clip's eval geometry: 'shortest' (resize + center crop), 'longest' (resize + pad) or 'squash'."""
     h, w = images.shape[-2:]
     if resize_mode == "shortest":
-        return center_crop(resize(images, shortest_side_size(h, w, size), interpolation), size, offset="round")
+        resized = resize(images, shortest_side_size(h, w, size), interpolation, pil_8bit)
+        return center_crop(resized, size, offset="round")
     if resize_mode == "longest":
-        return pad_to_square(resize(images, longest_side_size(h, w, size), interpolation), size, fill)
+        return pad_to_square(resize(images, longest_side_size(h, w, size), interpolation, pil_8bit), size, fill)
     if resize_mode == "squash":
-        return resize(images, (size, size), interpolation)
+        return resize(images, (size, size), interpolation, pil_8bit)
     raise ValueError(f"unknown open_clip resize_mode {resize_mode!r} (expected shortest, longest or squash)")
 
 
@@ -53,7 +69,9 @@ class ClipScore(Reward):
         "CLIPScore (Hessel et al.) prints 2.5 x max(cosine, 0)"
     )
 
-    def __init__(self, model: torch.nn.Module, tokenizer, preprocess_cfg: dict, description: str = "") -> None:
+    def __init__(
+        self, model: torch.nn.Module, tokenizer, preprocess_cfg: dict, description: str = "", pil_8bit: bool = True
+    ) -> None:
         super().__init__()
         size = preprocess_cfg["size"]
         if not isinstance(size, int):
@@ -66,6 +84,7 @@ class ClipScore(Reward):
         self.resize_mode = preprocess_cfg["resize_mode"]
         self.interpolation = preprocess_cfg["interpolation"]
         self.fill = preprocess_cfg["fill_color"] / 255.0
+        self.pil_8bit = pil_8bit
         self.description = description
         self.normalize = Normalize(preprocess_cfg["mean"], preprocess_cfg["std"])
 
@@ -76,7 +95,7 @@ class ClipScore(Reward):
 
     def geometry(self, images: torch.Tensor) -> torch.Tensor:
         """Resize and crop/pad float [B,3,H,W] in [0,1] to [B,3,S,S] as the model's open_clip transform does."""
-        return clip_geometry(images, self.input_size, self.resize_mode, self.interpolation, self.fill)
+        return clip_geometry(images, self.input_size, self.resize_mode, self.interpolation, self.fill, self.pil_8bit)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable preprocessing to normalised [B,3,S,S] in the model dtype (computed in float32)."""
@@ -115,14 +134,16 @@ def load_clip(
     model: str = "ViT-L-14",
     pretrained: str | None = "openai",
     checkpoint: str | os.PathLike | None = None,
+    pil_8bit: bool = True,
 ) -> ClipScore:
     """CLIP alignment reward. `checkpoint` may be a folder in open_clip's own layout (open_clip_config.json, the
     weights, and tokenizer files if the config names a Hugging Face tokenizer): its config then sets the
     architecture, preprocessing and tokenizer, and `model`/`pretrained` are ignored. Otherwise the weights come
     from `checkpoint` (a file or folder) if given, else the `pretrained` tag's file through open_clip's registry
-    (Hugging Face cache); the tag also sets the preprocessing and QuickGELU (`pretrained=None`: model defaults)."""
+    (Hugging Face cache); the tag also sets the preprocessing and QuickGELU (`pretrained=None`: model defaults).
+    `pil_8bit=False` resizes in floating point instead of reproducing PIL's 8-bit resize."""
     if _is_model_folder(checkpoint):
-        return _load_folder(Path(checkpoint), device, dtype)
+        return _load_folder(Path(checkpoint), device, dtype, pil_8bit)
     if checkpoint is None and pretrained is None:
         raise ValueError("clip: pass pretrained='<open_clip tag>' or checkpoint='/path/to/open_clip weights'")
     tag = openclip.pretrained_config(model, pretrained, reward="clip")
@@ -133,16 +154,18 @@ def load_clip(
     quick_gelu = True if tag.get("quick_gelu") else None
     net = openclip.load_model(model, path, reward="clip", device=device, dtype=dtype, quick_gelu=quick_gelu)
     description = f"{model} ({pretrained or Path(path).name})"
-    reward = ClipScore(net, openclip.get_tokenizer(model), openclip.preprocess_config(model, pretrained), description)
+    preprocess = openclip.preprocess_config(model, pretrained)
+    reward = ClipScore(net, openclip.get_tokenizer(model), preprocess, description, pil_8bit=pil_8bit)
     return reward.to(device)
 
 
-def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> ClipScore:
+def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, pil_8bit: bool = True) -> ClipScore:
     """The reward of an open_clip model folder (the layout `open_clip.create_model("local-dir:...")` reads)."""
     config, preprocess, weights = openclip.read_folder(folder, reward="clip")
     net = openclip.load_model(config, weights, reward="clip", device=device, dtype=dtype)
     tokenizer = openclip.get_tokenizer(f"local-dir:{folder}")
-    reward = ClipScore(net, tokenizer, openclip.preprocess_config(config, overrides=preprocess), folder.name)
+    preprocess = openclip.preprocess_config(config, overrides=preprocess)
+    reward = ClipScore(net, tokenizer, preprocess, folder.name, pil_8bit=pil_8bit)
     return reward.to(device)
 
 

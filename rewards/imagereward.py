@@ -6,6 +6,8 @@ Built from maintained modules, timm's `VisionTransformer` and transformers' `Bli
 same parameter names), and loaded from the ORIGINAL `ImageReward.pt` through an explicit key mapping
 (`convert_checkpoint`): every tensor the score uses is loaded, anything missing or left over is an error.
 The text side depends on the image (cross-attention), so the per-prompt cache holds tokens, not features.
+Images are rounded to 8 bits and resized with PIL's 8-bit arithmetic by default, as the official score() sees
+them (`pil_8bit=False`: float resize).
 """
 
 from __future__ import annotations
@@ -158,9 +160,10 @@ class ImageReward(Reward):
         "the paper and the official score() report this value unscaled"
     )
 
-    def __init__(self, med_config: dict, tokenizer) -> None:
+    def __init__(self, med_config: dict, tokenizer, pil_8bit: bool = True) -> None:
         super().__init__()
         self.tokenizer = tokenizer
+        self.pil_8bit = pil_8bit  # round to 8 bits, resize with PIL's arithmetic: what the official score() sees
         self.vision = build_vision()
         self.text = build_text(med_config, encoder_width=VISION["embed_dim"])
         self.head = nn.Sequential(*(nn.Linear(a, b) for a, b in zip(HEAD_WIDTHS[:-1], HEAD_WIDTHS[1:])))
@@ -175,7 +178,8 @@ class ImageReward(Reward):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Shortest side to 224 (bicubic, antialiased), centre crop (torchvision's rounded offset), CLIP mean/std."""
-        return self.normalize(resize_shortest_then_crop(images.float(), IMAGE_SIZE, offset="round"))
+        pixels = resize_shortest_then_crop(images.float(), IMAGE_SIZE, offset="round", pil_8bit=self.pil_8bit)
+        return self.normalize(pixels)
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """ViT tokens [B, 197, 1024] that the text encoder cross-attends to."""
@@ -206,14 +210,16 @@ def load_imagereward(
     checkpoint: str | os.PathLike | None = None,
     config: str | os.PathLike | None = None,
     tokenizer: str | os.PathLike | None = None,
+    pil_8bit: bool = True,
 ) -> ImageReward:
-    """Build ImageReward from `ImageReward.pt`, `med_config.json` and bert-base-uncased's `vocab.txt` (paths or hub)."""
+    """Build ImageReward from `ImageReward.pt`, `med_config.json` and bert-base-uncased's `vocab.txt` (paths or hub).
+    `pil_8bit=False` resizes in floating point instead of reproducing PIL's 8-bit resize."""
     ckpt_path = resolve_file(checkpoint, reward=NAME, role="checkpoint", repo_id=REPO_ID, filename=CHECKPOINT_FILE)
     config_path = resolve_file(config, reward=NAME, role="config", repo_id=REPO_ID, filename=CONFIG_FILE)
     vocab_path = resolve_file(tokenizer, reward=NAME, role="tokenizer", repo_id=TOKENIZER_REPO, filename=VOCAB_FILE)
     med_config, tok = read_med_config(config_path), load_tokenizer(vocab_path)
     with torch.device("meta"):  # no random init of 447M parameters; every tensor comes from the checkpoint
-        model = ImageReward(med_config, tok)
+        model = ImageReward(med_config, tok, pil_8bit=pil_8bit)
     model.vision.to(dtype)  # the head stays float32; loading casts the checkpoint's tensors into these
     model.text.to(dtype)
     model.to_empty(device=device)

@@ -4,7 +4,9 @@ score = logit_scale.exp() * cos(text_embedding, image_embedding), as in the Pick
 logit scale comes from the checkpoint (about 100), so scores of real images lie around 18-24.
 Weights: `yuvalkirstain/PickScore_v1`; tokenizer: `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` (the
 processor the model was published with). Images follow that processor's PIL path: shortest side
-to 224 (bicubic, long side truncated), center crop 224 with the offset floored, OpenAI mean/std.
+to 224 (bicubic, long side truncated), center crop 224 with the offset floored, OpenAI mean/std. By default
+(`pil_8bit=True`) the image is rounded to 8 bits and resized with PIL's 8-bit arithmetic, as the official
+processor sees it; `pil_8bit=False` resizes in floating point instead.
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ class PickScore(Reward):
     published_scale = 1.0
     scale_note = "logit_scale.exp() * cosine (logit scale ~100 from the checkpoint); real images score ~18-24"
 
-    def __init__(self, model: nn.Module, tokenizer, input_size: int = 224) -> None:
+    def __init__(self, model: nn.Module, tokenizer, input_size: int = 224, pil_8bit: bool = True) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.input_size = input_size
+        self.pil_8bit = pil_8bit
         self.normalize = Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     @property
@@ -53,7 +56,8 @@ class PickScore(Reward):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [0,1] -> normalised 224x224 pixels, like the PIL CLIP processor (float32)."""
-        return self.normalize(resize_shortest_then_crop(images.float(), self.input_size, offset="floor"))
+        pixels = resize_shortest_then_crop(images.float(), self.input_size, offset="floor", pil_8bit=self.pil_8bit)
+        return self.normalize(pixels)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 image embeddings [B, D]."""
@@ -82,13 +86,16 @@ def load_pickscore(
     checkpoint: PathLike | None = None,
     config: PathLike | None = None,
     tokenizer: PathLike | None = None,
+    pil_8bit: bool = True,
 ) -> PickScore:
     """Build PickScore from `checkpoint` (a folder like PickScore_v1 or its weights file) and `tokenizer`
-    (a folder with vocab.json and merges.txt), each defaulting to the official Hugging Face repo."""
+    (a folder with vocab.json and merges.txt), each defaulting to the official Hugging Face repo.
+    `pil_8bit=False` resizes in floating point instead of reproducing PIL's 8-bit resize."""
     weights = _weights_file(checkpoint)
     config_file = _config_file(config, checkpoint, weights)
     model = build_clip(config_file, weights).to(device=device, dtype=dtype)
-    return PickScore(model, load_tokenizer(tokenizer), input_size=model.config.vision_config.image_size).to(device)
+    size = model.config.vision_config.image_size
+    return PickScore(model, load_tokenizer(tokenizer), input_size=size, pil_8bit=pil_8bit).to(device)
 
 
 def build_clip(config_file: Path, weights: Path) -> nn.Module:

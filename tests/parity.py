@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
+TARGET_MEAN_DIFF_OVER_STD = 1e-4  # 8-bit path (the default) vs the official scorer on 8-bit photographs
 
-def summarize(official: np.ndarray, ours: np.ndarray, cosines: np.ndarray, **extra) -> dict:
-    """The parity numbers every reward reports: feature cosine, score differences absolute and relative."""
+
+def summarize(official: np.ndarray, ours: np.ndarray, cosines: np.ndarray, float_path=None, **extra) -> dict:
+    """The parity numbers every reward reports: feature cosine, score differences absolute and relative; with
+    `float_path` (our scores with `pil_8bit=False`), the same differences for the float resize."""
     diff = np.abs(ours - official)
     spread = float(official.std())
-    return {
+    result = {
         "images": int(len(official)),
         "image_feature_cosine_min": float(cosines.min()),
         "image_feature_cosine_mean": float(cosines.mean()),
@@ -20,5 +23,19 @@ def summarize(official: np.ndarray, ours: np.ndarray, cosines: np.ndarray, **ext
         "score_abs_diff_mean_over_std": float(diff.mean() / spread),
         "score_abs_diff_max_over_std": float(diff.max() / spread),
         "score_rel_diff_mean": float((diff / np.abs(official)).mean()),
-        **extra,
+    }
+    if float_path is not None:
+        result.update(float_path_differences(official, np.asarray(float_path)))
+    return {**result, **extra}
+
+
+def float_path_differences(official: np.ndarray, ours_float: np.ndarray) -> dict:
+    """Score differences of the float resize (`pil_8bit=False`) from the official scores, relative to their spread."""
+    diff = np.abs(ours_float - official)
+    spread = float(official.std())
+    return {
+        "float_path_score_abs_diff_mean": float(diff.mean()),
+        "float_path_score_abs_diff_mean_over_std": float(diff.mean() / spread),
+        "float_path_score_abs_diff_max_over_std": float(diff.max() / spread),
+        "float_path_score_rel_diff_mean": float((diff / np.abs(official)).mean()),
     }

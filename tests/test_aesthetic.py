@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 import rewards
-from tests.parity import summarize
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, summarize
 from rewards import CheckpointMismatchError, MissingFileError
 from tests.test_pickscore import parity_images, pool_sampler, to_tensor
 
@@ -149,14 +149,17 @@ def measure_parity(files: dict | None = None) -> dict:
         ours_pixels = [reward.preprocess(to_tensor(im)) for im in images]
         ours_img = torch.cat([reward.image_features(to_tensor(im)) for im in images])
         ours = torch.cat([reward(to_tensor(im)) for im in images])
+        reward.pil_8bit = False
+        ours_float = torch.cat([reward(to_tensor(im)) for im in images])
     del reward
     gc.collect()
     cos = torch.nn.functional.cosine_similarity(ours_img, ref["image"], dim=-1)
     pixel_err = max((a - b).abs().max().item() for a, b in zip(ours_pixels, ref["pixels"]))
     return summarize(
-        ref["scores"].double().numpy(), ours.double().numpy(), cos.double().numpy(), reward="aesthetic",
+        ref["scores"].double().numpy(), ours.double().numpy(), cos.double().numpy(),
+        float_path=ours_float.double().numpy(), reward="aesthetic",
         official_scores=[round(v, 4) for v in ref["scores"].tolist()], ours_scores=[round(v, 4) for v in ours.tolist()],
-        pixel_max_abs_diff=pixel_err,  # normalised pixels (units of std), after resize + crop
+        pixel_max_abs_diff=pixel_err,  # normalised pixels (units of std), after resize + crop (8-bit path)
     )
 
 
@@ -180,8 +183,11 @@ def test_parity_image_features_match_official(parity):
 @pytest.mark.slow
 def test_parity_scores_match_official(parity):
     assert parity["official_score_std"] > 0.2, f"random weights gave degenerate scores: {parity}"
-    assert parity["score_rel_diff_mean"] < 1e-3, parity
-    assert parity["score_abs_diff_max_over_std"] < 2e-2, parity
+    assert parity["pixel_max_abs_diff"] < 1e-5, parity  # OpenAI's preprocess pixels, to float32 rounding
+    assert parity["score_abs_diff_mean_over_std"] <= TARGET_MEAN_DIFF_OVER_STD, parity
+    assert parity["score_rel_diff_mean"] < 1e-5, parity
+    assert parity["float_path_score_rel_diff_mean"] < 1e-3, parity  # pil_8bit=False: within PIL's rounding
+    assert parity["float_path_score_abs_diff_max_over_std"] < 2e-2, parity
 
 
 # -- loading, errors, gradients (the same full-size files) --------------------------------------------

@@ -191,3 +191,15 @@ def test_python_dash_m_writes_csv_to_stdout(folder, capsys, monkeypatch):
     assert rows[0]["prompt"] == "an astronaut"
     assert float(rows[0]["symmetry"]) == pytest.approx(symmetry_oracle(image), abs=1e-5)
     assert "scored 1 image(s)" in captured.err
+
+
+def test_pil_8bit_option_is_a_boolean_of_the_pil_rewards_only():
+    """pickscore, aesthetic, clip and imagereward reproduce PIL's 8-bit resize unless told pil_8bit=false;
+    HPS has no such option (its official transform resizes floats)."""
+    for name in ("pickscore", "aesthetic", "clip", "imagereward"):
+        assert cli.parse_sources([f"{name}.pil_8bit=false"], [name]) == {name: {"pil_8bit": False}}
+        assert cli._source_params(name)["pil_8bit"].default is True
+    with pytest.raises(cli.UsageError, match="expected a bool value"):
+        cli.parse_sources(["clip.pil_8bit=maybe"], ["clip"])
+    with pytest.raises(cli.UsageError, match="accepts checkpoint, not 'pil_8bit'"):
+        cli.parse_sources(["hpsv2.1.pil_8bit=false"], ["hpsv2.1"])

@@ -17,7 +17,7 @@ import torch
 import rewards
 from rewards import CheckpointMismatchError, InputError, MissingFileError, openclip
 from rewards.clip_score import clip_geometry
-from tests.parity import summarize
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, summarize
 from tests.test_hps import TARGET_COSINE, TARGET_REL_DIFF, photographs, random_clip_state_dict, to_tensor
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -60,6 +60,10 @@ def _parity_run(workdir: Path) -> tuple[dict, rewards.Reward]:
     with torch.no_grad():
         ours = np.array([reward(to_tensor(image), [prompt]).item() for image, prompt in samples])
     hook.remove()
+    reward.pil_8bit = False
+    with torch.no_grad():
+        ours_float = np.array([reward(to_tensor(image), [prompt]).item() for image, prompt in samples])
+    reward.pil_8bit = True
     ours_image = torch.nn.functional.normalize(torch.cat(captured), dim=-1)
     ours_text = reward.text_features([p for _, p in samples])
     cosines = (ours_image * official_image).sum(-1).numpy()
@@ -67,6 +71,7 @@ def _parity_run(workdir: Path) -> tuple[dict, rewards.Reward]:
         official,
         ours,
         cosines,
+        float_path=ours_float,
         text_feature_cosine_min=float((ours_text * official_text).sum(-1).min()),
         oracle=f"open_clip {__import__('open_clip').__version__} create_model_and_transforms + PIL eval transform, "
         f"{ARCH} fp32 CPU",
@@ -99,6 +104,8 @@ def test_parity_with_open_clip(parity):
     assert m["image_feature_cosine_min"] >= TARGET_COSINE, m
     assert m["text_feature_cosine_min"] >= TARGET_COSINE, m
     assert m["score_rel_diff_mean"] < TARGET_REL_DIFF, m
+    assert m["score_abs_diff_mean_over_std"] <= TARGET_MEAN_DIFF_OVER_STD, m
+    assert m["float_path_score_rel_diff_mean"] < TARGET_REL_DIFF, m  # pil_8bit=False: within PIL's rounding
 
 
 def test_attributes_and_gradient(parity):
@@ -145,17 +152,23 @@ def test_tag_sets_quick_gelu_and_preprocessing(parity):
 
 @pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
-def test_geometry_matches_open_clip_pil_transform(resize_mode, interpolation):
+@pytest.mark.parametrize("pil_8bit", [True, False])
+def test_geometry_matches_open_clip_pil_transform(resize_mode, interpolation, pil_8bit):
+    """The 8-bit path gives open_clip's PIL pixels exactly (fill colour too); the float path is within PIL's rounding."""
     from open_clip.transform import image_transform
 
     transform = image_transform(224, is_train=False, mean=(0, 0, 0), std=(1, 1, 1), resize_mode=resize_mode,
-                                interpolation=interpolation, fill_color=0)
+                                interpolation=interpolation, fill_color=37)
     for image, _ in photographs():
-        ours = clip_geometry(to_tensor(image), 224, resize_mode, interpolation, fill=0.0)[0]
+        ours = clip_geometry(to_tensor(image), 224, resize_mode, interpolation, fill=37 / 255, pil_8bit=pil_8bit)[0]
         official = transform(image)
         assert ours.shape == official.shape
         diff = (ours - official).abs()
-        assert diff.max() < 3.5 / 255 and diff.mean() < 0.5 / 255, (resize_mode, interpolation, image.size)
+        where = (resize_mode, interpolation, image.size)
+        if pil_8bit:
+            assert diff.max() < 1e-6, where
+        else:
+            assert diff.max() < 3.5 / 255 and diff.mean() < 0.5 / 255, where
 
 
 def test_unknown_tag_lists_the_known_ones():

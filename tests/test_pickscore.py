@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import rewards
-from tests.parity import summarize
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, summarize
 from rewards import CheckpointMismatchError, InputError, MissingFileError
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -203,14 +203,17 @@ def measure_parity() -> dict:
             ours_pixels = [reward.preprocess(to_tensor(im)) for im in images]
             ours_img = torch.cat([reward.image_features(to_tensor(im)) for im in images])
             ours = torch.cat([reward(to_tensor(im), [p]) for im, p in zip(images, prompts)])
+            reward.pil_8bit = False
+            ours_float = torch.cat([reward(to_tensor(im), [p]) for im, p in zip(images, prompts)])
         del reward
         gc.collect()
     cos = torch.nn.functional.cosine_similarity(ours_img, ref["image"], dim=-1)
     pixel_err = max((a - b).abs().max().item() for a, b in zip(ours_pixels, ref["pixels"]))
     return summarize(
-        ref["scores"].double().numpy(), ours.double().numpy(), cos.double().numpy(), reward="pickscore",
+        ref["scores"].double().numpy(), ours.double().numpy(), cos.double().numpy(),
+        float_path=ours_float.double().numpy(), reward="pickscore",
         official_scores=[round(v, 4) for v in ref["scores"].tolist()], ours_scores=[round(v, 4) for v in ours.tolist()],
-        pixel_max_abs_diff=pixel_err,  # normalised pixels (units of std), after resize + crop
+        pixel_max_abs_diff=pixel_err,  # normalised pixels (units of std), after resize + crop (8-bit path)
     )
 
 
@@ -229,8 +232,11 @@ def test_parity_image_features_match_official(parity):
 @pytest.mark.slow
 def test_parity_scores_match_official(parity):
     assert parity["official_score_std"] > 0.5, f"random weights gave degenerate scores: {parity}"
-    assert parity["score_rel_diff_mean"] < 1e-3, parity
-    assert parity["score_abs_diff_max_over_std"] < 2e-2, parity
+    assert parity["pixel_max_abs_diff"] < 1e-5, parity  # the official processor's pixels, to float32 rounding
+    assert parity["score_abs_diff_mean_over_std"] <= TARGET_MEAN_DIFF_OVER_STD, parity
+    assert parity["score_rel_diff_mean"] < 1e-5, parity
+    assert parity["float_path_score_rel_diff_mean"] < 1e-3, parity  # pil_8bit=False: within PIL's rounding
+    assert parity["float_path_score_abs_diff_max_over_std"] < 2e-2, parity
 
 
 # -- small model: loading, errors, gradients ---------------------------------------------------------------
@@ -341,3 +347,34 @@ def test_missing_files_say_where_and_how(files, tmp_path):
     with pytest.raises(MissingFileError, match="vocab.json") as err:
         rewards.load("pickscore", checkpoint=files["checkpoint"], tokenizer=tmp_path)
     assert "tokenizer=" in str(err.value)
+
+
+def test_off_grid_images_score_their_8bit_rounding(small, files):
+    """By default a float image scores exactly what its 8-bit rounding scores (what the official processor is
+    given); pil_8bit=False scores the floats themselves, which differ by that rounding only."""
+    from rewards.preprocess import quantize_8bit
+
+    x, prompts = torch.rand(2, 3, 250, 333), ["a cat", "a dog"]
+    with torch.no_grad():
+        default, rounded = small(x, prompts), small(quantize_8bit(x), prompts)
+        floats = rewards.load("pickscore", checkpoint=files["checkpoint"], tokenizer=files["tokenizer"], pil_8bit=False)
+        float_scores = floats(x, prompts)
+    assert small.pil_8bit and not floats.pil_8bit
+    assert torch.equal(default, rounded)
+    assert not torch.equal(default, float_scores)
+    torch.testing.assert_close(default, float_scores, atol=0.05, rtol=0)
+
+
+def test_8bit_gradients_match_the_float_path(small, files):
+    """Straight-through rounding: the gradient of the default path is the float path's (on an 8-bit image)."""
+    floats = rewards.load("pickscore", checkpoint=files["checkpoint"], tokenizer=files["tokenizer"], pil_8bit=False)
+    images, _ = parity_images()
+    x = to_tensor(images[3])  # rocket 427x640: downscaling, odd crop margin
+    grads = []
+    for reward in (small, floats):
+        pixels = x.clone().requires_grad_(True)
+        reward(pixels, ["a rocket"]).sum().backward()
+        grads.append(pixels.grad)
+    assert torch.isfinite(grads[0]).all()
+    cosine = torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0)
+    assert cosine > 0.9995, cosine
