@@ -169,9 +169,9 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, pil_8bi
     return reward.to(device)
 
 
-def load_shapes_clip(*, device: torch.device, dtype: torch.dtype) -> ClipScore:
+def load_shapes_clip(*, device: torch.device, dtype: torch.dtype, pil_8bit: bool = True) -> ClipScore:
     """The CLIP shipped in this package, trained on the procedural shapes of the shipped shapes-sd model: a
     learned text-alignment reward for that domain (64x64 images; model card: docs/shapes.md)."""
-    reward = _load_folder(SHAPES_CLIP_DIR, device, dtype)
+    reward = _load_folder(SHAPES_CLIP_DIR, device, dtype, pil_8bit)
     reward.name = "shapes-clip"
     return reward

@@ -157,8 +157,10 @@ def _seed(base: int, *parts: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(adapter, unet, conds, prompts: list[str], reward, cfg: Config, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images of the evaluation prompts (prompt i seeded eval_seed + i) and their rewards, with `unet`."""
+def evaluate(adapter, unet, conds, prompts: list[str], reward, cfg: Config,
+             autocast) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Images of the evaluation prompts (prompt i seeded eval_seed + i), their rewards and, for a mixture, the
+    mean of each part, with `unet`."""
     s, trained = cfg.sampling, adapter.unet
     adapter.unet = unet  # the plain module: no collective calls from the main process alone
     images = []
@@ -174,7 +176,8 @@ def evaluate(adapter, unet, conds, prompts: list[str], reward, cfg: Config, auto
     images = torch.cat(images)
     with autocast():
         scores = reward(images, prompts).float()
-    return images.cpu(), scores.cpu()
+    parts = {f"eval/reward/{k}": float(v.float().mean()) for k, v in getattr(reward, "last_parts", {}).items()}
+    return images.cpu(), scores.cpu(), parts
 
 
 def optimizer_step(accelerator: Accelerator, optimizer, scaler, params: list[torch.nn.Parameter],
@@ -332,9 +335,9 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None) -> dict[str,
             before = ckpt.read_tensors(gallery_dir, before_file.name)["images"]
         else:
             with _model_weights(unet, ema, base=True):
-                before, before_rewards = evaluate(adapter, unet, eval_conds, eval_prompts, reward, cfg, autocast)
+                before, before_rewards, parts = evaluate(adapter, unet, eval_conds, eval_prompts, reward, cfg, autocast)
             ckpt.write_tensors(gallery_dir, before_file.name, {"images": before})
-            logger.log(0, {"eval/reward": before_rewards.mean()})
+            logger.log(0, {"eval/reward": before_rewards.mean(), **parts})
     accelerator.wait_for_everyone()
 
     # --- the loop
@@ -388,11 +391,11 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None) -> dict[str,
                 f"on these images, lower train.lr, or raise train.max_nonfinite.")
         if main and (done % cfg.log.eval_every == 0 or done == t.steps):
             with _model_weights(unet, ema):
-                now, now_rewards = evaluate(adapter, unet, eval_conds, eval_prompts, reward, cfg, autocast)
+                now, now_rewards, parts = evaluate(adapter, unet, eval_conds, eval_prompts, reward, cfg, autocast)
             path = gallery_dir / f"step-{done:08d}.png"
             gallery(before, now, eval_prompts, f"step {done}").save(path)
             logger.image("gallery", path, done)
-            logger.log(done, {"eval/reward": now_rewards.mean()})
+            logger.log(done, {"eval/reward": now_rewards.mean(), **parts})
             last = {"eval_reward": now_rewards.mean().item()}
         if done % cfg.checkpoint.every == 0 or done == t.steps:
             save_checkpoint(run_dir / "checkpoints", done, accelerator=accelerator, unet=unet, ema=ema,

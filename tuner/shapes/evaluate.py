@@ -132,17 +132,18 @@ def loss_curves(logs: Path, path: Path) -> Path:
     return path
 
 
-def evaluate(out: Path, device: torch.device, samples: int = 512) -> dict:
-    """Held-out report of <out>'s pipeline and CLIP: writes report.json, samples.png and losses.png there."""
+def evaluate(pipeline_dir: Path, clip_dir: Path, logs: Path, out: Path, device, samples: int = 512) -> dict:
+    """Held-out report of a pipeline and a CLIP folder: writes report.json, samples.png, real.png, losses.png to `out`."""
     from diffusers import StableDiffusionPipeline
 
     import rewards
 
+    out.mkdir(parents=True, exist_ok=True)
     scenes = ShapesData(1).scenes(0, samples)
     captions = [s.caption for s in scenes]
     real = render(scenes, device)
-    clip = rewards.load("clip", checkpoint=out / "clip", device=device)
-    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline").to(device)
+    clip = rewards.load("clip", checkpoint=clip_dir, device=device)
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
     generated = generate(pipe, captions, device)
     shuffled = scenes[1:] + scenes[:1]
@@ -159,13 +160,38 @@ def evaluate(out: Path, device: torch.device, samples: int = 512) -> dict:
             "pixel_checks_generated_with_shuffled_captions": caption_checks(
                 generated.cpu(), shuffled, render(shuffled, "cpu")),
         },
-        "training": {p.stem: json.loads(p.read_text().splitlines()[-1]) for p in sorted((out / "logs").glob("*.jsonl"))},
-        "safetensors_bytes": {str(p.relative_to(out)): p.stat().st_size
-                              for p in sorted(out.glob("*/**/*.safetensors")) if p.relative_to(out).parts[0] != "vae"},
+        "training": {p.stem: json.loads(p.read_text().splitlines()[-1]) for p in sorted(logs.glob("*.jsonl"))},
+        "safetensors_bytes": {f"{folder.name}/{p.relative_to(folder)}": p.stat().st_size
+                              for folder in (pipeline_dir, clip_dir) for p in sorted(folder.glob("**/*.safetensors"))},
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     captioned_grid(generated[:32], captions[:32], out / "samples.png")
     captioned_grid(real[:32], captions[:32], out / "real.png")
-    loss_curves(out / "logs", out / "losses.png")
+    loss_curves(logs, out / "losses.png")
     print(json.dumps(report, indent=2))
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m tuner.shapes.evaluate: the report and figures of docs/shapes.md, from the shipped model by default."""
+    import argparse
+
+    from rewards.clip_score import SHAPES_CLIP_DIR
+    from tuner.shapes import MODEL_DIR
+
+    docs = Path(__file__).parents[2] / "docs" / "shapes"
+    p = argparse.ArgumentParser(prog="python -m tuner.shapes.evaluate", description=main.__doc__)
+    p.add_argument("--pipeline", type=Path, default=MODEL_DIR, help="StableDiffusionPipeline folder")
+    p.add_argument("--clip", type=Path, default=SHAPES_CLIP_DIR, help="open_clip model folder")
+    p.add_argument("--logs", type=Path, default=docs / "logs", help="training logs (<stage>.jsonl)")
+    p.add_argument("--out", type=Path, default=docs, help="where report.json and the PNGs go")
+    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    evaluate(args.pipeline, args.clip, args.logs, args.out, torch.device(args.device), args.samples)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -350,19 +350,21 @@ def main(argv: list[str] | None = None) -> int:
         run[args.stage](args.out, _stage(args, args.stage), device, args.workers,
                         getattr(args, f"{args.stage}_time_limit"))
     elif args.stage == "eval":
-        from tuner.shapes.evaluate import evaluate
-
-        evaluate(args.out, device, args.eval_samples)
+        _evaluate(args, device)
     else:  # all: the CLIP in a second process on the same device, the VAE then the UNet here, then evaluation
         clip = subprocess.Popen(_forward(args, "clip"))
         for stage in ("vae", "unet"):
             run[stage](args.out, _stage(args, stage), device, args.workers, getattr(args, f"{stage}_time_limit"))
         if clip.wait() != 0:
             raise SystemExit(f"the CLIP stage failed with exit status {clip.returncode}")
-        from tuner.shapes.evaluate import evaluate
-
-        evaluate(args.out, device, args.eval_samples)
+        _evaluate(args, device)
     return 0
+
+
+def _evaluate(args: argparse.Namespace, device: torch.device) -> None:
+    from tuner.shapes.evaluate import evaluate
+
+    evaluate(args.out / "pipeline", args.out / "clip", args.out / "logs", args.out, device, args.eval_samples)
 
 
 if __name__ == "__main__":
