@@ -8,9 +8,9 @@ produces the layout of the official release:
     write_hps(path, arch, seed)              HPS_v2.1_compressed.pt: {'state_dict': open_clip state dict}, float16
     write_pickscore(folder, spec, seed)      PickScore_v1: config.json + model.safetensors or pytorch_model.bin
     write_clip_tokenizer(folder)             the LAION processor's vocab.json + merges.txt (CLIP BPE)
-    random_openai_clip_state(arch, seed)     OpenAI CLIP weights (open_clip's key names), rounded to float16
+    random_openai_clip_state(seed, arch)     OpenAI CLIP weights (open_clip's key names), rounded to float16
     write_head(path, seed)                   sac+logos+ava1-l14-linearMSE.pth, the aesthetic MLP
-    write_imagereward(folder, seed, vision)  ImageReward.pt (the original BLIP keys) + med_config.json + vocab.txt
+    write_imagereward(folder, prompts)       ImageReward.pt (the original BLIP keys) + med_config.json + vocab.txt
     write_hf_clip_vision(folder, state, arch) an OpenAI CLIP image tower in transformers' layout
 """
 
@@ -185,7 +185,8 @@ def random_clip_state(config, seed: int = 0, shared: float = 1.1) -> dict[str, t
         else:
             state[key] = randn(meta.shape) * meta[0].numel() ** -0.5  # fan-in scaling (linears, patch conv)
     u = nn.functional.normalize(torch.randn(config.projection_dim, generator=g), dim=0)
-    for norm, proj in (("vision_model.post_layernorm", "visual_projection"), ("text_model.final_layer_norm", "text_projection")):
+    towers = (("vision_model.post_layernorm", "visual_projection"), ("text_model.final_layer_norm", "text_projection"))
+    for norm, proj in towers:
         width = state[f"{norm}.bias"].numel()
         d = nn.functional.normalize(torch.randn(width, generator=g), dim=0)
         state[f"{norm}.bias"] = state[f"{norm}.bias"] + 0.5 * width**0.5 * d
@@ -247,7 +248,7 @@ def write_head(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def random_openai_clip_state(arch: str | dict = "ViT-L-14", seed: int = 0) -> dict[str, torch.Tensor]:
+def random_openai_clip_state(seed: int = 0, arch: str | dict = "ViT-L-14") -> dict[str, torch.Tensor]:
     """Random CLIP weights in OpenAI's state-dict layout (open_clip keeps the same keys), rounded to float16 like
     OpenAI's release, whose weights are float16, and stored as float32 like open_clip's hub files."""
     from rewards import openclip

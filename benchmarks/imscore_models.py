@@ -92,7 +92,8 @@ def _pickscore(files: dict, device: torch.device) -> nn.Module:
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     folder, tokenizer = files["sources"]["pickscore"]["checkpoint"], files["extra"]["clip_tokenizer"]
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer)))
+    text = CLIPTokenizer.from_pretrained(str(tokenizer))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=text)
     replacements = {
         "CLIPModel": _Redirect(CLIPModel, folder),
         "AutoProcessor": mock.Mock(from_pretrained=mock.Mock(return_value=processor)),
@@ -132,7 +133,8 @@ def _imagereward(files: dict, device: torch.device) -> nn.Module:
     from transformers import BertTokenizer
 
     paths = files["sources"]["imagereward"]
-    tokenizer = mock.Mock(from_pretrained=lambda _repo_id: _blip_tokenizer(BertTokenizer, Path(paths["tokenizer"]).parent))
+    vocab = Path(paths["tokenizer"]).parent
+    tokenizer = mock.Mock(from_pretrained=lambda _repo_id: _blip_tokenizer(BertTokenizer, vocab))
     with mock.patch.object(module, "BertTokenizer", tokenizer), torch.device("meta"):
         scorer = module.ImageReward()  # 447M parameters: no random init, every tensor comes from the checkpoint
     _load_strict(scorer, read_checkpoint(paths["checkpoint"], reward="imscore imagereward"), str(paths["checkpoint"]),
@@ -160,7 +162,8 @@ class _Redirect:
 
     def from_pretrained(self, _repo_id: str, *args, **kwargs):
         model, info = self.cls.from_pretrained(self.folder, *args, output_loading_info=True, **kwargs)
-        bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
+        bad = {k: sorted(v) for k, v in info.items() if k in kinds and v}
         if bad:
             raise RuntimeError(f"{self.cls.__name__} from {self.folder} does not fit its weights: {bad}")
         return model

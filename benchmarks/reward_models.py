@@ -97,7 +97,7 @@ def tiny_architectures() -> Iterator[None]:
 
 
 def write_files(root: Path, *, tiny: bool) -> dict:
-    """Write (or reuse) every reward's files under root/{full,tiny}; returns {"sources": {reward: {...}}, "extra": {...}}."""
+    """Write (or reuse) every reward's files under root/{full,tiny}: {"sources": {reward: {...}}, "extra": {...}}."""
     folder = Path(root) / ("tiny" if tiny else "full")
     marker = folder / "files.json"
     if marker.is_file():
@@ -113,8 +113,9 @@ def write_files(root: Path, *, tiny: bool) -> dict:
 
 def _write(folder: Path, tiny: bool) -> dict:
     med = {**ck.MED_CONFIG, **(TINY_MED if tiny else {})}
+    pickscore = ck.PICKSCORE_SMALL if tiny else ck.PICKSCORE_CONFIG
     tokenizer = ck.write_clip_tokenizer(folder / "clip_tokenizer")
-    openai = ck.random_openai_clip_state("ViT-L-14", seed=0)
+    openai = ck.random_openai_clip_state(seed=0, arch="ViT-L-14")
     backbone = folder / "openai" / "ViT-L-14.pt"
     backbone.parent.mkdir(parents=True, exist_ok=True)
     torch.save(openai, backbone)
@@ -123,8 +124,7 @@ def _write(folder: Path, tiny: bool) -> dict:
     sources = {
         "hpsv2.1": {"checkpoint": ck.write_hps(folder / "hps" / ck.HPS_FILE, "ViT-H-14", seed=0)},
         "pickscore": {
-            "checkpoint": ck.write_pickscore(folder / "PickScore_v1", ck.PICKSCORE_SMALL if tiny else ck.PICKSCORE_CONFIG,
-                                             seed=0, fmt="bin"),
+            "checkpoint": ck.write_pickscore(folder / "PickScore_v1", pickscore, seed=0, fmt="bin"),
             "tokenizer": tokenizer,
         },
         "imagereward": ck.write_imagereward(folder / "ImageReward", PROMPTS, seed=0, med_config=med),
@@ -148,7 +148,7 @@ def _paths(files: dict) -> dict:
 def load_ours(
     name: str, files: dict, *, device: str, dtype: torch.dtype, fast: bool = False, compile: bool | dict = False
 ) -> rewards.Reward:
-    """Our reward `name` from the written files, as a user loads it; the per-call input check is off, as in the tuner."""
+    """Our reward `name` from the written files, as a user loads it; the per-call input check off, as in the tuner."""
     reward = rewards.load(name, device=device, dtype=dtype, fast=fast, compile=compile, **files["sources"][name])
     reward.check_values = False
     return reward
