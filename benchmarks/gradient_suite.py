@@ -51,7 +51,9 @@ def _compile_default(reward: str, dtype: str, batch: int) -> bool:
     """bf16 batch 32 for every model reward; HPSv2.1 also every bf16 batch and fp32 batch 32 (compiling takes time)."""
     if not _model(reward):
         return False
-    return batch == 32 if reward != "hpsv2.1" or dtype == "fp32" else True
+    if reward == "hpsv2.1":
+        return dtype == "bf16" or batch == 32
+    return dtype == "bf16" and batch == 32
 
 
 COMPILE = {"dynamic": False}  # one static graph per batch size, as a fixed-batch tuning run gets
@@ -61,6 +63,9 @@ VARIANTS = {v.name: v for v in (
             (("fast", True),), default=lambda r, d, b: _model(r) and r != "imagereward" and (d == "bf16" or b == 32)),
     Variant("compile", "rewards.load(compile=True): fast + torch.compile of each transformer block (static shapes)",
             (("compile", COMPILE),), default=_compile_default),
+    Variant("compile-cudagraphs", "compile with mode='reduce-overhead': CUDA graphs replay each block's kernels",
+            (("compile", {**COMPILE, "mode": "reduce-overhead"}),), cuda_only=True,
+            default=lambda r, d, b: r == "hpsv2.1" and d == "bf16" and b < 32),
     Variant("cudnn", "fast, with cuDNN attention preferred by SDPA", (("fast", True),), dtypes=("bf16",),
             cuda_only=True, sdpa="cudnn", default=lambda r, d, b: _model(r) and b == 32),
     Variant("tf32", "rewards.load defaults, fp32 matmuls on TF32 tensor cores (set_float32_matmul_precision('high'))",
@@ -75,7 +80,7 @@ VARIANTS = {v.name: v for v in (
             (("compile", {**COMPILE, "mode": "max-autotune-no-cudagraphs"}),), cuda_only=True,
             default=lambda r, d, b: False),
 )}
-DEFAULT_VARIANTS = ("eager", "fast", "compile", "cudnn", "tf32", "channels-last", "preprocess")
+DEFAULT_VARIANTS = ("eager", "fast", "compile", "compile-cudagraphs", "cudnn", "tf32", "channels-last", "preprocess")
 
 
 @dataclass(frozen=True)

@@ -67,13 +67,29 @@ def run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     raw, log = out / f"{stem}.pytest-benchmark.json", out / f"{stem}.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     log.write_text(json.dumps({"meta": meta}) + "\n")
-    code = pytest.main(pytest_args(args, extra, start, raw, log))
+    code = pytest.main(pytest_args(args, extra, start, raw, log), plugins=[_Failures(log)])
     records, _ = load_records(raw if raw.is_file() else log)
-    meta["pytest_exit_code"] = int(code)
+    _, logged = load_records(log)
+    meta.update(skipped=logged["skipped"], failed=logged["failed"], pytest_exit_code=int(code))
     meta["wall_s"] = round(time.time() - start, 1)
     for path in write_report(records, meta, out, stem):
         print(path)
     return int(code)
+
+
+class _Failures:
+    """pytest plugin: appends each failed case and the last line of its error to the run's JSONL log."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.failed:
+            crash = getattr(report.longrepr, "reprcrash", None)
+            message = (crash.message if crash else report.longreprtext.strip().splitlines()[-1])[:500]
+            case = report.nodeid.split("[")[-1].rstrip("]")
+            with self.log.open("a") as f:
+                f.write(json.dumps({"failed": case, "when": report.when, "error": message}) + "\n")
 
 
 def pytest_args(args: argparse.Namespace, extra: list[str], start: float, raw: Path, log: Path) -> list[str]:
@@ -114,6 +130,7 @@ def environment() -> dict:
         **{name: version(dist) for name, dist in (("torch", "torch"), ("transformers", "transformers"),
                                                   ("open_clip", "open_clip_torch"), ("timm", "timm"),
                                                   ("imscore", "imscore"), ("pytest_benchmark", "pytest-benchmark"))},
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),  # variants named tf32 set "high"
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -132,8 +149,9 @@ def load_records(path: Path) -> tuple[list[dict], dict]:
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         meta = next((line["meta"] for line in lines if "meta" in line), {})
         skipped = [line["skipped"] for line in lines if "skipped" in line]
+        failed = [{k: line[k] for k in ("failed", "when", "error")} for line in lines if "failed" in line]
         records = [line for line in lines if "extra_info" in line]
-        return records, {**meta, "skipped": skipped}
+        return records, {**meta, "skipped": skipped, "failed": failed}
     data = json.loads(path.read_text())
     meta = dict(data.get("machine_info", {}).get("reward_gradients", {}))
     return [b for b in data.get("benchmarks", []) if b.get("stats")], meta
@@ -273,7 +291,7 @@ def markdown(meta: dict, rows: list[dict], targets: list[dict], peak: float | No
         _f(r["peak_gib"], 2), _f(r["speedup_vs_imscore"], 2, "x"), _f(r["first_call_s"], 1),
         _f(r["score_rel_diff_vs_ours_eager"], 4),
     ] for r in sorted(rows, key=order)])
-    lines += _profiles(rows, note) + _variants(rows) + _skipped(meta)
+    lines += _profiles(rows, note) + _variants(rows) + _failed_and_skipped(meta)
     return "\n".join(lines) + "\n"
 
 
@@ -318,9 +336,13 @@ def _variants(rows: list[dict]) -> list[str]:
     return ["", "## Variants", ""] + [f"- `{k}`: {v}" for k, v in docs.items()] if docs else []
 
 
-def _skipped(meta: dict) -> list[str]:
+def _failed_and_skipped(meta: dict) -> list[str]:
+    failed = [f"- `{f['failed']}` ({f['when']}): {f['error']}" for f in meta.get("failed") or []]
+    lines = ["", "## Failed cases", ""] + failed if failed else []
     skipped = meta.get("skipped") or []
-    return ["", f"Skipped for the time budget: {', '.join(skipped)}."] if skipped else []
+    if skipped:
+        lines += ["", f"Skipped for the time budget: {', '.join(skipped)}."]
+    return lines
 
 
 def plot(rows: list[dict], meta: dict, path: Path) -> None:
