@@ -65,7 +65,7 @@ VARIANTS = {v.name: v for v in (
             (("compile", COMPILE),), default=_compile_default),
     Variant("compile-cudagraphs", "compile with mode='reduce-overhead': CUDA graphs replay each block's kernels",
             (("compile", {**COMPILE, "mode": "reduce-overhead"}),), cuda_only=True,
-            default=lambda r, d, b: r == "hpsv2.1" and d == "bf16" and b < 32),
+            default=lambda r, d, b: r == "hpsv2.1" and d == "bf16" and b == 1),
     Variant("cudnn", "fast, with cuDNN attention preferred by SDPA", (("fast", True),), dtypes=("bf16",),
             cuda_only=True, sdpa="cudnn", default=lambda r, d, b: _model(r) and b == 32),
     Variant("tf32", "rewards.load defaults, fp32 matmuls on TF32 tensor cores (set_float32_matmul_precision('high'))",
@@ -164,7 +164,7 @@ class Suite:
         self._stack = contextlib.ExitStack()
         if settings.smoke:
             self._stack.enter_context(tiny_architectures())
-        if self.device.type == "cpu":
+        if settings.smoke and self.device.type == "cpu":
             torch.set_num_threads(1)  # tiny models: one thread is faster, and steady on a busy machine
         self.files = write_files(settings.weights, tiny=settings.smoke)
         self.group: tuple[str, str, str] | None = None  # (reward, dtype, impl) whose models are loaded

@@ -188,7 +188,7 @@ def _row(info: dict, stats: dict) -> dict:
         "weights_gib": gib(info.get("weights_bytes")), "input_gib": gib(info.get("input_bytes")),
         "first_call_s": info.get("first_call_s"), "load_s": info.get("load_s"),
         "score_rel_diff_vs_ours_eager": info.get("score_rel_diff_vs_ours_eager"), "profile": info.get("profile"),
-        "variant_doc": info.get("variant_doc"),
+        "component": info.get("component"), "variant_doc": info.get("variant_doc"),
     }
 
 
@@ -196,7 +196,7 @@ def _compare(rows: list[dict]) -> None:
     """Speed-up and memory ratio of every row against imscore's row of the same reward, precision and batch."""
     theirs = {(r["reward"], r["dtype"], r["batch"]): r for r in rows if r["impl"] == "imscore"}
     for row in rows:
-        ref = theirs.get((row["reward"], row["dtype"], row["batch"]))
+        ref = None if row["component"] else theirs.get((row["reward"], row["dtype"], row["batch"]))
         row["speedup_vs_imscore"] = row["images_per_s"] / ref["images_per_s"] if ref else None
         both = ref and row["peak_gib"] and ref["peak_gib"]
         row["memory_vs_imscore"] = row["peak_gib"] / ref["peak_gib"] if both else None
@@ -208,7 +208,7 @@ def goals(rows: list[dict], peak: float | None) -> list[dict]:
     for (reward, dtype), group in _groups(rows).items():
         batch = max(r["batch"] for r in group)
         ref = next((r for r in group if r["impl"] == "imscore" and r["batch"] == batch), None)
-        ours = [r for r in group if r["impl"] == "ours" and r["batch"] == batch and r["variant"] != "preprocess"]
+        ours = [r for r in group if r["impl"] == "ours" and r["batch"] == batch and not r["component"]]
         if not ours:
             continue
         best = max(ours, key=lambda r: r["images_per_s"])
@@ -355,7 +355,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
     dtypes = sorted({r["dtype"] for r in rows}) or ["bf16"]
     fig, axes = plt.subplots(len(dtypes), 1, figsize=(14, 4.5 * len(dtypes)), squeeze=False)
     for ax, dtype in zip(axes[:, 0], dtypes):
-        _bars(ax, [r for r in rows if r["dtype"] == dtype and r["variant"] != "preprocess"], dtype)
+        _bars(ax, [r for r in rows if r["dtype"] == dtype and not r["component"]], dtype)
     title = f"Reward gradient throughput, {meta.get('device', '?')}, {meta.get('date', '')[:10]}"
     fig.suptitle(f"{title}\n({_note(meta)})", fontsize=11)
     fig.tight_layout()

@@ -78,7 +78,7 @@ def test_reward_gradient(benchmark, suite: Suite, case: Case) -> None:
         kind="reward", reward=case.reward, impl=case.impl, variant=case.variant, dtype=case.dtype, batch=case.batch,
         size=suite.settings.size, flops=flops, peak_bytes=peak, base_bytes=base, weights_bytes=tensor_bytes(module),
         input_bytes=images.numel() * images.element_size(), load_s=round(load_s, 2), first_call_s=round(first_s, 2),
-        variant_doc=variant.doc, **info,
+        component=variant.component, variant_doc=variant.doc, **info,
     )
     _log(suite, case.id, benchmark)
 

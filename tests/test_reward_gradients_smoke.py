@@ -81,7 +81,8 @@ def test_report_table_plot_and_raw_results(run):
 
 def _record(impl: str, variant: str, median: float, peak_gib: float, flops: float = 32 * 685e9) -> dict:
     info = {"kind": "reward", "reward": "hpsv2.1", "impl": impl, "variant": variant, "dtype": "bf16", "batch": 32,
-            "size": 1024, "flops": flops, "peak_bytes": peak_gib * 2**30, "base_bytes": 2**30}
+            "size": 1024, "flops": flops, "peak_bytes": peak_gib * 2**30, "base_bytes": 2**30,
+            "component": "preprocess" if variant == "preprocess" else None}
     return {"stats": {"median": median, "min": median, "rounds": 3}, "extra_info": info}
 
 
@@ -97,6 +98,7 @@ def test_targets_compare_our_best_variant_with_imscore():
     compiled = next(r for r in rows if r["variant"] == "compile")
     assert compiled["ms_per_image"] == pytest.approx(45 / 32) and compiled["tflops"] == pytest.approx(487.1, rel=1e-3)
     assert compiled["speedup_vs_imscore"] == pytest.approx(0.094 / 0.045)
+    assert next(r for r in rows if r["variant"] == "preprocess")["speedup_vs_imscore"] is None  # a component
     (target,) = goals(rows, peak)
     assert target["best_variant"] == "compile" and target["meets_2x_no_more_memory"] is True
     assert target["meets_58pct_peak"] is True  # 487 of 800 TFLOP/s
