@@ -40,8 +40,18 @@ def available() -> list[str]:
     return list(_REGISTRY)
 
 
-def load(name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, **sources) -> Reward:
-    """Build reward `name` from local files given in `sources` (else the hub), frozen, on `device` in `dtype`."""
+def load(
+    name: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    fast: bool = False,
+    compile: bool | dict = False,
+    **sources,
+) -> Reward:
+    """Build reward `name` from local files given in `sources` (else the hub), frozen, on `device` in `dtype`.
+
+    `fast=True` and `compile=True` (or a dict of torch.compile options) speed up the gradient; see rewards.speed."""
     entry = _entry(name)
     module_name, func_name = entry.target.split(":")
     factory = getattr(importlib.import_module(module_name), func_name)
@@ -51,6 +61,10 @@ def load(name: str, *, device: str | torch.device | None = None, dtype: torch.dt
     if reward.needs_prompt != entry.needs_prompt:
         raise RuntimeError(f"reward {name!r} is registered with needs_prompt={entry.needs_prompt} but is {reward.needs_prompt}")
     reward.eval().requires_grad_(False)
+    if fast or compile:
+        from .speed import optimize
+
+        optimize(reward, fast=fast, compile=compile)
     return reward
 
 

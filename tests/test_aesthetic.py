@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import importlib
 import importlib.util
-import math
 import sys
 import tempfile
 import types
@@ -20,15 +19,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 import rewards
 from tests.parity import TARGET_MEAN_DIFF_OVER_STD, summarize
 from rewards import CheckpointMismatchError, MissingFileError
-from tests.test_pickscore import parity_images, pool_sampler, to_tensor
-
-HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
-SCORE_MEAN, SCORE_STD = 5.0, 1.0  # where the random head puts scores, like real ones (about 4-7)
+from benchmarks.checkpoints import HEAD_FILE, OfficialHead, random_openai_clip_state, write_head
+from tests.test_pickscore import parity_images, to_tensor
 
 
 def import_openai_clip():
@@ -45,68 +41,6 @@ def import_openai_clip():
         raise ImportError(
             "the aesthetic parity oracle needs OpenAI's clip package: pip install --no-deps openai-clip==1.0.1"
         ) from err
-
-
-
-class OfficialHead(nn.Module):
-    """The MLP of improved-aesthetic-predictor's simple_inference.py (dropouts, no activations)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        sizes = [768, 1024, 128, 64, 16]
-        drops = [0.2, 0.2, 0.1]
-        layers: list[nn.Module] = []
-        for i in range(4):
-            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-            if i < 3:
-                layers.append(nn.Dropout(drops[i]))
-        layers.append(nn.Linear(16, 1))
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
-
-
-def write_head(path: Path, seed: int = 0) -> Path:
-    """A random head saved as the original file is: torch.save of a plain state dict.
-
-    Scores of a random head would sit near its bias with a tiny spread; the last layer is rescaled so that
-    the affine map it amounts to has a slope of 40 along the embedding and an offset of 5 (like real scores)."""
-    torch.manual_seed(seed)
-    head = OfficialHead()
-    with torch.no_grad():
-        slope = torch.eye(768)
-        for i in (0, 2, 4, 6, 7):
-            slope = head.layers[i].weight @ slope
-        head.layers[7].weight.mul_(40.0 / slope.norm())
-        head.layers[7].bias.add_(SCORE_MEAN - head(torch.zeros(1, 768)).item())
-    torch.save(head.state_dict(), path)
-    return path
-
-
-def random_openai_clip_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random ViT-L/14 CLIP weights in OpenAI's state-dict layout (open_clip keeps the same keys), rounded to
-    float16 like OpenAI's release, whose weights are float16."""
-    from rewards import openclip
-
-    shapes = openclip.build_model("ViT-L-14", quick_gelu=True).state_dict()
-    randn = pool_sampler(max(m.numel() for m in shapes.values()), torch.Generator().manual_seed(seed))
-    state = {}
-    for key, meta in shapes.items():
-        if key == "logit_scale":
-            value = torch.tensor(math.log(100.0))
-        elif ".ln_" in key or key.startswith("ln_"):
-            value = 1.0 + 0.1 * randn(meta.shape) if key.endswith("weight") else 0.1 * randn(meta.shape)
-        elif key.endswith("bias"):
-            value = 0.02 * randn(meta.shape)
-        elif "embedding" in key:
-            value = (0.02 if meta.ndim == 2 else 0.2) * randn(meta.shape)
-        elif key.endswith("proj") or key == "text_projection":  # used as x @ proj: fan-in is dim 0
-            value = randn(meta.shape) * meta.shape[0] ** -0.5
-        else:  # linear (out, in) and conv (out, in, k, k) weights: fan-in is the rest
-            value = randn(meta.shape) * meta[0].numel() ** -0.5
-        state[key] = value.half().float()
-    return state
 
 
 # -- the official path ---------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ re-reads the checkpoint file we wrote. Both sides load the same random-weight `H
 from __future__ import annotations
 
 import gc
-import math
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 
 import rewards
+from benchmarks.checkpoints import HPS_FILE as FILE, random_clip_state_dict
 from tests.parity import summarize
 from rewards import CheckpointMismatchError, InputError, MissingFileError
 
@@ -28,7 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 TARGET_COSINE = 0.9999
 TARGET_REL_DIFF = 1e-3
-FILE = "HPS_v2.1_compressed.pt"
 
 
 # -- test data shared with tests/test_clip_score.py -------------------------------------------------------
@@ -50,43 +49,6 @@ def photographs() -> list[tuple[Image.Image, str]]:
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> float [1,3,H,W] in [0,1], exactly as torchvision's ToTensor."""
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255.0
-
-
-SHARED_KEYS = ("visual.ln_post.bias", "visual.proj", "ln_final.bias", "text_projection")
-
-
-def random_clip_state_dict(model: torch.nn.Module, seed: int, cosine: float = 0.3) -> dict[str, torch.Tensor]:
-    """Random fp16 weights for an open_clip CLIP with unit-gain layers, plus one direction shared by image and
-    text embeddings so cosines sit near `cosine` instead of 0 (pure random towers give scores of +-0.02, where a
-    relative error means nothing). The final LayerNorm biases are mapped onto that direction by a rank-one
-    change of each projection."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, ref in model.state_dict().items():
-        shape, (owner, leaf) = ref.shape, ("." + key).rsplit(".", 2)[-2:]
-        noise = (torch.rand(shape, generator=g) * 2 - 1) * math.sqrt(3)  # unit variance, cheaper than randn
-        if key == "logit_scale":
-            value = torch.full(shape, math.log(100.0))
-        elif owner.startswith("ln"):  # ln_1, ln_2, ln_pre, ln_post, ln_final
-            value = 1.0 + 0.05 * noise if leaf == "weight" else 0.5 * noise
-        elif leaf.endswith("bias"):
-            value = 0.02 * noise
-        elif key == "token_embedding.weight":
-            value = 0.02 * noise
-        elif key in ("visual.proj", "text_projection"):
-            value = noise * shape[0] ** -0.5
-        elif "positional_embedding" in key or "class_embedding" in key:
-            value = noise * shape[-1] ** -0.5
-        else:
-            value = noise * math.prod(shape[1:]) ** -0.5
-        state[key] = value if key in SHARED_KEYS else value.half()  # halve now: peak memory stays one fp16 copy
-    dim = state["text_projection"].shape[1]
-    shared = torch.randn(dim, generator=g)
-    shared *= math.sqrt(cosine / (1 - cosine) * dim) / shared.norm()
-    for bias_key, proj_key in (SHARED_KEYS[:2], SHARED_KEYS[2:]):
-        bias, proj = state[bias_key], state[proj_key]
-        state[proj_key] = proj + torch.outer(bias, shared - bias @ proj) / bias.dot(bias)
-    return {k: v.half() for k, v in state.items()}  # a no-op for all but SHARED_KEYS
 
 
 # -- the official path ------------------------------------------------------------------------------------

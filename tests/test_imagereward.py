@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
-import re
 import subprocess
 import tempfile
 import time
@@ -23,31 +22,13 @@ import torch
 from PIL import Image
 
 import rewards
+from benchmarks.checkpoints import MED_CONFIG, write_vocab
 from rewards import imagereward as ir
 from tests.parity import TARGET_MEAN_DIFF_OVER_STD
 
 ORACLE = Path(__file__).parent / "imagereward_oracle"
 SEED = 0
 HEAD_STD = 2.0  # head init gain in the random checkpoint (the official 1/769 std makes every score equal)
-MED_CONFIG = {  # THUDM/ImageReward med_config.json (BLIP's BERT-base "med" config)
-    "architectures": ["BertModel"],
-    "attention_probs_dropout_prob": 0.1,
-    "hidden_act": "gelu",
-    "hidden_dropout_prob": 0.1,
-    "hidden_size": 768,
-    "initializer_range": 0.02,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-12,
-    "max_position_embeddings": 512,
-    "model_type": "bert",
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 0,
-    "type_vocab_size": 2,
-    "vocab_size": 30524,
-    "encoder_width": 768,
-    "add_cross_attention": True,
-}
 PROMPTS = [
     "an astronaut in a white space suit, studio portrait",
     "A cup of coffee on a saucer, seen from above!",
@@ -73,17 +54,6 @@ def _images() -> list[np.ndarray]:
         tiny,  # 120 x 160, smaller than 224
         data.coffee()[:, 150:350],  # 400 x 200, portrait, narrower than 224
     ]
-
-
-def write_vocab(path: Path, prompts: list[str]) -> None:
-    """A 30522-entry BERT vocabulary with bert-base-uncased's special-token ids, covering `prompts`."""
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'()-:;\""
-    words = sorted({w for p in prompts for w in re.findall(r"[a-z0-9]+", p.lower())})
-    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokens += list(chars) + [f"##{c}" for c in chars] + [w for w in words if w not in chars]
-    tokens += [f"[unused{i}]" for i in range(99, 99 + 30522 - len(tokens))]
-    assert len(tokens) == 30522 and len(set(tokens)) == 30522
-    path.write_text("\n".join(tokens) + "\n")
 
 
 def _oracle_python() -> Path:

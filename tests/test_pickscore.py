@@ -4,9 +4,6 @@ the official path (transformers `CLIPModel` + the PIL `CLIPImageProcessorPil`, a
 from __future__ import annotations
 
 import gc
-import gzip
-import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -19,107 +16,11 @@ from safetensors.torch import save_file
 import rewards
 from tests.parity import TARGET_MEAN_DIFF_OVER_STD, summarize
 from rewards import CheckpointMismatchError, InputError, MissingFileError
+from benchmarks.checkpoints import PICKSCORE_CONFIG as FULL_CONFIG, PICKSCORE_SMALL as SMALL_CONFIG
+from benchmarks.checkpoints import write_clip_tokenizer, write_pickscore as write_checkpoint
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
-LOGIT_SCALE = math.log(100.0)  # PickScore_v1's learned scale is ~100
-
-# CLIP-H as in yuvalkirstain/PickScore_v1's config.json (transformers layout).
-FULL_CONFIG = dict(
-    text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                     max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", layer_norm_eps=1e-5),
-    vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                       image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5),
-    projection_dim=1024,
-)
-SMALL_CONFIG = dict(
-    text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     max_position_embeddings=77, vocab_size=49408, hidden_act="gelu"),
-    vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       image_size=224, patch_size=14, hidden_act="gelu"),
-    projection_dim=32,
-)
-
-
-# -- local files in the official layouts ---------------------------------------------------------------
-def write_clip_tokenizer(folder: Path) -> Path:
-    """vocab.json + merges.txt of OpenAI CLIP's BPE (as in the LAION repo), rebuilt from open_clip's merges."""
-    import open_clip.tokenizer as oct
-
-    folder.mkdir(parents=True, exist_ok=True)
-    gz = Path(oct.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(gz).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    byte_chars = list(oct.bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + [m.replace(" ", "") for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return folder
-
-
-def clip_config(spec: dict):
-    from transformers import CLIPConfig
-
-    return CLIPConfig(**spec, logit_scale_init_value=LOGIT_SCALE)
-
-
-def pool_sampler(largest: int, generator: torch.Generator):
-    """randn(shape) drawing a random slice of one pool of normal numbers: fast for a billion weights."""
-    pool = torch.randn(largest + 2**20, generator=generator)
-
-    def randn(shape: torch.Size) -> torch.Tensor:
-        start = int(torch.randint(0, pool.numel() - shape.numel() + 1, (1,), generator=generator))
-        return pool[start : start + shape.numel()].view(shape)
-
-    return randn
-
-
-def random_clip_state(config, seed: int = 0, shared: float = 1.1) -> dict[str, torch.Tensor]:
-    """Random CLIP weights at sensible scales (fan-in linears, LayerNorms near identity), logit scale log(100).
-
-    Pure random towers give cosines near 0, so scores near 0 where a relative error means little. Both pooled
-    outputs get a LayerNorm bias along a direction that the projections map onto one shared unit vector u
-    (`shared` sets its weight), so prompt and image embeddings have cosine ~0.2 and scores ~20, as real
-    PickScores do. Values are slices of one random pool, which is much faster than drawing 1e9 numbers.
-    """
-    from transformers import CLIPModel
-
-    with torch.device("meta"):
-        shapes = CLIPModel(config).state_dict()
-    g = torch.Generator().manual_seed(seed)
-    randn = pool_sampler(max(m.numel() for m in shapes.values()), g)
-    state = {}
-    for key, meta in shapes.items():
-        if key == "logit_scale":
-            state[key] = torch.tensor(LOGIT_SCALE)
-        elif "norm" in key:
-            state[key] = 1.0 + 0.1 * randn(meta.shape) if key.endswith("weight") else 0.1 * randn(meta.shape)
-        elif key.endswith("bias"):
-            state[key] = 0.02 * randn(meta.shape)
-        elif "embedding" in key and meta.ndim < 4:
-            state[key] = (0.02 if meta.ndim == 2 else 0.2) * randn(meta.shape)
-        else:
-            state[key] = randn(meta.shape) * meta[0].numel() ** -0.5  # fan-in scaling (linears, patch conv)
-    u = torch.nn.functional.normalize(torch.randn(config.projection_dim, generator=g), dim=0)
-    for norm, proj in (("vision_model.post_layernorm", "visual_projection"), ("text_model.final_layer_norm", "text_projection")):
-        width = state[f"{norm}.bias"].numel()
-        d = torch.nn.functional.normalize(torch.randn(width, generator=g), dim=0)
-        state[f"{norm}.bias"] = state[f"{norm}.bias"] + 0.5 * width**0.5 * d
-        state[f"{proj}.weight"] = state[f"{proj}.weight"] + shared * torch.outer(u, d)
-    return state
-
-
-def write_checkpoint(folder: Path, spec: dict, seed: int = 0, fmt: str = "safetensors") -> Path:
-    """A PickScore_v1-style folder: config.json + model.safetensors (or pytorch_model.bin)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config = clip_config(spec)
-    config.to_json_file(str(folder / "config.json"))
-    state = random_clip_state(config, seed)
-    if fmt == "safetensors":
-        save_file(state, str(folder / "model.safetensors"))
-    else:
-        torch.save(state, folder / "pytorch_model.bin")
-    return folder
 
 
 # -- the official path ---------------------------------------------------------------------------------

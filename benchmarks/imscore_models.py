@@ -1,0 +1,204 @@
+"""imscore 0.0.11's rewards, built offline on the benchmark's files: the SAME weights our rewards load.
+
+imscore's constructors fetch from the Hugging Face hub (open_clip's LAION ViT-H-14, yuvalkirstain/PickScore_v1,
+openai/clip-vit-large-patch14, bert-base-uncased) and its usual entry point, `Class.from_pretrained(repo)`, then
+loads imscore's own converted weights. With no network, each builder runs imscore's constructor with the names
+it fetches through replaced, in imscore's module only, by the same loader pointed at the local official-format
+file, then loads what the constructor did not (the aesthetic MLP, ImageReward's whole state dict) strictly:
+
+    hpsv2.1      imscore.hps.model.create_model_and_transforms -> open_clip's own, pretrained=HPS_v2.1_compressed.pt
+    pickscore    imscore.pickscore.model.CLIPModel.from_pretrained -> transformers' own, on the PickScore_v1 folder;
+                 AutoProcessor.from_pretrained -> a CLIPProcessor over the same CLIP BPE files ours reads; under
+                 transformers 5, get_image/text_features return a ModelOutput that imscore (written for transformers
+                 4) divides by its norm: they are wrapped to return its `pooler_output`, the tensor 4.x returned
+    aesthetic    imscore.aesthetic.model.CLIPVisionModelWithProjection.from_pretrained -> transformers' own, on the
+                 ViT-L/14 file converted to transformers' layout; the MLP from sac+logos+ava1-l14-linearMSE.pth
+    imagereward  imscore.imreward.model.BertTokenizer.from_pretrained -> the local vocab.txt (plus the
+                 `additional_special_tokens_ids` attribute imscore reads, gone from transformers 5 tokenizers); the
+                 modules built on the meta device, then ImageReward.pt loaded strictly (its keys are imscore's keys)
+
+Every load is strict (a missing, unexpected or mis-shaped key is an error), so both sides hold identical weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Iterator
+from unittest import mock
+
+import torch
+from torch import nn
+
+from rewards.checkpoint import read_checkpoint
+
+IMSCORE_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic")
+
+
+def available() -> bool:
+    """Whether imscore is installed."""
+    try:
+        import imscore  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def version() -> str | None:
+    """imscore's version, or None if it is not installed."""
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("imscore")
+    except Exception:
+        return None
+
+
+def load(name: str, files: dict, *, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """imscore's model for reward `name` on the benchmark's files, frozen, in eval mode, on `device` in `dtype`."""
+    if not available():
+        raise ImportError("the imscore comparison needs imscore 0.0.11: pip install imscore==0.0.11")
+    builders: dict[str, Callable[..., nn.Module]] = {
+        "hpsv2.1": _hps, "pickscore": _pickscore, "aesthetic": _aesthetic, "imagereward": _imagereward,
+    }
+    if name not in builders:
+        raise KeyError(f"imscore has no implementation of {name!r} in this benchmark; it has {', '.join(builders)}")
+    model = builders[name](files, torch.device(device))
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def score(model: nn.Module, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """imscore's documented call, `model.score(pixels, prompts)`, as one score per image."""
+    return model.score(images, prompts).reshape(-1)
+
+
+# -- builders -------------------------------------------------------------------------------------------------------
+def _hps(files: dict, device: torch.device) -> nn.Module:
+    import open_clip
+    import imscore.hps.model as module
+
+    checkpoint = str(files["sources"]["hpsv2.1"]["checkpoint"])
+
+    def create_model_and_transforms(name, pretrained=None, **kwargs):
+        with torch.device(device):  # random init on the target device; the checkpoint overwrites every weight
+            return open_clip.create_model_and_transforms(name, pretrained=checkpoint, device=device, **kwargs)
+
+    with mock.patch.object(module, "create_model_and_transforms", create_model_and_transforms):
+        return module.HPSv2()
+
+
+def _pickscore(files: dict, device: torch.device) -> nn.Module:
+    import imscore.pickscore.model as module
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder, tokenizer = files["sources"]["pickscore"]["checkpoint"], files["extra"]["clip_tokenizer"]
+    text = CLIPTokenizer.from_pretrained(str(tokenizer))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=text)
+    replacements = {
+        "CLIPModel": _Redirect(CLIPModel, folder),
+        "AutoProcessor": mock.Mock(from_pretrained=mock.Mock(return_value=processor)),
+    }
+    with mock.patch.multiple(module, **replacements):
+        scorer = module.PickScorer()
+    for name in ("get_image_features", "get_text_features"):
+        setattr(scorer.model, name, _returning_tensor(getattr(scorer.model, name)))
+    return scorer
+
+
+def _returning_tensor(method: Callable) -> Callable:
+    """imscore 0.0.11 was written for transformers 4, whose CLIPModel.get_*_features return the projected embeddings;
+    transformers 5 returns a ModelOutput holding them as `pooler_output`. Same computation, the old return type."""
+
+    def call(*args, **kwargs):
+        out = method(*args, **kwargs)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    return call
+
+
+def _aesthetic(files: dict, device: torch.device) -> nn.Module:
+    import imscore.aesthetic.model as module
+    from transformers import CLIPVisionModelWithProjection
+
+    vision = _Redirect(CLIPVisionModelWithProjection, files["extra"]["hf_clip_vision"])
+    with mock.patch.object(module, "CLIPVisionModelWithProjection", vision):
+        scorer = module.LAIONAestheticScorer()
+    head = files["sources"]["aesthetic"]["checkpoint"]
+    _load_strict(scorer.mlp, read_checkpoint(head, reward="imscore aesthetic"), str(head))
+    return scorer
+
+
+def _imagereward(files: dict, device: torch.device) -> nn.Module:
+    import imscore.imreward.model as module
+    from transformers import BertTokenizer
+
+    paths = files["sources"]["imagereward"]
+    vocab = Path(paths["tokenizer"]).parent
+    tokenizer = mock.Mock(from_pretrained=lambda _repo_id: _blip_tokenizer(BertTokenizer, vocab))
+    with mock.patch.object(module, "BertTokenizer", tokenizer), torch.device("meta"):
+        scorer = module.ImageReward()  # 447M parameters: no random init, every tensor comes from the checkpoint
+    _load_strict(scorer, read_checkpoint(paths["checkpoint"], reward="imscore imagereward"), str(paths["checkpoint"]),
+                 assign=True)
+    return scorer
+
+
+def _blip_tokenizer(cls: type, folder: Path):
+    """bert-base-uncased from the local vocab with BLIP's two added tokens. imscore then reads
+    `additional_special_tokens_ids`, which transformers 5 tokenizers no longer have: it is set to the same ids."""
+    tokenizer = cls.from_pretrained(str(folder))
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    if not hasattr(tokenizer, "additional_special_tokens_ids"):
+        tokenizer.additional_special_tokens_ids = tokenizer.convert_tokens_to_ids(["[ENC]"])
+    return tokenizer
+
+
+class _Redirect:
+    """Stands in for a transformers class in imscore's module: `from_pretrained(<hub id>)` loads `folder` instead,
+    with the real class; weights must fit exactly."""
+
+    def __init__(self, cls: type, folder: Path) -> None:
+        self.cls, self.folder = cls, str(folder)
+
+    def from_pretrained(self, _repo_id: str, *args, **kwargs):
+        model, info = self.cls.from_pretrained(self.folder, *args, output_loading_info=True, **kwargs)
+        kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
+        bad = {k: sorted(v) for k, v in info.items() if k in kinds and v}
+        if bad:
+            raise RuntimeError(f"{self.cls.__name__} from {self.folder} does not fit its weights: {bad}")
+        return model
+
+
+def _load_strict(module: nn.Module, state: dict, source: str, assign: bool = False) -> None:
+    own = set(module.state_dict())
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if missing or unexpected:
+        raise RuntimeError(f"imscore's {type(module).__name__} does not fit {source}: "
+                           f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    module.load_state_dict(state, strict=True, assign=assign)
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"imscore's {type(module).__name__}: tensors {left[:5]} were not loaded from {source}")
+
+
+@contextlib.contextmanager
+def tiny_imagereward(vision: dict, med: dict) -> Iterator[None]:
+    """While active, imscore's ImageReward has the ViT sizes `vision` (embed_dim, depth, num_heads) and BERT `med`
+    overrides, like ours under `rewards.imagereward.VISION` (smoke runs only)."""
+    if not available():
+        yield
+        return
+    import imscore.imreward.model as module
+    from transformers import BertConfig
+
+    blip, vit = module.BLIP, module.VisionTransformer
+
+    def small_blip(image_size: int = 224, **kwargs):
+        return blip(image_size=image_size, vision_width=vision["embed_dim"], **kwargs)
+
+    def small_vit(**kwargs):
+        return vit(**{**kwargs, "depth": vision["depth"], "num_heads": vision["num_heads"]})
+
+    config = mock.Mock(from_dict=lambda d: BertConfig.from_dict({**d, **med}))
+    with mock.patch.multiple(module, BLIP=small_blip, VisionTransformer=small_vit, BertConfig=config):
+        yield

@@ -1,0 +1,159 @@
+"""The rewards the gradient benchmark times: ours through `rewards.load`, imscore's through its own classes, all on
+ONE set of random-weight files written in the official formats (random weights cost exactly what trained ones cost).
+
+    files = write_files(root, tiny=False)          # cached: a second call with the same root reuses the files
+    reward = load_ours("hpsv2.1", files, device="cuda", dtype=torch.bfloat16, compile=True)
+    scorer = imscore_models.load("hpsv2.1", files, device="cuda", dtype=torch.bfloat16)
+
+`tiny_architectures()` shrinks every architecture for CPU smoke runs while keeping the real loading paths: the
+open_clip names ViT-H-14 / ViT-L-14 resolve to tiny configs, ImageReward's ViT and BERT get one block (ours and
+imscore's alike). Everything else, file formats and code paths included, is the full-size suite's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+from unittest import mock
+
+import torch
+
+import rewards
+from benchmarks import checkpoints as ck
+
+MODEL_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip")
+REWARDS = MODEL_REWARDS + ("symmetry", "sharpness")
+FILES_VERSION = 1  # bump when a writer changes: cached files of another version are rewritten
+
+PROMPTS = [
+    "a photo of a cat sitting on a wooden table",
+    "an astronaut riding a horse on the moon, digital art",
+    "a bowl of ramen with a soft boiled egg, studio lighting",
+    "a watercolor painting of a lighthouse at sunset",
+    "a red sports car parked in front of a glass building",
+    "portrait of an old fisherman with a grey beard, 35mm film",
+    "a cozy library with tall bookshelves and a fireplace",
+    "a futuristic city skyline at night with flying cars",
+    "a golden retriever puppy playing in the snow",
+    "a bouquet of sunflowers in a blue ceramic vase",
+    "a mountain lake reflecting pine trees at dawn",
+    "a steampunk owl made of brass gears",
+    "a plate of pancakes with berries and maple syrup",
+    "a medieval castle on a cliff above the sea",
+    "an isometric illustration of a tiny island village",
+    "a close-up of a hummingbird drinking from a flower",
+    "a robot barista making coffee in a busy cafe",
+    "a foggy forest path with rays of light",
+    "a minimalist poster of a rocket launch",
+    "a koi pond in a japanese garden in autumn",
+    "a knight in shining armor holding a lantern",
+    "an oil painting of a stormy sea with a sailing ship",
+    "a desert landscape with red rock arches under stars",
+    "a bowl of fresh fruit on a marble counter",
+    "a neon sign reading open in a rainy alley",
+    "a snow leopard resting on a rocky ledge",
+    "a child flying a kite on a windy beach",
+    "a cyberpunk street market with holograms",
+    "a vintage typewriter on a desk next to a window",
+    "a field of lavender under a purple sky",
+    "an astronaut floating above the earth, photorealistic",
+    "a wooden cabin by a frozen lake at twilight",
+]
+
+# Smoke-run sizes: the full configs' structure with tiny widths and depths.
+TINY_HPS = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+TINY_OPENAI = {  # embed_dim 768: the aesthetic head reads 768-wide embeddings
+    "embed_dim": 768,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+TINY_IR_VISION = {"embed_dim": 64, "depth": 1, "num_heads": 4}
+TINY_MED = {"num_hidden_layers": 1}
+
+
+@contextlib.contextmanager
+def tiny_architectures() -> Iterator[None]:
+    """While active, ViT-H-14 and ViT-L-14 mean tiny open_clip models, and ImageReward (ours and imscore's) has one
+    ViT block 64 wide; files written and models loaded meanwhile have those sizes."""
+    import open_clip.factory as factory
+
+    from rewards import imagereward as ir
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.dict(factory._MODEL_CONFIGS, {"ViT-H-14": TINY_HPS, "ViT-L-14": TINY_OPENAI}))
+        stack.enter_context(mock.patch.dict(ir.VISION, TINY_IR_VISION))
+        from benchmarks import imscore_models
+
+        stack.enter_context(imscore_models.tiny_imagereward(TINY_IR_VISION, TINY_MED))
+        yield
+
+
+def write_files(root: Path, *, tiny: bool) -> dict:
+    """Write (or reuse) every reward's files under root/{full,tiny}: {"sources": {reward: {...}}, "extra": {...}}."""
+    folder = Path(root) / ("tiny" if tiny else "full")
+    marker = folder / "files.json"
+    if marker.is_file():
+        saved = json.loads(marker.read_text())
+        if saved.get("version") == FILES_VERSION and saved.get("tiny") == tiny:
+            return _paths(saved["files"])
+    start = time.perf_counter()
+    files = _write(folder, tiny)
+    record = {"version": FILES_VERSION, "tiny": tiny, "seconds": round(time.perf_counter() - start, 1)}
+    marker.write_text(json.dumps({**record, "files": _strings(files)}, indent=2))
+    return files
+
+
+def _write(folder: Path, tiny: bool) -> dict:
+    med = {**ck.MED_CONFIG, **(TINY_MED if tiny else {})}
+    pickscore = ck.PICKSCORE_SMALL if tiny else ck.PICKSCORE_CONFIG
+    tokenizer = ck.write_clip_tokenizer(folder / "clip_tokenizer")
+    openai = ck.random_openai_clip_state(seed=0, arch="ViT-L-14")
+    backbone = folder / "openai" / "ViT-L-14.pt"
+    backbone.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(openai, backbone)
+    hf_vision = ck.write_hf_clip_vision(folder / "clip-vit-large-patch14", openai, "ViT-L-14")
+    del openai
+    sources = {
+        "hpsv2.1": {"checkpoint": ck.write_hps(folder / "hps" / ck.HPS_FILE, "ViT-H-14", seed=0)},
+        "pickscore": {
+            "checkpoint": ck.write_pickscore(folder / "PickScore_v1", pickscore, seed=0, fmt="bin"),
+            "tokenizer": tokenizer,
+        },
+        "imagereward": ck.write_imagereward(folder / "ImageReward", PROMPTS, seed=0, med_config=med),
+        "aesthetic": {"checkpoint": ck.write_head(folder / "aesthetic" / ck.HEAD_FILE, seed=0), "backbone": backbone},
+        "clip": {"checkpoint": backbone},  # ViT-L-14 with the openai tag's preprocessing and QuickGELU
+        "symmetry": {},
+        "sharpness": {},
+    }
+    return {"sources": sources, "extra": {"hf_clip_vision": hf_vision, "clip_tokenizer": tokenizer}}
+
+
+def _strings(files: dict) -> dict:
+    return json.loads(json.dumps(files, default=str))
+
+
+def _paths(files: dict) -> dict:
+    sources = {name: {k: Path(v) for k, v in src.items()} for name, src in files["sources"].items()}
+    return {"sources": sources, "extra": {k: Path(v) for k, v in files["extra"].items()}}
+
+
+def load_ours(
+    name: str, files: dict, *, device: str, dtype: torch.dtype, fast: bool = False, compile: bool | dict = False
+) -> rewards.Reward:
+    """Our reward `name` from the written files, as a user loads it; the per-call input check off, as in the tuner."""
+    reward = rewards.load(name, device=device, dtype=dtype, fast=fast, compile=compile, **files["sources"][name])
+    reward.check_values = False
+    return reward
+
+
+def prompts_for(batch: int) -> list[str]:
+    """`batch` prompts, distinct up to len(PROMPTS)."""
+    return [PROMPTS[i % len(PROMPTS)] for i in range(batch)]

@@ -1,0 +1,109 @@
+"""Speed switches (rewards.speed): `fast` and `compile` compute the default path's scores and pixel gradients.
+
+Tiny architectures through the real loading paths (benchmarks.reward_models.tiny_architectures); `compile` runs with
+the aot_eager backend, which traces the blocks with dynamo and AOTAutograd as inductor does, without code generation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rewards
+from benchmarks.reward_models import load_ours, prompts_for, tiny_architectures, write_files
+from rewards import speed
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+EAGER_COMPILE = {"backend": "aot_eager", "dynamic": False}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    with tiny_architectures():
+        yield write_files(tmp_path_factory.mktemp("speed"), tiny=True)
+
+
+@pytest.fixture
+def tiny(files):
+    with tiny_architectures():
+        yield lambda name, **options: load_ours(name, files, device="cpu", dtype=torch.float32, **options)
+
+
+def _gradient(reward, images):
+    pixels = images.clone().requires_grad_(True)
+    scores = reward(pixels, prompts_for(len(images)))
+    (grad,) = torch.autograd.grad(scores.sum(), pixels)
+    return scores, grad
+
+
+def _assert_same(ours, reference, rtol=1e-5):
+    (s, g), (s_ref, g_ref) = ours, reference
+    torch.testing.assert_close(s, s_ref, rtol=rtol, atol=rtol * s_ref.abs().max().item())
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-4 * g_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["hpsv2.1", "clip", "aesthetic", "pickscore"])
+def test_fast_equals_default(tiny, name, single_thread):
+    default, fast = tiny(name), tiny(name, fast=True)
+    images = torch.rand(3, 3, 60, 90, generator=torch.Generator().manual_seed(0))
+    _assert_same(_gradient(fast, images), _gradient(default, images))
+    assert list(fast.state_dict()) == list(default.state_dict())  # same weights under the same names
+    kinds = {type(m).__name__ for m in fast.modules()}
+    assert "ClassTokenBlock" in kinds or "ClassTokenLayer" in kinds
+    if name != "pickscore":
+        assert "SelfAttention" in kinds
+        assert "MultiheadAttention" not in {type(m).__name__ for m in _visual(fast).modules()}
+
+
+def _visual(reward):
+    return getattr(reward, "visual", None) or reward.model.visual
+
+
+@pytest.mark.parametrize("name", ["hpsv2.1", "pickscore", "imagereward"])
+def test_compile_equals_default(tiny, name, single_thread):
+    torch._dynamo.reset()
+    default, compiled = tiny(name), tiny(name, compile=EAGER_COMPILE)
+    blocks = speed.compiled_blocks(compiled)
+    assert blocks and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    _assert_same(_gradient(compiled, images), _gradient(default, images), rtol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_class_token_block_needs_class_token_pooling(tiny):
+    reward = tiny("hpsv2.1")
+    reward.model.visual.pool_type = "avg"  # the score would read every token: the last block must stay whole
+    speed.optimize(reward, fast=True)
+    assert type(reward.model.visual.transformer.resblocks[-1]).__name__ == "ResidualAttentionBlock"
+    assert isinstance(reward.model.visual.transformer.resblocks[-1].attn, speed.SelfAttention)
+
+
+def test_optimize_reaches_every_part_of_a_mixture(tiny):
+    mix = rewards.combine([(tiny("clip"), 1.0), (tiny("aesthetic"), 0.5), (rewards.load("symmetry"), 0.1)])
+    speed.optimize(mix, fast=True)
+    for part in ("clip", "aesthetic"):
+        assert isinstance(_visual(mix.parts[part]).transformer.resblocks[-1], speed.ClassTokenBlock)
+
+
+def test_optimize_is_idempotent(tiny):
+    reward = tiny("hpsv2.1", fast=True)
+    speed.optimize(reward, fast=True)
+    last = reward.model.visual.transformer.resblocks[-1]
+    assert isinstance(last, speed.ClassTokenBlock)
+    assert not any(isinstance(c, speed.ClassTokenBlock) for c in last.children())
+
+
+def test_self_attention_refuses_cross_attention(tiny):
+    attn = tiny("hpsv2.1", fast=True).model.visual.transformer.resblocks[0].attn
+    x = torch.rand(1, 5, attn.in_proj_weight.shape[1])
+    with pytest.raises(ValueError, match="self-attention only"):
+        attn(x, x.clone(), x.clone())
+
+
+def test_weight_free_rewards_accept_the_switches():
+    assert rewards.load("symmetry", fast=True, compile=True)(torch.rand(1, 3, 8, 8)).shape == (1,)
+
+
+def test_bad_compile_option_says_what_is_accepted():
+    with pytest.raises(TypeError, match="dict of torch.compile options"):
+        speed.optimize(rewards.load("symmetry"), compile="yes")
