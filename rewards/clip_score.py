@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import openclip
 from .base import Reward
@@ -38,9 +37,8 @@ def resize(images: torch.Tensor, size: tuple[int, int], interpolation: str, pil_
     with `pil_8bit`, exactly as PIL resizes the image's 8-bit version."""
     if pil_8bit:
         return resize_pil_8bit(images, size, interpolation)
-    if interpolation == "bilinear":  # a non-negative kernel never overshoots [0, 1]: nothing to clamp
-        return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return resize_bicubic(images, size)
+    # a non-negative (bilinear) kernel never overshoots [0, 1]: nothing to clamp
+    return resize_bicubic(images, size, clamp=interpolation != "bilinear", filter=interpolation)
 
 
 def clip_geometry(

@@ -20,17 +20,22 @@ class Mixture(Reward):
         super().__init__()
         if not parts:
             raise InputError("combine() needs at least one reward")
-        self.parts = nn.ModuleDict(dict(parts))
+        self.labels = list(parts)  # reward names may hold dots ("hpsv2.1"), which module names may not
+        self.parts = nn.ModuleList(parts.values())
         self.weights = {k: float(weights[k]) for k in parts}
-        self.needs_prompt = any(p.needs_prompt for p in self.parts.values())
+        self.needs_prompt = any(p.needs_prompt for p in self.parts)
         self.name = " + ".join(f"{w:g}*{k}" for k, w in self.weights.items())
         self.last_parts: dict[str, torch.Tensor] = {}
-        for part in self.parts.values():
+        for part in self.parts:
             part.check_values = False  # the mixture checks once for all parts
+
+    def part(self, label: str) -> Reward:
+        """The part reward named `label`."""
+        return self.parts[self.labels.index(label)]
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         total, parts = None, {}
-        for key, reward in self.parts.items():
+        for key, reward in zip(self.labels, self.parts):
             value = reward(images, prompts)
             parts[key] = value.detach()
             total = self.weights[key] * value if total is None else total + self.weights[key] * value

@@ -48,7 +48,7 @@ def _compile_options(compile: bool | dict) -> dict | None:
 
 def _parts(reward: Reward) -> Iterator[Reward]:
     parts = getattr(reward, "parts", None)  # a Mixture
-    yield from (parts.values() if isinstance(parts, nn.ModuleDict) else [reward])
+    yield from (parts if isinstance(parts, nn.ModuleList) else [reward])
 
 
 # -- where the blocks are -----------------------------------------------------------------------------------------

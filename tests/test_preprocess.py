@@ -28,6 +28,7 @@ from rewards.preprocess import (
     pad_to_square,
     pil_coefficients,
     pil_fixed_point,
+    pil_pass_order,
     quantize_8bit,
     resize_bicubic,
     resize_longest_then_pad,
@@ -352,3 +353,16 @@ def test_8bit_pipeline_gradients_reach_pixels():
     pixels = resize_shortest_then_crop(x, 16, "floor", pil_8bit=True)
     Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)(pixels).square().sum().backward()
     assert torch.isfinite(x.grad).all() and (x.grad.abs().sum(dim=(1, 2, 3)) > 0).all()
+
+
+@pytest.mark.parametrize("filter", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("size, out", [((1024, 1024), (224, 224)), ((97, 131), (224, 301)), ((300, 50), (64, 11))])
+def test_float_resize_as_matrix_products_equals_torch_antialiased_interpolate(size, out, filter):
+    """The float path's per-axis matrix products are F.interpolate's antialiased filter (float64, one axis at a time)."""
+    x = torch.rand(2, 3, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = resize_bicubic(x, out, clamp=False, filter=filter)
+    want = x
+    for axis in pil_pass_order(size, out):
+        target = (out[0], want.shape[-1]) if axis == "h" else (want.shape[-2], out[1])
+        want = torch.nn.functional.interpolate(want, size=target, mode=filter, antialias=True, align_corners=False)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)

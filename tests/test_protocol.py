@@ -250,6 +250,14 @@ def test_combine_accepts_reward_objects_and_propagates_prompt_requirement(fake, 
     assert set(mix.last_parts) == {"fake", "symmetry"}
 
 
+def test_combine_takes_names_with_dots(images):
+    part = rewards.load("symmetry")
+    part.name = "symmetry.v2"  # like hpsv2.1: module names may not hold dots, reward names may
+    mix = rewards.combine([(part, 2.0)])
+    assert torch.allclose(mix(images), 2.0 * rewards.load("symmetry")(images))
+    assert list(mix.last_parts) == ["symmetry.v2"]
+
+
 def test_combine_sources_errors():
     with pytest.raises(InputError, match="sources given for pickscore, which are not in the mixture"):
         rewards.combine({"symmetry": 1.0}, sources={"pickscore": {"checkpoint": "x"}})
@@ -263,6 +271,6 @@ def test_combine_sources_errors():
 
 def test_combine_validates_inputs_once_for_all_parts(images):
     mix = rewards.combine({"symmetry": 1.0, "sharpness": 1.0})
-    assert all(not part.check_values for part in mix.parts.values())
+    assert all(not part.check_values for part in mix.parts)
     with pytest.raises(InputError, match="looks like \\[0,255\\]"):
         mix(images * 255)

@@ -82,7 +82,7 @@ def test_optimize_reaches_every_part_of_a_mixture(tiny):
     mix = rewards.combine([(tiny("clip"), 1.0), (tiny("aesthetic"), 0.5), (rewards.load("symmetry"), 0.1)])
     speed.optimize(mix, fast=True)
     for part in ("clip", "aesthetic"):
-        assert isinstance(_visual(mix.parts[part]).transformer.resblocks[-1], speed.ClassTokenBlock)
+        assert isinstance(_visual(mix.part(part)).transformer.resblocks[-1], speed.ClassTokenBlock)
 
 
 def test_optimize_is_idempotent(tiny):
