@@ -12,9 +12,9 @@ from tuner.run import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_embedded_default_is_the_tiny_run():
+def test_embedded_default_is_the_shipped_model_run():
     cfg = validate(load_config())
-    assert cfg.model == "tiny-sdxl" and cfg.method == "drtune" and cfg.reward == "symmetry"
+    assert cfg.model == "shapes-sd" and cfg.method == "drtune" and cfg.reward == {"symmetry": 1.0, "shapes-clip": 1.0}
     assert (cfg.sampling.height, cfg.sampling.width) == (64, 64)
 
 
@@ -41,7 +41,8 @@ def test_overrides_nested_typed_and_mappings():
     assert cfg.reward_sources == {"hpsv2.1": {"checkpoint": "/w/hps.pt"}}
     assert cfg.method_options == {"num_trained": 3, "early_stop_range": 3}  # merged into the file's options
     assert cfg.train.mixed_precision == "bf16" and cfg.name == "abc"
-    assert load_config(None, ["reward.sharpness=0.5"]).reward == {"sharpness": 0.5}  # a name with a dot stays whole
+    mixture = load_config(None, ["reward.sharpness=0.5"]).reward  # merged into the file's mixture
+    assert mixture == {"symmetry": 1.0, "shapes-clip": 1.0, "sharpness": 0.5}
 
 
 def test_yaml_file_over_dataclass_defaults(tmp_path):
@@ -80,7 +81,7 @@ def test_structural_refusals(override, pattern):
     ("train.ema_decay=1.0", r"'train.ema_decay': must be in \[0, 1\)"),
     ("model=./no/such/dir", r"'model': './no/such/dir' is neither an existing folder nor a Hugging Face repo id"),
     ("prompts.file=/no/such/prompts.txt", r"'prompts'.*not found.*simple_animals"),
-    ("prompts.num_eval=100", r"'prompts'.*num_eval=100 would leave no training prompt"),
+    ("prompts.num_eval=1000", r"'prompts'.*num_eval=1000 would leave no training prompt"),
     ("lora.target_modules=[]", r"'lora.target_modules': empty"),
 ])
 def test_semantic_refusals(override, pattern):

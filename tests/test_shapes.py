@@ -117,12 +117,12 @@ def test_shipped_clip_prefers_the_true_caption_and_matches_open_clip():
     assert accuracy["all"] >= 0.9  # held-out images against their caption with one fact changed (measured 0.98)
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{SHAPES_CLIP_DIR}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{SHAPES_CLIP_DIR}")
-    captions = [s.caption for s in scenes[:8]]
+    captions = [s.caption for s in scenes[:32]]
     with torch.no_grad():
-        pixels = torch.stack([preprocess(data_to_pil(image)) for image in images[:8]])
+        pixels = torch.stack([preprocess(data_to_pil(image)) for image in images[:32]])
         want = (model.eval().encode_image(pixels, normalize=True) * model.encode_text(tokenizer(captions), normalize=True)).sum(-1)
-    got = reward(images[:8], captions)
-    assert torch.allclose(got, want, atol=2e-3)  # the oracle goes through 8-bit PIL images
+    got = reward(images[:32], captions)
+    assert torch.allclose(got, want, rtol=0, atol=1e-5)  # the oracle scores 8-bit PIL images; so does the reward
 
 
 def data_to_pil(image: torch.Tensor):

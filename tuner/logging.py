@@ -123,7 +123,8 @@ def gallery(before: torch.Tensor, now: torch.Tensor, prompts: list[str], title: 
 
 
 def plot_rewards(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Training reward (raw and smoothed) and evaluation reward against step, as a PNG."""
+    """Training reward (raw and smoothed) and evaluation reward against step, as a PNG; for a mixture, a second
+    panel shows each part's evaluation reward (the total can hide a part that rises while another falls)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,7 +132,9 @@ def plot_rewards(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
     train = [(r["step"], r["reward"]) for r in rows if r.get("reward") is not None]
     evals = [(r["step"], r["eval/reward"]) for r in rows if r.get("eval/reward") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    parts = sorted({k for r in rows for k in r if k.startswith("eval/reward/")})
+    fig, axes = plt.subplots(1, 2 if parts else 1, figsize=(12 if parts else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     if train:
         steps, values = map(np.asarray, zip(*train))
         ax.plot(steps, values, color="tab:blue", alpha=0.3, lw=1, label="train reward")
@@ -141,10 +144,17 @@ def plot_rewards(rows: list[dict[str, Any]], path: str | Path) -> Path:
     if evals:
         steps, values = zip(*evals)
         ax.plot(steps, values, "o-", color="tab:orange", lw=2, label="eval reward (held-out prompts, fixed seeds)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("reward")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax in axes[0]:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("reward")
+    axes[0][0].legend()
+    for key in parts:
+        steps, values = zip(*[(r["step"], r[key]) for r in rows if r.get(key) is not None])
+        axes[0][1].plot(steps, values, "o-", lw=2, label=key.removeprefix("eval/reward/"))
+    if parts:
+        axes[0][1].set_title("eval reward of each part (unweighted)")
+        axes[0][1].legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
