@@ -12,7 +12,9 @@ hand (DRaFT-K / AlignProp style).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -31,20 +33,20 @@ def _plan(name: str, T: int, **opts) -> Plan:
     return get_method(name, **opts).plan(T, torch.Generator().manual_seed(0))
 
 
-def cases(T: int) -> dict[str, Plan]:
+def cases(T: int, k_sweep: list[int]) -> dict[str, Plan]:
     """Methods at their defaults, plus fixed plans that show memory stays flat as K or the suffix grows."""
     last = T - 1
-    return {
-        "drtune (K=5, default)": _plan("drtune", T),
-        "drtune K=1": _plan("drtune", T, num_trained=1),
-        "drtune K=10": _plan("drtune", T, num_trained=10),
+    rows = {"drtune (K=5, default)": _plan("drtune", T)}
+    rows.update({f"drtune K={k}": _plan("drtune", T, num_trained=k) for k in k_sweep if k != 5})
+    rows.update({
         "refl": _plan("refl", T),
         "draft K=1": _plan("draft", T, k=1),
         "draft K=5": _plan("draft", T, k=5),
         "draft-lv n=2": _plan("draft-lv", T, n=2),
         f"alignprop suffix {min(10, T)}": Plan(T, last, False, tuple(range(max(T - 10, 0), T)), False, max(T - 10, 0)),
         f"alignprop suffix {T} (whole chain)": Plan(T, last, False, tuple(range(T)), False, 0),
-    }
+    })
+    return rows
 
 
 def naive_backward(adapter, cond, reward, prompts, *, T, k, height, width, guidance, generator):
@@ -76,20 +78,54 @@ def measure(fn, iters: int) -> dict:
     return {"s_per_iter": (time.perf_counter() - start) / iters, "peak_gib": peak}
 
 
-def main() -> None:
-    """Run every case and write JSON + a markdown table to --out."""
+def count_flops(fn) -> int:
+    """FLOPs of one call (UNet, VAE and reward alike), as torch.utils.flop_counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak_tflops(device: str, n: int = 8192, iterations: int = 20) -> float | None:
+    """bf16 matmul throughput of an n^3 product on this GPU, the hardware limit the FLOP floor is taken from."""
+    if device != "cuda":
+        return None
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        torch.mm(a, b)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        torch.mm(a, b)
+    torch.cuda.synchronize()
+    return 2 * n**3 * iterations / (time.perf_counter() - start) / 1e12
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resolution", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1], help="images per iteration; one table row each")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--lora-rank", type=int, default=64)
+    ap.add_argument("--k-sweep", type=int, nargs="*", default=[1, 5, 10, 25], help="DRTune K values (memory against K)")
     ap.add_argument("--naive-k", type=int, nargs="*", default=[1, 2, 5])
+    ap.add_argument("--no-autocast", action="store_true",
+                    help="run without bf16 autocast (LoRA matmuls in fp32); training runs under autocast")
+    ap.add_argument("--compare-fold", action="store_true",
+                    help="also run the drtune default with the LoRA left unfolded in the gradient-free calls")
+    ap.add_argument("--flops", action="store_true", help="count each case's FLOPs and report its share of the floor")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--only", nargs="*", default=None, help="run only the cases whose name contains one of these")
     ap.add_argument("--smoke", action="store_true", help="tiny pipeline on CPU: checks the script, measures nothing")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    """Run every case at every batch size and write JSON + a markdown table to --out."""
+    args = parse_args()
     device = "cpu" if args.smoke else "cuda"
     if args.smoke:
         from tuner.pipelines import tiny_sdxl_pipeline
@@ -104,60 +140,106 @@ def main() -> None:
     add_lora(adapter.unet, rank=args.lora_rank, alpha=args.lora_rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     reward = rewards.load("sharpness", device=device)
     reward.check_values = False
-    prompts = ["a photo of a cat"] * args.batch
+    autocast = contextlib.nullcontext if args.no_autocast or args.smoke else (
+        lambda: torch.autocast(device, dtype=torch.bfloat16))
+    params = [p for p in adapter.unet.parameters() if p.requires_grad]
+    peak = matmul_peak_tflops(device)
+    rows = {}
+    for batch in args.batches:
+        rows.update(run_batch(args, adapter, reward, params, autocast, batch, device, peak))
+    meta = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)", "torch": torch.__version__,
+        "dtype": "bf16 UNet" + ("" if args.no_autocast else " under bf16 autocast") + ", fp32 LoRA, fp32 VAE (SDXL force_upcast)",
+        "unet_params": count_parameters(adapter.unet), "vae_params": count_parameters(adapter.vae),
+        "matmul_peak_tflops": peak, "date": time.strftime("%Y-%m-%d"), "command": "python -m benchmarks.tuner_methods " + " ".join(sys.argv[1:]),
+        "weights": "random (full-size SDXL base 1.0 architecture)", **vars(args),
+    }
+    write(args.out, meta, rows)
+
+
+def run_batch(args, adapter, reward, params, autocast, batch: int, device: str, peak: float | None) -> dict:
+    """Every case at one batch size: seconds per iteration and per image, peak memory, FLOPs and their floor."""
+    prompts = ["a photo of a cat"] * batch
     cond = adapter.encode_prompts(prompts)
     size = dict(height=args.resolution, width=args.resolution)
-    params = [p for p in adapter.unet.parameters() if p.requires_grad]
+    gen = lambda: torch.Generator(device).manual_seed(0)  # noqa: E731
+    wanted = lambda name: args.only is None or any(w in name for w in args.only)  # noqa: E731
 
     def zero():
         for p in params:
             p.grad = None
 
-    rows = {}
-    wanted = lambda name: args.only is None or any(w in name for w in args.only)  # noqa: E731
-    gen = lambda: torch.Generator(device).manual_seed(0)  # noqa: E731
-    if wanted("sampling only (no grad)"):
-        rows["sampling only (no grad)"] = measure(
-            lambda: sample(adapter, cond, num_steps=args.steps, guidance_scale=args.guidance, generator=gen(), **size),
-            args.iters,
-        )
-    for name, plan in cases(args.steps).items():
-        if not wanted(name):
-            continue
-        def run(plan=plan):
-            zero()
+    def engine_step(plan):
+        zero()
+        with autocast():
             reward_backward(adapter, plan, cond, reward, prompts, guidance_scale=args.guidance, generator=gen(), **size)
-        rows[f"engine: {name}"] = {**measure(run, args.iters), "trained_steps": len(plan.trained), "stop": plan.stop}
-        print(name, rows[f"engine: {name}"], flush=True)
+
+    def sampling():
+        with autocast():
+            sample(adapter, cond, num_steps=args.steps, guidance_scale=args.guidance, generator=gen(), **size)
+
+    jobs = {"sampling only (no grad)": (sampling, {"trained_steps": 0})}
+    for name, plan in cases(args.steps, args.k_sweep).items():
+        jobs[f"engine: {name}"] = (lambda plan=plan: engine_step(plan), {"trained_steps": len(plan.trained), "stop": plan.stop})
+    if args.compare_fold:
+        plan = cases(args.steps, [])["drtune (K=5, default)"]
+        jobs["engine: drtune (K=5, default), LoRA not folded"] = (lambda: _unfolded(adapter, engine_step, plan), {
+            "trained_steps": len(plan.trained), "stop": plan.stop})
     for k in args.naive_k:
         def naive(k=k):
             zero()
-            naive_backward(adapter, cond, reward, prompts, T=args.steps, k=k, guidance=args.guidance, generator=gen(), **size)
-        try:
-            rows[f"naive autograd: draft K={k}"] = {**measure(naive, args.iters), "trained_steps": k}
-        except torch.OutOfMemoryError:
-            rows[f"naive autograd: draft K={k}"] = {"s_per_iter": None, "peak_gib": None, "trained_steps": k, "oom": True}
+            with autocast():
+                naive_backward(adapter, cond, reward, prompts, T=args.steps, k=k, guidance=args.guidance, generator=gen(), **size)
+        jobs[f"naive autograd: draft K={k}"] = (naive, {"trained_steps": k})
+    rows = {}
+    for name, (fn, info) in jobs.items():
+        if not wanted(name):
+            continue
+        row = {**info, "batch": batch, **_measured(fn, args.iters)}
+        if args.flops and not row.get("oom"):
+            row["tflop"] = count_flops(fn) / 1e12
+            row["floor_s"] = row["tflop"] / peak if peak else None
+            row["share_of_floor"] = row["floor_s"] / row["s_per_iter"] if peak else None
+        rows[f"{name} [batch {batch}]"] = row
+        print(name, batch, row, flush=True)
+    return rows
+
+
+def _unfolded(adapter, step, plan) -> None:
+    adapter.fold_lora = False
+    try:
+        step(plan)
+    finally:
+        adapter.fold_lora = True
+
+
+def _measured(fn, iters: int) -> dict:
+    try:
+        row = measure(fn, iters)
+    except torch.OutOfMemoryError:
+        row = {"s_per_iter": None, "peak_gib": None, "oom": True}
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        print("naive", k, rows[f"naive autograd: draft K={k}"], flush=True)
-    meta = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "dtype": "bf16 UNet, fp32 VAE (SDXL force_upcast)",
-        "unet_params": count_parameters(adapter.unet), "vae_params": count_parameters(adapter.vae),
-        "weights": "random (full-size SDXL base 1.0 architecture)", **vars(args),
-    }
-    write(args.out, meta, rows)
+    return row
 
 
 def write(out: Path, meta: dict, rows: dict) -> None:
     """tuner_methods.json and a markdown table."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "tuner_methods.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
-    lines = [f"{meta['device']}, {meta['dtype']}, {meta['resolution']}px, batch {meta['batch']}, T={meta['steps']}, "
-             f"CFG {meta['guidance']}, LoRA rank {meta['lora_rank']}, {meta['weights']}", "",
-             "| case | trained UNet calls | s / iteration | peak GiB |", "|---|---|---|---|"]
+    lines = [f"{meta['device']}, {meta['dtype']}, {meta['resolution']}px, T={meta['steps']}, CFG {meta['guidance']}, "
+             f"LoRA rank {meta['lora_rank']}, {meta['weights']}; bf16 matmul peak {meta['matmul_peak_tflops'] or 0:.0f} "
+             f"TFLOP/s; {meta['date']}; `{meta['command']}`", "",
+             "| case | batch | trained UNet calls | s / iteration | s / image | peak GiB | TFLOP | share of the FLOP floor |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        s = "OOM" if r.get("oom") else f"{r['s_per_iter']:.2f}"
-        g = "OOM" if r.get("oom") else f"{r['peak_gib']:.1f}"
-        lines.append(f"| {name} | {r.get('trained_steps', 0)} | {s} | {g} |")
+        if r.get("oom"):
+            lines.append(f"| {name} | {r['batch']} | {r.get('trained_steps', 0)} | OOM | OOM | OOM | | |")
+            continue
+        share = f"{r['share_of_floor']:.0%}" if r.get("share_of_floor") else ""
+        tflop = f"{r['tflop']:.0f}" if r.get("tflop") else ""
+        lines.append(f"| {name} | {r['batch']} | {r.get('trained_steps', 0)} | {r['s_per_iter']:.2f} | "
+                     f"{r['s_per_iter'] / r['batch']:.2f} | {r['peak_gib']:.1f} | {tflop} | {share} |")
     (out / "tuner_methods.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

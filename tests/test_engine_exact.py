@@ -13,6 +13,7 @@ from tests.tuner_fixtures import (
     PROMPTS, SIZE, ToyReward, naive_backward, relative_error, tiny_adapter, unet_grads,
 )
 from tuner.engine import reward_backward, sample
+from tuner.lora import add_lora
 from tuner.methods import Plan
 
 T = 6
@@ -214,3 +215,21 @@ def test_reward_errors_are_explained():
         reward_backward(adapter, plan, cond, lambda images, p: images.mean(), PROMPTS, **kwargs)
     with pytest.raises(ValueError, match="3 prompts"):
         reward_backward(adapter, plan, cond, ToyReward(), PROMPTS + ["x"], **kwargs)
+
+
+@pytest.mark.parametrize("method", ["drtune", "draft", "draft-lv"])
+def test_exact_with_the_lora_folded_into_gradient_free_calls(method):
+    """Sampling runs with the LoRA folded into the base weights; the naive reference runs it unfolded."""
+    adapter = tiny_adapter("sd15", "ddim")
+    add_lora(adapter.unet, rank=2, alpha=2.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    adapter.unet.double()
+    with torch.no_grad():
+        for name, p in adapter.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(len(name)))  # a trained LoRA (B starts at 0)
+    base = {n: p.detach().clone() for n, p in adapter.unet.named_parameters() if "base_layer" in n}
+    assert adapter.fold_lora and base
+    err, loss, naive_loss = _compare(adapter, PLANS[method])
+    assert loss == pytest.approx(naive_loss, rel=1e-12)
+    assert err < TOL
+    assert all(torch.equal(p, base[n]) for n, p in adapter.unet.named_parameters() if n in base)

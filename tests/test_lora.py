@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from tuner.lora import LORA_WEIGHTS, add_lora, save_lora, trainable_state
+from tuner.lora import LORA_WEIGHTS, add_lora, folded, save_lora, trainable_state
 from tuner.pipelines import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 
@@ -64,3 +64,28 @@ def test_unknown_target_module_is_explained():
     unet = tiny_sd15_pipeline(seed=0).unet
     with pytest.raises(ValueError, match="lora.target_modules"):
         add_lora(unet, rank=2, alpha=2.0, target_modules=["no_such_module"])
+
+
+def test_folded_lora_computes_the_same_unet_and_restores_the_base_weights_bitwise():
+    unet = tiny_sd15_pipeline().unet.double()
+    add_lora(unet, rank=2, alpha=4.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    unet.double()
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    args, kwargs = _unet_inputs(unet, sdxl=False)
+    args = tuple(a.double() if a.is_floating_point() else a for a in args)
+    base = {n: p.detach().clone() for n, p in unet.named_parameters() if "base_layer" in n}
+    with torch.no_grad():
+        want = unet(*args, **kwargs).sample
+        plain = unet(*args, **kwargs, cross_attention_kwargs={"scale": 0.0}).sample
+        with folded(unet):
+            got = unet(*args, **kwargs).sample
+            assert not all(torch.equal(p, base[n]) for n, p in unet.named_parameters() if n in base)
+        after = unet(*args, **kwargs).sample
+    assert not torch.allclose(want, plain)  # the LoRA does change the output
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert torch.equal(after, want)
+    assert all(torch.equal(p, base[n]) for n, p in unet.named_parameters() if n in base)
+    assert all(p.requires_grad for n, p in unet.named_parameters() if "lora_" in n)

@@ -137,7 +137,7 @@ class _Chain:
 def _sample(chain: _Chain, plan: Plan, cond: Conditioning, x: torch.Tensor, guidance_scale: float, first: int):
     """Run the chain to the plan's stop under no_grad; returns x0 and the saved steps >= first."""
     adapter, saved = chain.adapter, {}
-    with torch.no_grad():
+    with torch.no_grad(), adapter.frozen_calls():
         for i in range(plan.stop + 1):
             state = _snapshot(chain.scheduler)
             t = chain.timesteps[i]
@@ -248,7 +248,7 @@ def _renoise_backward(chain, plan, cond, reward_fn, prompts, x, guidance_scale, 
         chain.restore(saved[last].state, plan.num_steps)
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = chain.scheduler.add_noise(x0, noise, t.reshape(1))
-        with torch.no_grad():
+        with torch.no_grad(), adapter.frozen_calls():
             latent = chain.step(last, x_t, adapter.eps(x_t, t, cond, guidance_scale)).requires_grad_(True)
         with no_sync():
             loss, got, images, parts = _score(adapter, latent, reward_fn, prompts, loss_scale, 1.0 / plan.renoise)
@@ -278,8 +278,9 @@ def sample(
     check_scheduler(adapter.scheduler, eta)
     chain = _Chain(adapter, num_steps, generator, eta)
     x = adapter.initial_latents(len(cond), height, width, generator)
-    for i, t in enumerate(chain.timesteps):
-        x = chain.step(i, x, adapter.eps(x, t, cond, guidance_scale))
+    with adapter.frozen_calls():
+        for i, t in enumerate(chain.timesteps):
+            x = chain.step(i, x, adapter.eps(x, t, cond, guidance_scale))
     return adapter.decode(x, checkpoint=False)
 
 

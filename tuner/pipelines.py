@@ -7,6 +7,7 @@ differentiable decode. Everything else (engine, methods) is model-family agnosti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -77,6 +78,8 @@ class Conditioning:
 class Adapter:
     """Base adapter; subclasses say how prompts are encoded and what extra UNet inputs exist."""
 
+    fold_lora: bool = True  # gradient-free calls run with the LoRA folded into the base weights (tuner.lora.folded)
+
     def __init__(self, pipe, *, device, dtype: torch.dtype, scheduler: str = "ddim", **scheduler_kwargs):
         self.pipe = pipe
         self.device = torch.device(device)
@@ -105,6 +108,12 @@ class Adapter:
 
     def _added_kwargs(self, cond: Conditioning, x: torch.Tensor, cfg: bool) -> dict:
         return {}
+
+    def frozen_calls(self):
+        """Context for a stretch of gradient-free UNet calls: the LoRA folded in when `fold_lora` is on."""
+        from tuner.lora import folded
+
+        return folded(self.unet) if self.fold_lora else contextlib.nullcontext()
 
     # -- sampling pieces ----------------------------------------------------------------------
     def initial_latents(self, batch: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
