@@ -124,7 +124,8 @@ def test_full_finetune_of_sd15_saves_a_loadable_unet(tmp_path):
     from tuner.pipelines import tiny_sd15_pipeline
 
     cfg = tiny(tmp_path, "full", "model=tiny-sd15", "train.full_finetune=true", "train.steps=2", "log.eval_every=100",
-               "checkpoint.every=100", "log.tensorboard=false", "sampling.guidance_scale=1.0", "train.lr=1e-3")
+               "checkpoint.every=100", "log.tensorboard=false", "sampling.guidance_scale=1.0", "train.lr=1e-3",
+               "train.ema_decay=0.9")
     summary = train(cfg, reward_fn=Brightness())
     base = tiny_sd15_pipeline(seed=0).unet
     assert summary["trained_parameters"] == sum(p.numel() for p in base.parameters())
