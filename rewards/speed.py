@@ -182,15 +182,17 @@ class SelfAttention(nn.Module):
         return packed.unflatten(-1, (parts, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
 
 
-class ClassTokenBlock(nn.Module):
-    """An open_clip ResidualAttentionBlock (with SelfAttention) that outputs the class token only, [B, 1, W].
+class _Adopting(nn.Module):
+    """A module that takes over another's children under the same names, so the state dict is unchanged."""
 
-    Its children are the block's own, under the same names, so the state dict is unchanged."""
-
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        for name, child in block.named_children():
+        for name, child in module.named_children():
             self.add_module(name, child)
+
+
+class ClassTokenBlock(_Adopting):
+    """An open_clip ResidualAttentionBlock (with SelfAttention) that outputs the class token only, [B, 1, W]."""
 
     def forward(self, q_x: torch.Tensor, k_x=None, v_x=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = attn_mask.to(q_x.dtype) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
@@ -198,15 +200,8 @@ class ClassTokenBlock(nn.Module):
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
-class ClassTokenLayer(nn.Module):
-    """A transformers CLIPEncoderLayer that outputs the class token only, [B, 1, W] (PickScore's last layer).
-
-    Its children are the layer's own, under the same names, so the state dict is unchanged."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        for name, child in layer.named_children():
-            self.add_module(name, child)
+class ClassTokenLayer(_Adopting):
+    """A transformers CLIPEncoderLayer that outputs the class token only, [B, 1, W] (PickScore's last layer)."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
         attn = self.self_attn
