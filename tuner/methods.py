@@ -224,4 +224,5 @@ def get_method(name: str, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["Plan", "Method", "DRTune", "ReFL", "DRaFT", "DRaFTLV", "AlignProp", "METHODS", "get_method", "spaced_steps", "last_steps"]
+__all__ = ["Plan", "Method", "DRTune", "ReFL", "DRaFT", "DRaFTLV", "AlignProp", "METHODS", "get_method",
+           "spaced_steps", "last_steps"]

@@ -267,10 +267,11 @@ def load_checkpoint(folder: Path, *, rank: int, unet, ema: EMA | None, optimizer
 
 
 def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None,
-          step_hook: Callable[[int], None] | None = None) -> dict[str, Any]:
+          make_step_hook: Callable[[list[torch.nn.Parameter]], Callable[[int], None]] | None = None) -> dict[str, Any]:
     """Run (or resume) reward fine-tuning as `cfg` says; returns the run summary.
 
-    `reward_fn` replaces cfg.reward; `step_hook` goes to the engine (called after each trained step's backward).
+    `reward_fn` replaces cfg.reward. `make_step_hook(trained parameters)`, called once they exist, returns the
+    engine's step_hook (called after each trained step's backward; e.g. per-step gradient norms).
     """
     # --- setup: processes, run folder, precision
     validate(cfg)  # cheap, and before any model loads (the command line has checked it already)
@@ -300,6 +301,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None,
     else:
         params = lora.add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                                dropout=cfg.lora.dropout)
+    step_hook = make_step_hook(params) if make_step_hook is not None else None
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
