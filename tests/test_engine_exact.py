@@ -24,6 +24,7 @@ TOL = 1e-10
 # One fixed plan per method, shaped like the method's own plans (see tuner.methods).
 PLANS = {
     "drtune": Plan(T, 4, True, (1, 3, 4), detach_input=True, grad_from=1),
+    "drtune-no-stop-gradient": Plan(T, 4, True, (1, 3, 4), detach_input=False, grad_from=1),
     "refl": Plan(T, 3, True, (3,), detach_input=True, grad_from=3),
     "draft": Plan(T, T - 1, False, (3, 4, 5), detach_input=False, grad_from=3),
     "draft-lv": Plan(T, T - 1, False, (T - 1,), detach_input=False, grad_from=T - 1, renoise=2),
@@ -64,7 +65,7 @@ def test_drtune_exact_with_each_scheduler(family, scheduler, eta):
     assert err < TOL
 
 
-@pytest.mark.parametrize("method", ["draft", "alignprop"])
+@pytest.mark.parametrize("method", ["draft", "alignprop", "drtune-no-stop-gradient"])
 def test_history_scheduler_exact_through_denoiser_input(method):
     # DPM-Solver++ history entries depend on x_t directly and through the UNet input: both paths must be routed.
     err, _, _ = _compare(tiny_adapter("sd15", "dpm++"), PLANS[method])
@@ -87,6 +88,54 @@ def test_reference_tells_plans_apart():
     detached = Plan(T, T - 1, False, (1, 2, 3, 4, 5), detach_input=True, grad_from=1)
     naive_backward(adapter, detached, cond, reward, seed=SEED, guidance_scale=GUIDANCE)
     assert relative_error(got, unet_grads(adapter)) > 1e-3
+
+
+# -- per-step gradient hook ----------------------------------------------------------------------------
+class StepGrads:
+    """A step_hook: parameter-gradient hooks collect what each backward adds; the step hook files it under step i."""
+
+    def __init__(self, unet):
+        self.pending, self.steps = {}, []
+        for name, p in unet.named_parameters():
+            if p.requires_grad:
+                p.register_hook(lambda g, name=name: self._add(name, g))
+
+    def _add(self, name, grad):
+        self.pending[name] = self.pending.get(name, 0) + grad.detach().clone()
+
+    def __call__(self, i: int) -> None:
+        self.steps.append((i, self.pending))
+        self.pending = {}
+
+
+def _with_hook(adapter, plan, hook):
+    adapter.unet.zero_grad(set_to_none=True)
+    cond = adapter.encode_prompts(PROMPTS)
+    reward_backward(adapter, plan, cond, ToyReward(), PROMPTS, height=SIZE, width=SIZE, guidance_scale=GUIDANCE,
+                    generator=torch.Generator().manual_seed(SEED), step_hook=hook)
+    return cond
+
+
+@pytest.mark.parametrize("method", ["drtune", "drtune-no-stop-gradient", "draft-lv"])
+def test_step_hook_splits_the_gradient_by_trained_step(method):
+    plan, adapter = PLANS[method], tiny_adapter("sd15", "ddim")
+    hook = StepGrads(adapter.unet)
+    _with_hook(adapter, plan, hook)
+    assert [i for i, _ in hook.steps] == ([T - 1] * plan.renoise if plan.renoise else list(reversed(plan.trained)))
+    total = {k: sum(g[k] for _, g in hook.steps) for k in hook.steps[0][1]}
+    assert relative_error(total, unet_grads(adapter)) < 1e-12
+
+
+def test_step_hook_contribution_is_that_steps_own_gradient():
+    """With the stop-gradient, step i's share equals the whole gradient of the plan that trains step i alone."""
+    plan, adapter = PLANS["drtune"], tiny_adapter("sd15", "ddim")
+    hook = StepGrads(adapter.unet)
+    cond = _with_hook(adapter, plan, hook)
+    for i, got in hook.steps:
+        adapter.unet.zero_grad(set_to_none=True)
+        alone = Plan(T, plan.stop, True, (i,), detach_input=True, grad_from=i)
+        naive_backward(adapter, alone, cond, ToyReward(), seed=SEED, guidance_scale=GUIDANCE)
+        assert relative_error(got, unet_grads(adapter)) < TOL
 
 
 # -- memory: one UNet graph at a time -----------------------------------------------------------------

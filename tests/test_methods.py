@@ -1,9 +1,13 @@
 """Method policies draw plans of the right structure; bad names and options are refused clearly."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from tuner.methods import METHODS, AlignProp, DRaFT, DRaFTLV, DRTune, Plan, ReFL, get_method, spaced_steps
+from tuner.methods import (
+    METHODS, AlignProp, DRaFT, DRaFTLV, DRTune, Plan, ReFL, get_method, last_steps, spaced_steps,
+)
 
 DRAWS = 400
 
@@ -27,6 +31,8 @@ def test_unknown_method_lists_names():
 @pytest.mark.parametrize("name,options,match", [
     ("drtune", {"k": 3}, "no option 'k'.*num_trained"),
     ("drtune", {"num_trained": 0}, "num_trained must be a positive integer"),
+    ("drtune", {"detach_input": "no"}, "detach_input must be true or false"),
+    ("drtune", {"spacing": "first"}, "spacing must be one of"),
     ("refl", {"early_stop_range": -1}, "early_stop_range"),
     ("draft", {"k": 1.5}, "option k"),
     ("draft-lv", {"n": 0}, "option n"),
@@ -39,7 +45,7 @@ def test_bad_options(name, options, match):
 
 def test_drtune_defaults_and_structure():
     method = get_method("drtune")
-    assert (method.num_trained, method.early_stop_range) == (5, 10)
+    assert (method.num_trained, method.early_stop_range, method.detach_input, method.spacing) == (5, 10, True, "equal")
     T = 50
     plans = _plans(method, T)
     assert {p.stop for p in plans} == set(range(40, 50))  # uniform over the last 10 steps
@@ -68,6 +74,26 @@ def test_drtune_trains_all_running_steps_when_fewer_than_k():
             assert p.trained == tuple(range(p.stop + 1))
         else:
             assert len(p.trained) == 5
+
+
+def test_drtune_without_stop_gradient_differs_only_in_the_detach():
+    with_sg, without = _plans(DRTune(), 30, seed=2), _plans(DRTune(detach_input=False), 30, seed=2)
+    assert all(not p.detach_input for p in without)
+    assert [dataclasses.replace(p, detach_input=False) for p in with_sg] == without
+
+
+def test_drtune_last_k_trains_the_last_steps_that_run():
+    plans = _plans(DRTune(num_trained=3, early_stop_range=5, spacing="last"), 20)
+    assert {p.stop for p in plans} == set(range(15, 20))
+    for p in plans:
+        assert p.trained == (p.stop - 2, p.stop - 1, p.stop) and p.grad_from == p.stop - 2 and p.detach_input
+    (short,) = _plans(DRTune(num_trained=5, early_stop_range=1, spacing="last"), 3, n=1)
+    assert short.trained == (0, 1, 2)
+
+
+def test_last_steps():
+    assert last_steps(10, 3) == (7, 8, 9)
+    assert last_steps(2, 5) == (0, 1)
 
 
 def test_spaced_steps():

@@ -165,7 +165,8 @@ def _score(adapter: Adapter, latents: torch.Tensor, reward_fn, prompts, loss_sca
     return loss, rewards.detach().float(), images.detach(), parts
 
 
-def _sweep(chain: _Chain, plan: Plan, saved: dict[int, _Saved], adj_x0: torch.Tensor, cond, guidance_scale, no_sync):
+def _sweep(chain: _Chain, plan: Plan, saved: dict[int, _Saved], adj_x0: torch.Tensor, cond, guidance_scale, no_sync,
+           step_hook=None):
     """Backpropagate the x0 adjoint through steps stop..first, one UNet graph at a time."""
     adapter, first, trained = chain.adapter, plan.trained[0], set(plan.trained)
     adj_x, adj_hist = adj_x0, {}  # adj_hist: id(original history tensor) -> adjoint
@@ -190,6 +191,8 @@ def _sweep(chain: _Chain, plan: Plan, saved: dict[int, _Saved], adj_x0: torch.Te
                         grads.append(adj_hist.pop(original))
             pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
             torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
+        if step_hook is not None and i in trained:
+            step_hook(i)
         if last:
             break
         adj_x = x.grad if x.grad is not None else torch.zeros_like(x)
@@ -212,11 +215,15 @@ def reward_backward(
     loss_scale: float = 1.0,
     no_sync=contextlib.nullcontext,
     eta: float = 0.0,
+    step_hook: Callable[[int], None] | None = None,
 ) -> StepOutput:
     """Sample one batch, score it and accumulate d(-loss_scale * mean reward)/d(params) into param.grad.
 
     Every backward but the last runs inside `no_sync()` (UNet forward included), so DDP reduces once.
     Deterministic given `generator`. The caller zeroes grads and steps the optimizer.
+    `step_hook(i)`, if given, is called right after the backward through trained step i's UNet call (one
+    backward per trained step, last step first; n for DRaFT-LV): parameter-gradient hooks that fire in between
+    see exactly that step's contribution (tuner studies measure per-step gradient norms with it).
     """
     check_scheduler(adapter.scheduler, eta)
     if len(prompts) != len(cond):
@@ -225,19 +232,20 @@ def reward_backward(
     x = adapter.initial_latents(len(prompts), height, width, generator)
     if plan.renoise:
         return _renoise_backward(
-            chain, plan, cond, reward_fn, prompts, x, guidance_scale, generator, loss_scale, no_sync
+            chain, plan, cond, reward_fn, prompts, x, guidance_scale, generator, loss_scale, no_sync, step_hook
         )
     x0, saved = _sample(chain, plan, cond, x, guidance_scale, plan.trained[0])
     latent = x0.detach().requires_grad_(True)
     with no_sync():
         loss, rewards, images, parts = _score(adapter, latent, reward_fn, prompts, loss_scale)
         (adj_x0,) = torch.autograd.grad(loss, latent)
-    _sweep(chain, plan, saved, adj_x0, cond, guidance_scale, no_sync)
+    _sweep(chain, plan, saved, adj_x0, cond, guidance_scale, no_sync, step_hook)
     chain.reset()
     return StepOutput(rewards, images, parts, float(loss.detach()))
 
 
-def _renoise_backward(chain, plan, cond, reward_fn, prompts, x, guidance_scale, generator, loss_scale, no_sync):
+def _renoise_backward(chain, plan, cond, reward_fn, prompts, x, guidance_scale, generator, loss_scale, no_sync,
+                      step_hook=None):
     """DRaFT-LV: re-noise the final latent n times to the last step's level and backprop through that step."""
     adapter, last = chain.adapter, plan.num_steps - 1
     x0, saved = _sample(chain, plan, cond, x, guidance_scale, last)
@@ -257,6 +265,8 @@ def _renoise_backward(chain, plan, cond, reward_fn, prompts, x, guidance_scale, 
         with ctx, torch.enable_grad():
             chain.restore(saved[last].state, plan.num_steps)
             chain.step(last, x_t, adapter.eps(x_t, t, cond, guidance_scale)).backward(adj)
+        if step_hook is not None:
+            step_hook(last)
         total, rewards = total + float(loss.detach()), rewards + got / plan.renoise
     chain.reset()
     return StepOutput(rewards, images, parts, total)

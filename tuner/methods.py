@@ -84,6 +84,14 @@ def spaced_steps(num_run: int, k: int, generator: torch.Generator) -> tuple[int,
     return tuple(offset + stride * i for i in range(k))
 
 
+def last_steps(num_run: int, k: int) -> tuple[int, ...]:
+    """The last k steps of range(num_run) (all if num_run <= k)."""
+    return tuple(range(max(num_run - k, 0), num_run))
+
+
+SPACINGS = ("equal", "last")  # DRTune's trained steps: equally spaced (the paper) or the last K
+
+
 @dataclass(frozen=True)
 class DRTune(Method):
     """DRTune (Wu et al., ECCV 2024): stop-gradient on the denoiser input, K spaced trained steps, early stop.
@@ -93,19 +101,31 @@ class DRTune(Method):
     step there. Our choice, matching ReFL's range (its last 10 of 40 steps), since we could not confirm the
     paper's number here. The K trained steps are equally spaced over the steps that run (0..stop), with a
     random offset; if fewer than K steps run, all of them are trained.
+    Ablations (the paper's defaults are on): detach_input = False lets the gradient flow through the denoiser
+    input of the trained steps (no stop-gradient); spacing = "last" trains the last K steps that run instead
+    of K equally spaced ones.
     """
 
     num_trained: int = 5
     early_stop_range: int = 10
+    detach_input: bool = True
+    spacing: str = "equal"
     name = "drtune"
 
     def __post_init__(self) -> None:
         _positive(self.name, num_trained=self.num_trained, early_stop_range=self.early_stop_range)
+        if not isinstance(self.detach_input, bool):
+            raise ValueError(f"drtune: option detach_input must be true or false, got {self.detach_input!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"drtune: option spacing must be one of {SPACINGS}, got {self.spacing!r}")
 
     def plan(self, num_steps: int, generator: torch.Generator) -> Plan:
         stop = _early_stop(num_steps, self.early_stop_range, generator)
-        trained = spaced_steps(stop + 1, self.num_trained, generator)
-        return Plan(num_steps, stop, True, trained, detach_input=True, grad_from=trained[0])
+        if self.spacing == "equal":
+            trained = spaced_steps(stop + 1, self.num_trained, generator)
+        else:
+            trained = last_steps(stop + 1, self.num_trained)
+        return Plan(num_steps, stop, True, trained, detach_input=self.detach_input, grad_from=trained[0])
 
 
 @dataclass(frozen=True)
@@ -204,4 +224,5 @@ def get_method(name: str, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["Plan", "Method", "DRTune", "ReFL", "DRaFT", "DRaFTLV", "AlignProp", "METHODS", "get_method", "spaced_steps"]
+__all__ = ["Plan", "Method", "DRTune", "ReFL", "DRaFT", "DRaFTLV", "AlignProp", "METHODS", "get_method",
+           "spaced_steps", "last_steps"]

@@ -17,7 +17,7 @@ import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -266,8 +266,13 @@ def load_checkpoint(folder: Path, *, rank: int, unet, ema: EMA | None, optimizer
 # ---------------------------------------------------------------- the run
 
 
-def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None) -> dict[str, Any]:
-    """Run (or resume) reward fine-tuning as `cfg` says; returns the run summary. `reward_fn` replaces cfg.reward."""
+def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None,
+          make_step_hook: Callable[[list[torch.nn.Parameter]], Callable[[int], None]] | None = None) -> dict[str, Any]:
+    """Run (or resume) reward fine-tuning as `cfg` says; returns the run summary.
+
+    `reward_fn` replaces cfg.reward. `make_step_hook(trained parameters)`, called once they exist, returns the
+    engine's step_hook (called after each trained step's backward; e.g. per-step gradient norms).
+    """
     # --- setup: processes, run folder, precision
     validate(cfg)  # cheap, and before any model loads (the command line has checked it already)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",  # autocast is ours
@@ -296,6 +301,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None) -> dict[str,
     else:
         params = lora.add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                                dropout=cfg.lora.dropout)
+    step_hook = make_step_hook(params) if make_step_hook is not None else None
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -360,7 +366,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None) -> dict[str,
                 outs.append(engine.reward_backward(
                     adapter, plan, cond, reward, prompts, height=s.height, width=s.width,
                     guidance_scale=s.guidance_scale, generator=gen, loss_scale=loss_scale,
-                    no_sync=lambda: accelerator.no_sync(ddp_unet), eta=s.eta))
+                    no_sync=lambda: accelerator.no_sync(ddp_unet), eta=s.eta, step_hook=step_hook))
 
         # skip a non-finite step on every rank alike; else clip, update, EMA
         rewards_local = torch.cat([o.rewards.float().reshape(-1) for o in outs]).to(device)
