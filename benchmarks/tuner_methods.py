@@ -117,6 +117,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--compare-fold", action="store_true",
                     help="also run the drtune default with the LoRA left unfolded in the gradient-free calls")
     ap.add_argument("--flops", action="store_true", help="count each case's FLOPs and report its share of the floor")
+    ap.add_argument("--vae-upcast", action="store_true",
+                    help="decode in fp32 as the stock SDXL VAE needs (force_upcast); by default the VAE runs in bf16 "
+                         "as the fp16-fix VAE of the example config does")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the UNet's transformer blocks (diffusers' regional compilation); the first "
+                         "iteration of each case, where compilation happens, is a warm-up and not timed")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--only", nargs="*", default=None, help="run only the cases whose name contains one of these")
     ap.add_argument("--smoke", action="store_true", help="tiny pipeline on CPU: checks the script, measures nothing")
@@ -135,6 +141,7 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         with torch.device("cuda"):
             pipe = sdxl_random_pipeline()
+        pipe.vae.register_to_config(force_upcast=args.vae_upcast)
         dtype = torch.bfloat16
     adapter = adapter_from_pipeline(pipe, device=device, dtype=dtype)
     add_lora(adapter.unet, rank=args.lora_rank, alpha=args.lora_rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -143,18 +150,25 @@ def main() -> None:
     autocast = contextlib.nullcontext if args.no_autocast or args.smoke else (
         lambda: torch.autocast(device, dtype=torch.bfloat16))
     params = [p for p in adapter.unet.parameters() if p.requires_grad]
+    if args.compile:
+        adapter.unet.compile_repeated_blocks()
     peak = matmul_peak_tflops(device)
     rows = {}
     for batch in args.batches:
         rows.update(run_batch(args, adapter, reward, params, autocast, batch, device, peak))
-    meta = {
+        write(args.out, _meta(args, adapter, device, peak), rows)  # after every batch: a cut-off run keeps its rows
+
+
+def _meta(args, adapter, device: str, peak: float | None) -> dict:
+    """What, where and how: stored next to the rows."""
+    return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)", "torch": torch.__version__,
-        "dtype": "bf16 UNet" + ("" if args.no_autocast else " under bf16 autocast") + ", fp32 LoRA, fp32 VAE (SDXL force_upcast)",
+        "dtype": "bf16 UNet" + ("" if args.no_autocast else " under bf16 autocast") + ", fp32 LoRA, "
+                 + ("fp32 VAE (SDXL force_upcast)" if args.vae_upcast else "bf16 VAE (as the fp16-fix VAE)"),
         "unet_params": count_parameters(adapter.unet), "vae_params": count_parameters(adapter.vae),
         "matmul_peak_tflops": peak, "date": time.strftime("%Y-%m-%d"), "command": "python -m benchmarks.tuner_methods " + " ".join(sys.argv[1:]),
-        "weights": "random (full-size SDXL base 1.0 architecture)", **vars(args),
+        "weights": "random (full-size SDXL base 1.0 architecture)", "compiled": args.compile, **vars(args),
     }
-    write(args.out, meta, rows)
 
 
 def run_batch(args, adapter, reward, params, autocast, batch: int, device: str, peak: float | None) -> dict:
