@@ -120,6 +120,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--vae-upcast", action="store_true",
                     help="decode in fp32 as the stock SDXL VAE needs (force_upcast); by default the VAE runs in bf16 "
                          "as the fp16-fix VAE of the example config does")
+    ap.add_argument("--frozen-autocast", action="store_true",
+                    help="run the gradient-free sampling calls under autocast too (before 2026-12-03's change they "
+                         "did); by default they run the bf16 model plainly")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the UNet's transformer blocks (diffusers' regional compilation); the first "
                          "iteration of each case, where compilation happens, is a warm-up and not timed")
@@ -144,6 +147,7 @@ def main() -> None:
         pipe.vae.register_to_config(force_upcast=args.vae_upcast)
         dtype = torch.bfloat16
     adapter = adapter_from_pipeline(pipe, device=device, dtype=dtype)
+    adapter.plain_half = not args.frozen_autocast
     add_lora(adapter.unet, rank=args.lora_rank, alpha=args.lora_rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     reward = rewards.load("sharpness", device=device)
     reward.check_values = False

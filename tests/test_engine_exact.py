@@ -282,3 +282,26 @@ def test_exact_with_the_lora_folded_into_gradient_free_calls(method):
     assert loss == pytest.approx(naive_loss, rel=1e-12)
     assert err < TOL
     assert all(torch.equal(p, base[n]) for n, p in adapter.unet.named_parameters() if n in base)
+
+
+def test_gradient_free_calls_of_a_bf16_model_run_without_autocast():
+    """Under bf16 autocast the sampling calls run the bf16 model plainly; outside them autocast is back on,
+    and a plain call equals the same call made outside autocast."""
+    adapter = tiny_adapter("sdxl", "ddim", dtype=torch.bfloat16)
+    add_lora(adapter.unet, rank=2, alpha=2.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    cond = adapter.encode_prompts(["a red circle"])
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = adapter.scheduler.timesteps[0]
+    seen = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with adapter.frozen_calls():
+            seen.append(torch.is_autocast_enabled("cpu"))
+            inside = adapter.eps(x, t, cond, 3.0)
+        seen.append(torch.is_autocast_enabled("cpu"))
+    with torch.no_grad(), adapter.frozen_calls():
+        plain = adapter.eps(x, t, cond, 3.0)
+    assert seen == [False, True]
+    assert torch.equal(inside, plain)
+    adapter.plain_half = False
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), adapter.frozen_calls():
+        assert torch.is_autocast_enabled("cpu")

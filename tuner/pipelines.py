@@ -13,6 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -79,6 +80,9 @@ class Adapter:
     """Base adapter; subclasses say how prompts are encoded and what extra UNet inputs exist."""
 
     fold_lora: bool = True  # gradient-free calls run with the LoRA folded into the base weights (tuner.lora.folded)
+    # Gradient-free calls of a half-precision model run in its own dtype with autocast off: autocast's casts and
+    # fp32 norms cost a third of a call at batch 1 (docs/benchmarks.md, Tuning step).
+    plain_half: bool = True
 
     def __init__(self, pipe, *, device, dtype: torch.dtype, scheduler: str = "ddim", **scheduler_kwargs):
         self.pipe = pipe
@@ -109,11 +113,18 @@ class Adapter:
     def _added_kwargs(self, cond: Conditioning, x: torch.Tensor, cfg: bool) -> dict:
         return {}
 
-    def frozen_calls(self):
-        """Context for a stretch of gradient-free UNet calls: the LoRA folded in when `fold_lora` is on."""
+    @contextlib.contextmanager
+    def frozen_calls(self) -> Iterator[None]:
+        """Context for a stretch of gradient-free UNet calls: the LoRA folded in (`fold_lora`), and autocast off
+        for a half-precision model (`plain_half`)."""
         from tuner.lora import folded
 
-        return folded(self.unet) if self.fold_lora else contextlib.nullcontext()
+        with contextlib.ExitStack() as stack:
+            if self.fold_lora:
+                stack.enter_context(folded(self.unet))
+            if self.plain_half and self.dtype in _HALF:
+                stack.enter_context(torch.autocast(self.device.type, enabled=False))
+            yield
 
     # -- sampling pieces ----------------------------------------------------------------------
     def initial_latents(self, batch: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
