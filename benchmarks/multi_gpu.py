@@ -196,6 +196,8 @@ def allreduce_stats(events, on_gpu: bool) -> dict[str, Any]:
     no other kernel runs beside (communication or waiting for the slowest rank that compute does not hide)."""
     if on_gpu:
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not kernels:  # a profiler that saw nothing must not read as "no all-reduce"
+            return {"allreduce_s": None, "allreduce_calls": None, "allreduce_alone_s": None, "nccl_kernels": {}}
         comm = [e for e in kernels if is_allreduce(e.name, True)]
         compute = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower()]
     else:
@@ -305,7 +307,7 @@ def summarize(info: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, An
     per_step = [max(r["timed"][i]["s"] for r in ranks) for i in range(len(ranks[0]["timed"]))]
     s_per_step = statistics.mean(per_step)
     images = n * info["per_gpu_batch"] * info["grad_accum"]
-    prof = [p for r in ranks for p in r["profiled"]]
+    prof = [p for r in ranks for p in r["profiled"] if p["allreduce_s"] is not None]
     comm = [p["allreduce_s"] for p in prof]
     alone = [p["allreduce_alone_s"] for p in prof if p["allreduce_alone_s"] is not None]
     share = [p["allreduce_s"] / p["s"] for p in prof]
@@ -348,7 +350,8 @@ def run_markdown(record: dict[str, Any]) -> str:
     ranks = ["| rank | device | peak GiB | mean step s | all-reduce s (profiled) | stop steps (timed) |",
              "|---|---|---|---|---|---|"]
     for r in record["ranks"]:
-        comm = statistics.mean(p["allreduce_s"] for p in r["profiled"]) if r["profiled"] else None
+        found = [p["allreduce_s"] for p in r["profiled"] if p["allreduce_s"] is not None]
+        comm = statistics.mean(found) if found else None
         stops = " ".join(str(x) for t in r["timed"] for x in t["stops"])
         ranks.append(f"| {r['rank']} | {r['device']} | {_f(r['peak_gib'], '.1f')} | "
                      f"{statistics.mean(t['s'] for t in r['timed']):.3f} | {_f(comm, '.4f')} | {stops} |")

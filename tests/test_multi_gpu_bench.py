@@ -61,6 +61,7 @@ def test_allreduce_stats_counts_nccl_allreduce_kernels_and_their_unhidden_part()
     assert stats["allreduce_s"] == pytest.approx(22e-6)
     assert stats["allreduce_alone_s"] == pytest.approx(12e-6)
     assert set(stats["nccl_kernels"]) == {e.name for e in events[2:5]}
+    assert mg.allreduce_stats(events[5:], on_gpu=True)["allreduce_s"] is None  # no kernel recorded: unknown, not 0
     cpu = mg.allreduce_stats([_event("gloo:all_reduce", 1, 4, torch.autograd.DeviceType.CPU)], on_gpu=False)
     assert cpu["allreduce_calls"] == 1 and cpu["allreduce_s"] == pytest.approx(3e-6)
 
