@@ -5,8 +5,9 @@
         -> skip if non-finite -> clip -> optimizer step -> EMA -> log -> eval gallery -> checkpoint
 
 One process per GPU (accelerate); gradients are all-reduced once per optimizer step; only the main
-process logs and saves. On CPU with deterministic ops a resumed run reaches the same weights as an
-uninterrupted one: every random draw comes from saved generators or from (seed, step, rank).
+process logs and saves. `train_step` is one optimizer step (benchmarks/multi_gpu.py times it as is).
+On CPU with deterministic ops a resumed run reaches the same weights as an uninterrupted one: every
+random draw comes from saved generators or from (seed, step, rank).
 """
 from __future__ import annotations
 
@@ -209,6 +210,111 @@ def optimizer_step(accelerator: Accelerator, optimizer, scaler, params: list[tor
     return norm.item(), skipped, nonfinite, reward_sum / count
 
 
+# ---------------------------------------------------------------- processes and one optimizer step
+
+
+def make_accelerator() -> Accelerator:
+    """One process per device (DDP when there are several); autocast is the loop's own, not accelerate's."""
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
+                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+
+
+def make_autocast(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast context the step runs under (a null context in fp32)."""
+    if precision == "no":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def add_trainable(unet: torch.nn.Module, cfg: Config) -> list[torch.nn.Parameter]:
+    """Make the UNet trainable as `cfg` says (LoRA or every weight, gradient checkpointing); returns the trained
+    parameters."""
+    if cfg.train.full_finetune:
+        unet.requires_grad_(True)
+        params = list(unet.parameters())
+    else:
+        params = lora.add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                               dropout=cfg.lora.dropout)
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return params
+
+
+def prepare_unet(accelerator: Accelerator, unet: torch.nn.Module) -> torch.nn.Module:
+    """The UNet wrapped for this process group (DDP when there are several processes)."""
+    with warnings.catch_warnings():  # ranks run different numbers of forwards: buffers must never sync in forward
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return accelerator.prepare(unet)
+
+
+def rank_generator(seed: int, rank: int) -> torch.Generator:
+    """Seed torch's global streams for this rank and return its training generator: from here on, every rank
+    draws its own samples."""
+    torch.manual_seed(_seed(seed, rank))
+    return torch.Generator().manual_seed(_seed(seed, rank, 1))
+
+
+@dataclasses.dataclass
+class StepParts:
+    """What one optimizer step uses; `adapter.unet` is the prepared (DDP) UNet."""
+
+    cfg: Config
+    accelerator: Accelerator
+    adapter: Any
+    method: Any
+    reward: torch.nn.Module
+    sampler: PromptSampler
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    params: list[torch.nn.Parameter]
+    generator: torch.Generator
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    step_hook: Callable[[int], None] | None = None
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one optimizer step reports; loss is as if unscaled, -(mean reward) of this rank."""
+
+    outs: list[engine.StepOutput]
+    plans: list[Any]
+    lr: float
+    loss: float
+    grad_norm: float
+    skipped: bool
+    nonfinite: bool
+    reward_mean: float
+
+
+def train_step(parts: StepParts, step: int) -> StepResult:
+    """Optimizer step `step`: the engine's reward_backward per micro-batch (gradients all-reduced once, at the
+    last backward of the last micro-batch), then optimizer_step."""
+    cfg, acc, unet, gen = parts.cfg, parts.accelerator, parts.adapter.unet, parts.generator
+    t, s = cfg.train, cfg.sampling
+    lr = lr_at(step, cfg)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr
+    loss_scale = (parts.scaler.get_scale() if parts.scaler is not None else 1.0) / t.grad_accum
+    outs, plans = [], []
+    for micro in range(t.grad_accum):
+        prompts = parts.sampler.batch(step, micro)
+        cond = parts.adapter.encode_prompts(prompts, [s.negative_prompt] * len(prompts))
+        plans.append(parts.method.plan(s.num_steps, gen))
+        # earlier micro-batches accumulate locally; the engine syncs on the last backward of the last one
+        sync = acc.no_sync(unet) if micro < t.grad_accum - 1 else contextlib.nullcontext()
+        with sync, parts.autocast():
+            outs.append(engine.reward_backward(
+                parts.adapter, plans[-1], cond, parts.reward, prompts, height=s.height, width=s.width,
+                guidance_scale=s.guidance_scale, generator=gen, loss_scale=loss_scale,
+                no_sync=lambda: acc.no_sync(unet), eta=s.eta, step_hook=parts.step_hook))
+    rewards_local = torch.cat([o.rewards.float().reshape(-1) for o in outs]).to(acc.device)
+    loss_local = sum(o.loss for o in outs) / len(outs) / loss_scale  # as if unscaled: -(mean reward)
+    grad_norm, skipped, nonfinite, reward_mean = optimizer_step(
+        acc, parts.optimizer, parts.scaler, parts.params, rewards_local, loss_local, t.max_grad_norm)
+    return StepResult(outs, plans, lr, loss_local, grad_norm, skipped, nonfinite, reward_mean)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -275,8 +381,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None,
     """
     # --- setup: processes, run folder, precision
     validate(cfg)  # cheap, and before any model loads (the command line has checked it already)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",  # autocast is ours
-                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    accelerator = make_accelerator()
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     precision = cfg.train.mixed_precision or ("bf16" if device.type == "cuda" else "no")
@@ -289,22 +394,13 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None,
     t, s = cfg.train, cfg.sampling
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     weight_dtype = DTYPES[precision] if not t.full_finetune else torch.float32
-    autocast_dtype = DTYPES[precision]
-    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if precision != "no" else contextlib.nullcontext
+    autocast = make_autocast(device, precision)
 
     # --- models, reward, prompts, method
     adapter = build_adapter(cfg, device, weight_dtype)
     unet = adapter.unet
-    if t.full_finetune:
-        unet.requires_grad_(True)
-        params = list(unet.parameters())
-    else:
-        params = lora.add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
-                               dropout=cfg.lora.dropout)
+    params = add_trainable(unet, cfg)
     step_hook = make_step_hook(params) if make_step_hook is not None else None
-    if t.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
     reward = reward_fn if reward_fn is not None else build_reward(cfg, device)
     train_prompts, eval_prompts = load_prompt_sets(cfg.prompts)
     sampler = PromptSampler(train_prompts, t.batch_size, grad_accum=t.grad_accum, rank=rank, world_size=world, seed=t.seed)
@@ -317,12 +413,8 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None,
     if scaler is not None:
         scaler.scale(torch.ones((), device=device))  # creates the scale; the engine applies it through loss_scale
     ema = EMA(lora.trainable_parameters(unet), t.ema_decay) if t.ema_decay > 0 else None
-    with warnings.catch_warnings():  # ranks run different numbers of forwards: buffers must never sync in forward
-        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-        ddp_unet = accelerator.prepare(unet)
-    adapter.unet = ddp_unet
-    torch.manual_seed(_seed(t.seed, rank))  # from here on, every rank draws its own samples
-    gen = torch.Generator().manual_seed(_seed(t.seed, rank, 1))
+    adapter.unet = prepare_unet(accelerator, unet)
+    gen = rank_generator(t.seed, rank)
     generators = {"train": gen}
     start, streak = 0, 0
     if resume_from is not None:
@@ -347,46 +439,27 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None,
     accelerator.wait_for_everyone()
 
     # --- the loop
+    step_parts = StepParts(cfg, accelerator, adapter, method, reward, sampler, optimizer, scaler, params, gen,
+                           autocast, step_hook)
     bar = tqdm(total=t.steps, initial=start, disable=not (main and cfg.log.progress), desc=f"{cfg.method}")
     last, t_start = {}, time.perf_counter()
     for step in range(start, t.steps):
         tic = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_scale = (scaler.get_scale() if scaler is not None else 1.0) / t.grad_accum
-        outs = []
-        for micro in range(t.grad_accum):
-            prompts = sampler.batch(step, micro)
-            cond = adapter.encode_prompts(prompts, [s.negative_prompt] * len(prompts))
-            plan = method.plan(s.num_steps, gen)
-            # earlier micro-batches accumulate locally; the engine syncs on the last backward of the last one
-            sync = accelerator.no_sync(ddp_unet) if micro < t.grad_accum - 1 else contextlib.nullcontext()
-            with sync, autocast():
-                outs.append(engine.reward_backward(
-                    adapter, plan, cond, reward, prompts, height=s.height, width=s.width,
-                    guidance_scale=s.guidance_scale, generator=gen, loss_scale=loss_scale,
-                    no_sync=lambda: accelerator.no_sync(ddp_unet), eta=s.eta, step_hook=step_hook))
-
-        # skip a non-finite step on every rank alike; else clip, update, EMA
-        rewards_local = torch.cat([o.rewards.float().reshape(-1) for o in outs]).to(device)
-        loss_local = sum(o.loss for o in outs) / len(outs) / loss_scale  # as if unscaled: -(mean reward)
-        grad_norm, skipped, nonfinite, reward_mean = optimizer_step(
-            accelerator, optimizer, scaler, params, rewards_local, loss_local, t.max_grad_norm)
-        if not skipped and ema is not None:
+        r = train_step(step_parts, step)  # skips a non-finite step on every rank alike; else clip and update
+        if not r.skipped and ema is not None:
             ema.update()
-        streak = streak + 1 if nonfinite else 0
+        streak = streak + 1 if r.nonfinite else 0
         done = step + 1
 
         # log (metrics averaged over ranks), eval gallery, checkpoint
-        metrics = {"reward": reward_mean, "loss": loss_local, "grad_norm": grad_norm, "lr": lr,
-                   "step_time": time.perf_counter() - tic, "skipped": float(skipped)}
-        for key in outs[0].parts:
-            metrics[f"reward/{key}"] = torch.cat([o.parts[key].float().reshape(-1) for o in outs]).mean().item()
-        if done % cfg.log.every == 0 or skipped or done == t.steps:
+        metrics = {"reward": r.reward_mean, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
+                   "step_time": time.perf_counter() - tic, "skipped": float(r.skipped)}
+        for key in r.outs[0].parts:
+            metrics[f"reward/{key}"] = torch.cat([o.parts[key].float().reshape(-1) for o in r.outs]).mean().item()
+        if done % cfg.log.every == 0 or r.skipped or done == t.steps:
             logger.log(done, metrics)
         bar.update(1)
-        bar.set_postfix(reward=f"{reward_mean:.4g}", s_per_step=f"{metrics['step_time']:.2f}")
+        bar.set_postfix(reward=f"{r.reward_mean:.4g}", s_per_step=f"{metrics['step_time']:.2f}")
         if streak >= t.max_nonfinite:
             bar.close()
             logger.close()
@@ -406,7 +479,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None,
         if done % cfg.checkpoint.every == 0 or done == t.steps:
             save_checkpoint(run_dir / "checkpoints", done, accelerator=accelerator, unet=unet, ema=ema,
                             optimizer=optimizer, scaler=scaler, generators=generators, keep=cfg.checkpoint.keep,
-                            meta={"step": done, "nonfinite_streak": streak, "world_size": world, "lr": lr,
+                            meta={"step": done, "nonfinite_streak": streak, "world_size": world, "lr": r.lr,
                                   "model": cfg.model, "method": cfg.method})
     bar.close()
 
