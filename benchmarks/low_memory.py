@@ -78,11 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     f"{ROW_START_S} s of it is skipped, a row still running when it ends is stopped")
     ap.add_argument("--weights", type=Path, default=None,
                     help="folder for the random HPSv2.1 checkpoint, reused by later runs (default: a temporary folder)")
-    ap.add_argument("--smoke", action="store_true", help="tiny pipelines and reward on the CPU, rows in this process")
+    ap.add_argument("--smoke", action="store_true", help="tiny pipelines and reward on the CPU")
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                    help="each row in a process of its own (the default; --smoke runs them in this one)")
     ap.add_argument("--child", nargs=2, metavar=("SPEC", "ROW"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - set(ROWS))
+    if unknown:
+        ap.error(f"--only: unknown row(s) {', '.join(unknown)}; the rows are {', '.join(ROWS)}")
     args.steps = args.steps or (2 if args.smoke else 3)
     args.num_steps = args.num_steps or (4 if args.smoke else 50)
+    args.isolate = not args.smoke if args.isolate is None else args.isolate
     return args
 
 
@@ -91,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
         spec = json.loads(Path(args.child[0]).read_text())
-        _write_json(Path(spec["rows"]) / f"{args.child[1]}.json", run_row(args.child[1], spec))
+        with _architectures(spec["smoke"]):
+            _write_json(Path(spec["rows"]) / f"{args.child[1]}.json", run_row(args.child[1], spec))
         return
     start = time.perf_counter()
     names = [n for n in ROWS if args.only is None or n in args.only]
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = {}
         for name in names:
             left = args.budget - (time.perf_counter() - start)
-            rows[name] = run_row(name, spec) if args.smoke else run_child(work / "spec.json", name, spec, left)
+            rows[name] = run_child(work / "spec.json", name, spec, left) if args.isolate else run_row(name, spec)
             print(name, json.dumps({k: v for k, v in rows[name].items() if k != "summary"}), flush=True)
     meta = _meta(args, time.perf_counter() - start)
     write(args.out, meta, rows)
