@@ -1,13 +1,20 @@
-"""Full-size SDXL (base 1.0) architecture with random weights: costs exactly what the trained model costs.
+"""Full-size SDXL (base 1.0) and SD 1.5 architectures with random weights: they cost exactly what trained ones cost.
 
 The configurations are the published ones of stabilityai/stable-diffusion-xl-base-1.0 (unet, vae,
-text_encoder, text_encoder_2), written out so a benchmark needs no download.
+text_encoder, text_encoder_2) and of stable-diffusion-v1-5 (unet, vae, text_encoder: CLIP ViT-L/14), written out
+so a benchmark needs no download.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from tuner.pipelines import tiny_tokenizer
@@ -29,6 +36,14 @@ TEXT_1 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
               projection_dim=768, hidden_act="quick_gelu")
 TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
               projection_dim=1280, hidden_act="gelu")
+UNET_SD15 = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8,
+)
+VAE_SD15 = {**VAE, "sample_size": 512, "scaling_factor": 0.18215}
+TEXT_SD15 = TEXT_1  # CLIP ViT-L/14's text tower, as SDXL's first encoder
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  steps_offset=1, timestep_spacing="leading", prediction_type="epsilon", clip_sample=False,
                  set_alpha_to_one=False)
@@ -40,12 +55,27 @@ def _text(cls, **cfg):
                               pad_token_id=513, **cfg))
 
 
-def sdxl_random_pipeline() -> StableDiffusionXLPipeline:
-    """SDXL base 1.0 at full size with random weights (fp32, CPU; move it where it runs)."""
+def sdxl_random_pipeline(force_upcast: bool = True) -> StableDiffusionXLPipeline:
+    """SDXL base 1.0 at full size with random weights (fp32, CPU; move it where it runs).
+
+    force_upcast=False gives the VAE config of madebyollin/sdxl-vae-fp16-fix (same architecture), which the
+    adapters then run in half precision instead of fp32.
+    """
     pipe = StableDiffusionXLPipeline(
-        vae=AutoencoderKL(**VAE), text_encoder=_text(CLIPTextModel, **TEXT_1),
+        vae=AutoencoderKL(**{**VAE, "force_upcast": force_upcast}), text_encoder=_text(CLIPTextModel, **TEXT_1),
         text_encoder_2=_text(CLIPTextModelWithProjection, **TEXT_2), tokenizer=tiny_tokenizer(),
         tokenizer_2=tiny_tokenizer(), unet=UNet2DConditionModel(**UNET), scheduler=DDIMScheduler(**SCHEDULER),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd15_random_pipeline() -> StableDiffusionPipeline:
+    """Stable Diffusion 1.5 at full size with random weights (fp32, CPU; move it where it runs)."""
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**VAE_SD15), text_encoder=_text(CLIPTextModel, **TEXT_SD15), tokenizer=tiny_tokenizer(),
+        unet=UNet2DConditionModel(**UNET_SD15), scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

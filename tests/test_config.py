@@ -18,7 +18,7 @@ def test_embedded_default_is_the_shipped_model_run():
     assert (cfg.sampling.height, cfg.sampling.width) == (64, 64)
 
 
-@pytest.mark.parametrize("name", ["sdxl_hpsv2.1.yaml", "sd15_aesthetic.yaml", "default.yaml"])
+@pytest.mark.parametrize("name", ["sdxl_hpsv2.1.yaml", "sdxl_hpsv2.1_lowmem.yaml", "sd15_aesthetic.yaml", "default.yaml"])
 def test_shipped_configs_validate(name):
     cfg = validate(load_config(C.CONFIG_DIR / name))
     assert cfg == from_dict(to_dict(cfg))  # the written config.yaml reads back to the same run

@@ -29,6 +29,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit")
 FALLBACK_SCHEDULERS = ("ddim",)
+MEMORY_MODES = ("default", "low")  # tuner.memory.MODES, without importing torch here
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,7 @@ class TrainConfig:
     ema_decay: float = opt(0.0, "EMA decay of the trained weights (0 turns EMA off); the EMA is used for galleries and saved.")
     full_finetune: bool = opt(False, "Train every UNet weight instead of a LoRA.")
     gradient_checkpointing: bool = opt(False, "Recompute UNet activations in backward to save memory.")
+    memory: str = opt("default", "default, or low: the same gradient in less GPU memory (block-wise recompute of trained UNet calls and of the VAE decode, one image at a time through VAE and reward, text encoders off the GPU after one encoding of the prompts, the reward in the run's half precision); docs/tuner.md, Low-memory mode.")
     mixed_precision: Union[str, None] = opt(None, "no, fp16 or bf16; null picks bf16 on GPU and no (fp32) on CPU.")
     seed: int = opt(0, "Seed of the run; each process derives its own generators from it and its rank.")
     max_nonfinite: int = opt(5, "Stop after this many consecutive steps with a non-finite reward, loss or gradient.")
@@ -359,6 +361,10 @@ def validate(cfg: Config) -> Config:
         _one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISIONS)
     _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
+    _one_of("train.memory", t.memory, MEMORY_MODES)
+    if t.memory == "low" and t.gradient_checkpointing:
+        raise ConfigError("config key 'train.gradient_checkpointing': train.memory=low already recomputes the trained "
+                          "UNet calls block by block; set train.gradient_checkpointing=false (or train.memory=default).")
     if t.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("config key 'train.optimizer': adamw8bit needs bitsandbytes, which is not installed. "
                           "Install it (pip install bitsandbytes, CUDA only) or use train.optimizer=adamw.")

@@ -11,6 +11,10 @@ Multistep schedulers (DPM-Solver++) keep earlier model outputs as history; on re
 fed back as leaves and their adjoints are routed to the step that produced them, so the gradient is exactly
 that of autograd through the whole chain with the plan's detaches.
 
+Low-memory mode (adapter.low_memory, train.memory=low) changes how, not what: trained UNet calls and the decode
+recompute their activations block by block in backward, and step 2 runs one image at a time (scores are per image,
+so the adjoints are the same).
+
 Randomness comes only from the caller's generator, drawn in this order: one seed per step (torch.randint,
 seeding the step's ancestral / DDIM-eta noise, so a rebuilt step sees the same noise), the initial latents,
 then one noise tensor per DRaFT-LV re-noising.
@@ -165,13 +169,38 @@ def _score(adapter: Adapter, latents: torch.Tensor, reward_fn, prompts, loss_sca
     return loss, rewards.detach().float(), images.detach(), parts
 
 
+def _score_backward(adapter: Adapter, x0: torch.Tensor, reward_fn, prompts, loss_scale: float, weight: float = 1.0):
+    """Decode, score and backpropagate to x0; returns (adjoint of x0, loss, rewards, images, parts).
+
+    In low-memory mode one image at a time: scores are per image, so the chunks' losses and adjoints add up to
+    the batch's, and only one image's VAE and reward graphs are alive at once.
+    """
+    n = x0.shape[0]
+    size = 1 if adapter.low_memory else n
+    adjoints, loss, rewards, images, parts = [], 0.0, [], [], {}
+    for start in range(0, n, size):
+        latent = x0[start:start + size].detach().requires_grad_(True)
+        share = weight * (latent.shape[0] / n)
+        chunk_loss, got, decoded, chunk_parts = _score(
+            adapter, latent, reward_fn, prompts[start:start + size], loss_scale, share
+        )
+        adjoints.append(torch.autograd.grad(chunk_loss, latent)[0])
+        loss += float(chunk_loss.detach())
+        rewards.append(got)
+        images.append(decoded)
+        for key, value in chunk_parts.items():
+            parts.setdefault(key, []).append(value)
+    parts = {key: torch.cat(values) for key, values in parts.items()}
+    return torch.cat(adjoints), loss, torch.cat(rewards), torch.cat(images), parts
+
+
 def _sweep(chain: _Chain, plan: Plan, saved: dict[int, _Saved], adj_x0: torch.Tensor, cond, guidance_scale, no_sync,
            step_hook=None):
     """Backpropagate the x0 adjoint through steps stop..first, one UNet graph at a time."""
     adapter, first, trained = chain.adapter, plan.trained[0], set(plan.trained)
     adj_x, adj_hist = adj_x0, {}  # adj_hist: id(original history tensor) -> adjoint
     for i in range(plan.stop, first - 1, -1):
-        s, t, last = saved[i], chain.timesteps[i], i == first
+        s, t, last = saved.pop(i), chain.timesteps[i], i == first  # a visited step's latents are freed as we go
         with contextlib.nullcontext() if last else no_sync(), torch.enable_grad():
             # At the first trained step nothing upstream needs an adjoint: no input or history leaves.
             leaves = chain.restore(s.state, plan.num_steps if last else first)
@@ -235,13 +264,11 @@ def reward_backward(
             chain, plan, cond, reward_fn, prompts, x, guidance_scale, generator, loss_scale, no_sync, step_hook
         )
     x0, saved = _sample(chain, plan, cond, x, guidance_scale, plan.trained[0])
-    latent = x0.detach().requires_grad_(True)
     with no_sync():
-        loss, rewards, images, parts = _score(adapter, latent, reward_fn, prompts, loss_scale)
-        (adj_x0,) = torch.autograd.grad(loss, latent)
+        adj_x0, loss, rewards, images, parts = _score_backward(adapter, x0, reward_fn, prompts, loss_scale)
     _sweep(chain, plan, saved, adj_x0, cond, guidance_scale, no_sync, step_hook)
     chain.reset()
-    return StepOutput(rewards, images, parts, float(loss.detach()))
+    return StepOutput(rewards, images, parts, loss)
 
 
 def _renoise_backward(chain, plan, cond, reward_fn, prompts, x, guidance_scale, generator, loss_scale, no_sync,
@@ -257,17 +284,18 @@ def _renoise_backward(chain, plan, cond, reward_fn, prompts, x, guidance_scale, 
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = chain.scheduler.add_noise(x0, noise, t.reshape(1))
         with torch.no_grad(), adapter.frozen_calls():
-            latent = chain.step(last, x_t, adapter.eps(x_t, t, cond, guidance_scale)).requires_grad_(True)
+            latent = chain.step(last, x_t, adapter.eps(x_t, t, cond, guidance_scale))
         with no_sync():
-            loss, got, images, parts = _score(adapter, latent, reward_fn, prompts, loss_scale, 1.0 / plan.renoise)
-            (adj,) = torch.autograd.grad(loss, latent)
+            adj, loss, got, images, parts = _score_backward(
+                adapter, latent, reward_fn, prompts, loss_scale, 1.0 / plan.renoise
+            )
         ctx = contextlib.nullcontext() if r == plan.renoise - 1 else no_sync()
         with ctx, torch.enable_grad():
             chain.restore(saved[last].state, plan.num_steps)
             chain.step(last, x_t, adapter.eps(x_t, t, cond, guidance_scale)).backward(adj)
         if step_hook is not None:
             step_hook(last)
-        total, rewards = total + float(loss.detach()), rewards + got / plan.renoise
+        total, rewards = total + loss, rewards + got / plan.renoise
     chain.reset()
     return StepOutput(rewards, images, parts, total)
 

@@ -28,7 +28,12 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D, Upsample2D
 from diffusers.utils.torch_utils import randn_tensor
+
+from .memory import checkpointed
 
 SCHEDULERS: dict[str, type] = {
     "ddim": DDIMScheduler,
@@ -42,6 +47,9 @@ _SCHEDULER_DEFAULTS: dict[str, dict] = {"ddim": {"clip_sample": False}, "dpm++":
 # Schedulers whose latents live in "sigma space" (x = x0 + sigma * eps, input scaled by scale_model_input).
 _SIGMA_SPACE = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)
 _HALF = (torch.float16, torch.bfloat16)
+# Low-memory mode: the blocks whose activations a trained UNet call / a decode with gradients recomputes in backward.
+UNET_BLOCKS = (ResnetBlock2D, BasicTransformerBlock)
+VAE_BLOCKS = (ResnetBlock2D, Attention, Upsample2D)
 
 
 @dataclass
@@ -83,6 +91,9 @@ class Adapter:
     # Gradient-free calls of a half-precision model run in its own dtype with autocast off: autocast's casts and
     # fp32 norms cost a third of a call at batch 1 (docs/benchmarks.md, Tuning step).
     plain_half: bool = True
+    # train.memory=low: UNet calls and decodes with gradients checkpoint block by block; the engine decodes and
+    # scores one image at a time. Gradient-free calls are unchanged.
+    low_memory: bool = False
 
     def __init__(self, pipe, *, device, dtype: torch.dtype, scheduler: str = "ddim", **scheduler_kwargs):
         self.pipe = pipe
@@ -126,6 +137,26 @@ class Adapter:
                 stack.enter_context(torch.autocast(self.device.type, enabled=False))
             yield
 
+    def _recorded_call(self):
+        """Context of one UNet call: in low-memory mode, a call that records gradients keeps only each block's
+        inputs and recomputes the block in backward."""
+        if self.low_memory and torch.is_grad_enabled():
+            return checkpointed(self.unet, UNET_BLOCKS)
+        return contextlib.nullcontext()
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        return [e for e in (getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2")) if e is not None]
+
+    def _text_device(self) -> torch.device:
+        """Where the text encoders are (the adapter's device unless offloaded)."""
+        return next(self._text_encoders()[0].parameters()).device
+
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to the CPU (low-memory mode, once the prompts are encoded); encode_prompts
+        still works after, on the CPU."""
+        for encoder in self._text_encoders():
+            encoder.to("cpu")
+
     # -- sampling pieces ----------------------------------------------------------------------
     def initial_latents(self, batch: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
         """Gaussian latents for an image of height x width, scaled by the scheduler's init_noise_sigma."""
@@ -144,13 +175,14 @@ class Adapter:
         x_in = torch.cat([x_t, x_t]) if cfg else x_t
         x_in = self.scheduler.scale_model_input(x_in, t)
         ctx = torch.cat([cond.negative_embeds, cond.prompt_embeds]) if cfg else cond.prompt_embeds
-        out = self.unet(
-            x_in.to(self.dtype),
-            t,
-            encoder_hidden_states=ctx.to(self.dtype),
-            added_cond_kwargs=self._added_kwargs(cond, x_t, cfg),
-            return_dict=False,
-        )[0].to(x_t.dtype)
+        with self._recorded_call():
+            out = self.unet(
+                x_in.to(self.dtype),
+                t,
+                encoder_hidden_states=ctx.to(self.dtype),
+                added_cond_kwargs=self._added_kwargs(cond, x_t, cfg),
+                return_dict=False,
+            )[0].to(x_t.dtype)
         if not cfg:
             return out
         uncond, text = out.chunk(2)
@@ -185,13 +217,18 @@ class Adapter:
         """Images [B,3,H,W] in [0,1]: value clamped, gradient passed straight through the clamp.
 
         The straight-through clamp keeps a reward's gradient alive on out-of-range pixels (a plain clamp
-        would zero it); VAE activations are recomputed in backward when `checkpoint` is on.
+        would zero it); VAE activations are recomputed in backward when `checkpoint` is on: the whole decode at
+        once, or in low-memory mode block by block (so backward holds one block's activations, not all).
         """
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         shift = getattr(self.vae.config, "shift_factor", None)
         if shift is not None:
             z = z + shift
-        if checkpoint and torch.is_grad_enabled() and z.requires_grad:
+        recorded = checkpoint and torch.is_grad_enabled() and z.requires_grad
+        if recorded and self.low_memory:
+            with checkpointed(getattr(self.vae, "decoder", self.vae), VAE_BLOCKS):
+                x = self._vae_decode(z)
+        elif recorded:
             x = _checkpoint(self._vae_decode, z)
         else:
             x = self._vae_decode(z)
@@ -223,9 +260,9 @@ class SD15Adapter(Adapter):
         negative = negative_prompts if negative_prompts is not None else [""] * len(prompts)
         _check_lengths(prompts, negative)
         pos, neg = self.pipe.encode_prompt(
-            list(prompts), self.device, 1, True, negative_prompt=list(negative)
+            list(prompts), self._text_device(), 1, True, negative_prompt=list(negative)
         )
-        return Conditioning(pos, neg)
+        return Conditioning(pos, neg).to(self.device)
 
 
 class SDXLAdapter(Adapter):
@@ -243,12 +280,12 @@ class SDXLAdapter(Adapter):
             _check_lengths(prompts, negative_prompts)
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
             list(prompts),
-            device=self.device,
+            device=self._text_device(),
             num_images_per_prompt=1,
             do_classifier_free_guidance=True,
             negative_prompt=list(negative_prompts) if negative_prompts is not None else None,
         )
-        return Conditioning(pos, neg, pooled, neg_pooled)
+        return Conditioning(pos, neg, pooled, neg_pooled).to(self.device)
 
     def _added_kwargs(self, cond: Conditioning, x: torch.Tensor, cfg: bool) -> dict:
         if cond.pooled is None:

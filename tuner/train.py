@@ -30,6 +30,7 @@ from tuner import checkpoint as ckpt
 from tuner import engine, lora
 from tuner.config import Config, ConfigError, to_dict, validate
 from tuner.logging import RunLogger, gallery, plot_rewards, read_metrics, write_summary
+from tuner.memory import ConditioningCache
 from tuner.methods import get_method
 from tuner.prompts import PromptSampler, load_prompt_sets
 
@@ -116,11 +117,23 @@ def resolve_run(cfg: Config) -> tuple[Path, Path | None]:
     return path, found
 
 
-def build_adapter(cfg: Config, device: torch.device, dtype: torch.dtype):
-    """The pipeline adapter of `cfg.model` (tiny pipelines are built in code, seeded; shapes-sd ships inside)."""
+def build_adapter(cfg: Config, device: torch.device, dtype: torch.dtype, pipeline=None):
+    """The pipeline adapter of `cfg.model` (tiny pipelines are built in code, seeded; shapes-sd ships inside), or of
+    an in-memory `pipeline` given instead; set to the low-memory mode if cfg.train.memory says so."""
+    adapter = _adapter(cfg, device, dtype, pipeline)
+    adapter.low_memory = cfg.train.memory == "low"
+    return adapter
+
+
+def _adapter(cfg: Config, device: torch.device, dtype: torch.dtype, pipeline):
     from tuner import pipelines, shapes
 
     kwargs = dict(device=device, dtype=dtype, scheduler=cfg.sampling.scheduler)
+    if pipeline is not None:
+        if cfg.vae is not None:
+            raise ConfigError(f"vae={cfg.vae} cannot replace the VAE of a pipeline passed to train(); "
+                              "swap it in the pipeline, or set vae=null")
+        return pipelines.adapter_from_pipeline(pipeline, **kwargs)
     if cfg.model == shapes.MODEL_NAME:
         return pipelines.load_adapter(str(shapes.MODEL_DIR), vae=cfg.vae, **kwargs)
     if cfg.model in ("tiny-sdxl", "tiny-sd15"):
@@ -129,14 +142,21 @@ def build_adapter(cfg: Config, device: torch.device, dtype: torch.dtype):
     return pipelines.load_adapter(cfg.model, vae=cfg.vae, **kwargs)
 
 
+def reward_dtype(cfg: Config) -> torch.dtype | None:
+    """The reward's weight dtype: the run's half precision in low-memory mode, else the reward's default (fp32)."""
+    precision = cfg.train.mixed_precision
+    return DTYPES[precision] if cfg.train.memory == "low" and precision in ("bf16", "fp16") else None
+
+
 def build_reward(cfg: Config, device: torch.device) -> torch.nn.Module:
     """The reward (or weighted mixture) named by the configuration, frozen."""
     import rewards
 
+    dtype = reward_dtype(cfg)
     if isinstance(cfg.reward, str):
-        reward = rewards.load(cfg.reward, device=device, **cfg.reward_sources.get(cfg.reward, {}))
+        reward = rewards.load(cfg.reward, device=device, dtype=dtype, **cfg.reward_sources.get(cfg.reward, {}))
     else:
-        reward = rewards.combine(cfg.reward, device=device, sources=cfg.reward_sources)
+        reward = rewards.combine(cfg.reward, device=device, dtype=dtype, sources=cfg.reward_sources)
     # Decoded images are clamped to [0, 1] and non-finite rewards are caught by the loop: skip the per-call host sync.
     reward.check_values = False
     return reward
@@ -271,6 +291,7 @@ class StepParts:
     generator: torch.Generator
     autocast: Callable[[], contextlib.AbstractContextManager]
     step_hook: Callable[[int], None] | None = None
+    conditioning: Callable[[list[str]], Any] | None = None  # prompts -> Conditioning; None: encode when drawn
 
 
 @dataclasses.dataclass
@@ -299,7 +320,8 @@ def train_step(parts: StepParts, step: int) -> StepResult:
     outs, plans = [], []
     for micro in range(t.grad_accum):
         prompts = parts.sampler.batch(step, micro)
-        cond = parts.adapter.encode_prompts(prompts, [s.negative_prompt] * len(prompts))
+        cond = (parts.conditioning(prompts) if parts.conditioning is not None
+                else parts.adapter.encode_prompts(prompts, [s.negative_prompt] * len(prompts)))
         plans.append(parts.method.plan(s.num_steps, gen))
         # earlier micro-batches accumulate locally; the engine syncs on the last backward of the last one
         sync = acc.no_sync(unet) if micro < t.grad_accum - 1 else contextlib.nullcontext()
@@ -372,11 +394,24 @@ def load_checkpoint(folder: Path, *, rank: int, unet, ema: EMA | None, optimizer
 # ---------------------------------------------------------------- the run
 
 
-def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None,
+def prompt_conditioning(adapter, sampler: PromptSampler, steps: range, cfg: Config) -> Callable[[list[str]], Any]:
+    """How the loop gets a micro-batch's text conditioning: encoded when drawn; or, in low-memory mode, from a cache
+    of every prompt this process draws in `steps`, encoded once, after which the text encoders leave the GPU."""
+    negative = cfg.sampling.negative_prompt
+    if cfg.train.memory != "low":
+        return lambda prompts: adapter.encode_prompts(prompts, [negative] * len(prompts))
+    drawn = [p for step in steps for micro in range(cfg.train.grad_accum) for p in sampler.batch(step, micro)]
+    cache = ConditioningCache(adapter, drawn, negative)
+    adapter.offload_text_encoders()
+    return cache
+
+
+def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=None,
           make_step_hook: Callable[[list[torch.nn.Parameter]], Callable[[int], None]] | None = None) -> dict[str, Any]:
     """Run (or resume) reward fine-tuning as `cfg` says; returns the run summary.
 
-    `reward_fn` replaces cfg.reward. `make_step_hook(trained parameters)`, called once they exist, returns the
+    `reward_fn` replaces cfg.reward. `pipeline`, a diffusers pipeline in memory, replaces loading cfg.model (which
+    then only names the run). `make_step_hook(trained parameters)`, called once they exist, returns the
     engine's step_hook (called after each trained step's backward; e.g. per-step gradient norms).
     """
     # --- setup: processes, run folder, precision
@@ -397,7 +432,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None,
     autocast = make_autocast(device, precision)
 
     # --- models, reward, prompts, method
-    adapter = build_adapter(cfg, device, weight_dtype)
+    adapter = build_adapter(cfg, device, weight_dtype, pipeline)
     unet = adapter.unet
     params = add_trainable(unet, cfg)
     step_hook = make_step_hook(params) if make_step_hook is not None else None
@@ -421,6 +456,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None,
         meta = load_checkpoint(resume_from, rank=rank, unet=unet, ema=ema, optimizer=optimizer, scaler=scaler,
                                generators=generators)
         start, streak = meta["step"], meta["nonfinite_streak"]
+    conditioning = prompt_conditioning(adapter, sampler, range(start, t.steps), cfg)
     logger = RunLogger(run_dir, enabled=main, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                        wandb_project=cfg.log.wandb_project, config=to_dict(cfg),
                        resume_step=start if resume_from is not None else None)
@@ -440,7 +476,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None,
 
     # --- the loop
     step_parts = StepParts(cfg, accelerator, adapter, method, reward, sampler, optimizer, scaler, params, gen,
-                           autocast, step_hook)
+                           autocast, step_hook, conditioning)
     bar = tqdm(total=t.steps, initial=start, disable=not (main and cfg.log.progress), desc=f"{cfg.method}")
     last, t_start = {}, time.perf_counter()
     for step in range(start, t.steps):
@@ -524,7 +560,7 @@ def _summary(cfg: Config, rows: list[dict], run_dir: Path, final: Path, seconds:
     evals = [(r["step"], r["eval/reward"]) for r in rows if r.get("eval/reward") is not None]
     tenth = max(1, len(train_rewards) // 10)
     return {
-        "name": cfg.name, "model": cfg.model, "method": cfg.method, "reward": cfg.reward,
+        "name": cfg.name, "model": cfg.model, "method": cfg.method, "reward": cfg.reward, "memory": cfg.train.memory,
         "steps": cfg.train.steps, "resumed_from_step": start, "processes": world,
         "trained_parameters": sum(p.numel() for p in params),
         "eval_reward_before": evals[0][1] if evals else None,
