@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 import rewards
 from benchmarks.sdxl import count_parameters
+from benchmarks.tuner_methods import measure
 from tuner.engine import reward_backward
 from tuner.lora import add_lora
 from tuner.methods import Plan, get_method
@@ -162,21 +163,12 @@ def counting_calls(module: torch.nn.Module) -> Iterator[list[int]]:
 
 def timed(fn: Callable[[], object], iters: int, unet: torch.nn.Module, device: str) -> dict:
     """One counted warm-up call, then mean seconds over `iters` synchronised calls and their peak memory."""
-    cuda = device == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    resident = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+    resident = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
     with counting_calls(unet) as calls:
         fn()
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    seconds = (time.perf_counter() - start) / iters
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    return {"s_per_step": seconds, "peak_gib": peak, "resident_gib": resident, "unet_calls": calls[0]}
+    row = measure(fn, iters, warmup=False)
+    return {"s_per_step": row["s_per_iter"], "peak_gib": row["peak_gib"], "resident_gib": resident,
+            "unet_calls": calls[0]}
 
 
 def guarded(fn: Callable[[], object], iters: int, unet: torch.nn.Module, device: str) -> dict:

@@ -62,11 +62,13 @@ def naive_backward(adapter, cond, reward, prompts, *, T, k, height, width, guida
     return loss
 
 
-def measure(fn, iters: int) -> dict:
-    """Mean seconds per call over `iters` calls after one warm-up, and the peak CUDA memory (0 on CPU)."""
+def measure(fn, iters: int, warmup: bool = True) -> dict:
+    """Mean seconds per call over `iters` calls after one warm-up (unless the caller made it), and the peak CUDA
+    memory over them (0 on CPU)."""
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    fn()
+    if warmup:
+        fn()
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
