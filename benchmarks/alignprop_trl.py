@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def save_random_pipeline(folder: Path, smoke: bool) -> dict:
     """Write a random-weight SD 1.5 (full size, or tiny for --smoke) with save_pretrained; returns its sizes."""
-    from benchmarks.sd15 import sd15_random_pipeline
+    from benchmarks.sdxl import sd15_random_pipeline
     from tuner.pipelines import tiny_sd15_pipeline
 
     torch.manual_seed(0)

@@ -35,7 +35,8 @@ from tuner.config import Config, LoraConfig, SamplingConfig, TrainConfig
 from tuner.methods import get_method
 from tuner.prompts import PromptSampler, load_prompt_sets
 from tuner.train import (DTYPES, StepParts, add_trainable, build_adapter, build_optimizer, build_reward,
-                         make_accelerator, make_autocast, prepare_unet, rank_generator, train_step)
+                         make_accelerator, make_autocast, prepare_unet, prompt_conditioning, rank_generator,
+                         train_step)
 
 WEIGHTS = "random weights (full-size SDXL base 1.0 architecture)"
 SMOKE_WEIGHTS = "random weights (tiny SDXL, CPU smoke run: checks the script, not a performance figure)"
@@ -96,13 +97,10 @@ def build_config(args: argparse.Namespace) -> Config:
 def sdxl_adapter(cfg: Config, device: torch.device, vae_upcast: bool):
     """Full-size SDXL with random weights, built on `device` (the caller seeds torch alike on every rank)."""
     from benchmarks.sdxl import sdxl_random_pipeline
-    from tuner.pipelines import adapter_from_pipeline
 
     with torch.device(device):
-        pipe = sdxl_random_pipeline()
-    pipe.vae.register_to_config(force_upcast=vae_upcast)
-    return adapter_from_pipeline(pipe, device=device, dtype=DTYPES[cfg.train.mixed_precision],
-                                 scheduler=cfg.sampling.scheduler)
+        pipe = sdxl_random_pipeline(force_upcast=vae_upcast)
+    return build_adapter(cfg, device, DTYPES[cfg.train.mixed_precision], pipeline=pipe)
 
 
 def build_parts(args: argparse.Namespace, cfg: Config, accelerator) -> tuple[StepParts, torch.nn.Module]:
@@ -123,8 +121,9 @@ def build_parts(args: argparse.Namespace, cfg: Config, accelerator) -> tuple[Ste
     optimizer = build_optimizer(params, cfg)
     adapter.unet = prepare_unet(accelerator, unet)
     gen = rank_generator(t.seed, accelerator.process_index)
+    conditioning = prompt_conditioning(adapter, sampler, range(t.steps), cfg)
     parts = StepParts(cfg, accelerator, adapter, method, reward, sampler, optimizer, None, params, gen,
-                      make_autocast(device, t.mixed_precision))
+                      make_autocast(device, t.mixed_precision), conditioning)
     return parts, unet
 
 

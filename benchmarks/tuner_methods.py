@@ -145,8 +145,7 @@ def main() -> None:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         with torch.device("cuda"):
-            pipe = sdxl_random_pipeline()
-        pipe.vae.register_to_config(force_upcast=args.vae_upcast)
+            pipe = sdxl_random_pipeline(force_upcast=args.vae_upcast)
         dtype = torch.bfloat16
     adapter = adapter_from_pipeline(pipe, device=device, dtype=dtype)
     adapter.plain_half = not args.frozen_autocast

@@ -16,20 +16,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.sdxl import sdxl_random_pipeline
+from benchmarks.tuner_methods import measure
 from tuner.lora import add_lora
 from tuner.pipelines import adapter_from_pipeline
 
 
 def timed(fn, iters: int) -> float:
     """Milliseconds per call after two warm-ups, CUDA-synchronised."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters * 1e3
+    fn()
+    return measure(fn, iters)["s_per_iter"] * 1e3
 
 
 def profile(fn) -> dict:

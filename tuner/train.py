@@ -290,8 +290,8 @@ class StepParts:
     params: list[torch.nn.Parameter]
     generator: torch.Generator
     autocast: Callable[[], contextlib.AbstractContextManager]
+    conditioning: Callable[[list[str]], Any]  # prompts -> Conditioning (prompt_conditioning)
     step_hook: Callable[[int], None] | None = None
-    conditioning: Callable[[list[str]], Any] | None = None  # prompts -> Conditioning; None: encode when drawn
 
 
 @dataclasses.dataclass
@@ -320,8 +320,7 @@ def train_step(parts: StepParts, step: int) -> StepResult:
     outs, plans = [], []
     for micro in range(t.grad_accum):
         prompts = parts.sampler.batch(step, micro)
-        cond = (parts.conditioning(prompts) if parts.conditioning is not None
-                else parts.adapter.encode_prompts(prompts, [s.negative_prompt] * len(prompts)))
+        cond = parts.conditioning(prompts)
         plans.append(parts.method.plan(s.num_steps, gen))
         # earlier micro-batches accumulate locally; the engine syncs on the last backward of the last one
         sync = acc.no_sync(unet) if micro < t.grad_accum - 1 else contextlib.nullcontext()
@@ -476,7 +475,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
 
     # --- the loop
     step_parts = StepParts(cfg, accelerator, adapter, method, reward, sampler, optimizer, scaler, params, gen,
-                           autocast, step_hook, conditioning)
+                           autocast, conditioning, step_hook)
     bar = tqdm(total=t.steps, initial=start, disable=not (main and cfg.log.progress), desc=f"{cfg.method}")
     last, t_start = {}, time.perf_counter()
     for step in range(start, t.steps):

@@ -192,6 +192,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def plot_methods(res: Results, path: Path) -> Path:
     """Bars of held-out gain per method and reward (mean, std error bars, seeds as dots)."""
     plt = _plt()
@@ -207,10 +215,7 @@ def plot_methods(res: Results, path: Path) -> Path:
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_title(f"tuned for {w}: held-out gain", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curves(res: Results, path: Path) -> Path:
@@ -234,10 +239,7 @@ def plot_curves(res: Results, path: Path) -> Path:
         axes[0, j].set_ylabel("eval reward")
         axes[1, j].set_ylabel("eval reward")
     axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_grad_by_step(res: Results, path: Path) -> Path:
@@ -254,10 +256,7 @@ def plot_grad_by_step(res: Results, path: Path) -> Path:
         ax.set_xlabel("sampling step (0 = pure noise)")
         ax.set_title(f"{w}: gradient norm per trained step", fontsize=10)
     axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sweeps(res: Results, path: Path) -> Path:
@@ -279,10 +278,7 @@ def plot_sweeps(res: Results, path: Path) -> Path:
         ax.set_xlabel({"k": "K (trained steps)", "early_stop": "m (early-stop range)"}[group])
         ax.set_ylabel("held-out gain")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def grid(res: Results, samples: Path, rows: list[tuple[str, str]], path: Path) -> Path | None:
