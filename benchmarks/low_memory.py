@@ -1,6 +1,6 @@
 """Whole short training runs under GPU memory caps: the low-memory mode against the default (issue 12).
 
-    python -m benchmarks.low_memory --out benchmarks/results/     # one H200, about 7 minutes
+    python -m benchmarks.low_memory --out benchmarks/results/low_memory   # one H200, about 4 minutes
     python -m benchmarks.low_memory --smoke --out /tmp/lowmem     # tiny pipelines on the CPU: checks the script
 
 Each row is one whole `tuner.train` run (setup, DRTune steps, the evaluation gallery before and after, a

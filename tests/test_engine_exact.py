@@ -12,7 +12,7 @@ import torch
 from tests.tuner_fixtures import (
     PROMPTS, SIZE, ToyReward, naive_backward, relative_error, tiny_adapter, unet_grads,
 )
-from tuner.engine import reward_backward, sample
+from tuner.engine import reward_backward, sample, sample_each, steps_draw_noise
 from tuner.lora import add_lora
 from tuner.methods import Plan
 
@@ -251,6 +251,25 @@ def test_sample_matches_the_training_chain():
     torch.testing.assert_close(images, out.images, rtol=0, atol=1e-12)
     assert out.rewards.dtype == torch.float32 and out.rewards.shape == (2,)
     assert out.loss == pytest.approx(-float(ToyReward()(out.images, PROMPTS).mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("scheduler,eta", [("ddim", 0.0), ("euler", 0.0), ("dpm++", 0.0), ("ddim", 0.7),
+                                          ("euler-ancestral", 0.0)])
+def test_sample_each_gives_each_prompt_its_own_images(scheduler, eta):
+    """Batched evaluation: image i equals sample() of prompt i alone with generator i, at any batch size."""
+    adapter = tiny_adapter("sd15", scheduler)
+    prompts = PROMPTS + ["a third prompt", "and a fourth"] + PROMPTS[:1]
+    cond = adapter.encode_prompts(prompts)
+    kw = dict(height=SIZE, width=SIZE, num_steps=T, guidance_scale=GUIDANCE, eta=eta)
+    alone = torch.cat([sample(adapter, cond[i:i + 1], generator=torch.Generator().manual_seed(SEED + i), **kw)
+                       for i in range(len(prompts))])
+    batched = sample_each(adapter, cond, generators=[torch.Generator().manual_seed(SEED + i)
+                                                     for i in range(len(prompts))], batch_size=2, **kw)
+    assert steps_draw_noise(adapter.scheduler, eta) == (scheduler == "euler-ancestral" or eta != 0.0)
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-12)
+    assert not torch.allclose(batched[0], batched[-1])  # same prompt, other seed: other image
+    with pytest.raises(ValueError, match="one generator per prompt"):
+        sample_each(adapter, cond, generators=[torch.Generator()], batch_size=2, **kw)
 
 
 def test_reward_errors_are_explained():

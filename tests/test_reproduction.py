@@ -71,3 +71,17 @@ def test_report_and_runner_on_finished_results(ci_rows, tmp_path):
     text = report.report("ci", results=tmp_path).read_text()
     assert "| DRTune | **+0.0" in text and "(3)" in text
     assert (folder / "methods.png").is_file() and (folder / "curves.png").is_file()
+
+
+def test_runner_paces_each_variant_by_its_own_cells():
+    """A slow variant's pace does not hold back the others near the stop time; an unseen one uses the median."""
+    slow, fast = "drtune-sgT-m5-K20-equal", "refl-m5"
+    pace = {slow: [5.0, 5.2], fast: [0.5, 0.6], "draft-k1": [0.7]}
+    job = lambda variant: runner.Job(f"{variant}__symmetry__n60__s2", steps=60)  # noqa: E731
+    assert runner.variant(job(slow).id) == slow
+    elapsed, stop_min = 400.0, 8.0  # 80 s left
+    assert runner._fits(job(fast), elapsed, pace, stop_min)  # 1.1 * 0.6 * 60 = 40 s
+    assert not runner._fits(job(slow), elapsed, pace, stop_min)  # 1.1 * 5.2 * 60 = 343 s
+    assert runner._fits(job("draft-k5"), elapsed, pace, stop_min)  # median 0.7: 46 s
+    assert not runner._fits(job("draft-k5"), 440.0, pace, stop_min)
+    assert runner._fits(job(slow), elapsed, {}, stop_min) and runner._fits(job(slow), elapsed, pace, None)

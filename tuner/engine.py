@@ -316,10 +316,63 @@ def sample(
     check_scheduler(adapter.scheduler, eta)
     chain = _Chain(adapter, num_steps, generator, eta)
     x = adapter.initial_latents(len(cond), height, width, generator)
+    return _run(adapter, chain, cond, x, guidance_scale)
+
+
+def _run(adapter: Adapter, chain: _Chain, cond: Conditioning, x: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     with adapter.frozen_calls():
         for i, t in enumerate(chain.timesteps):
             x = chain.step(i, x, adapter.eps(x, t, cond, guidance_scale))
     return adapter.decode(x, checkpoint=False)
 
 
-__all__ = ["StepOutput", "reward_backward", "sample", "check_scheduler", "SUPPORTED_SCHEDULERS"]
+def steps_draw_noise(scheduler, eta: float = 0.0) -> bool:
+    """Whether a chain's steps draw noise of their own (not only its initial latents do)."""
+    if isinstance(scheduler, DDIMScheduler):
+        return eta != 0.0
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        return "sde" in scheduler.config.algorithm_type
+    return not isinstance(scheduler, EulerDiscreteScheduler)
+
+
+@torch.no_grad()
+def sample_each(
+    adapter: Adapter,
+    cond: Conditioning,
+    *,
+    generators: list[torch.Generator],
+    batch_size: int,
+    height: int,
+    width: int,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """Image i as `sample` makes it from cond[i] alone with generators[i], batch_size images per chain.
+
+    Evaluation seeds each prompt on its own so its images do not depend on the batch; batching those chains saves
+    most of the kernel launches of small models. Chains whose steps draw noise run one image at a time.
+    """
+    if len(generators) != len(cond):
+        raise ValueError(f"sample_each needs one generator per prompt: {len(generators)} for {len(cond)} prompts")
+    check_scheduler(adapter.scheduler, eta)
+    if steps_draw_noise(adapter.scheduler, eta):
+        batch_size = 1
+    images = []
+    for start in range(0, len(cond), batch_size):
+        gens = generators[start:start + batch_size]
+        if len(gens) == 1:
+            images.append(sample(adapter, cond[start:start + 1], height=height, width=width, num_steps=num_steps,
+                                 guidance_scale=guidance_scale, generator=gens[0], eta=eta))
+            continue
+        x = []
+        for gen in gens:  # each generator drawn as sample() draws it: the chain's step seeds, then the latents
+            _Chain(adapter, num_steps, gen, eta)
+            x.append(adapter.initial_latents(1, height, width, gen))
+        chain = _Chain(adapter, num_steps, torch.Generator(gens[0].device), eta)  # its step seeds go unused
+        images.append(_run(adapter, chain, cond[start:start + len(gens)], torch.cat(x), guidance_scale))
+    return torch.cat(images)
+
+
+__all__ = ["StepOutput", "reward_backward", "sample", "sample_each", "steps_draw_noise", "check_scheduler",
+           "SUPPORTED_SCHEDULERS"]

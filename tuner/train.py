@@ -180,21 +180,18 @@ def _seed(base: int, *parts: int) -> int:
 @torch.no_grad()
 def evaluate(adapter, unet, conds, prompts: list[str], reward, cfg: Config,
              autocast) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Images of the evaluation prompts (prompt i seeded eval_seed + i), their rewards and, for a mixture, the
-    mean of each part, with `unet`."""
+    """Images of the evaluation prompts (prompt i seeded eval_seed + i, whatever the batch), their rewards and,
+    for a mixture, the mean of each part, with `unet`; train.batch_size prompts per chain."""
     s, trained = cfg.sampling, adapter.unet
     adapter.unet = unet  # the plain module: no collective calls from the main process alone
-    images = []
+    gens = [torch.Generator().manual_seed(cfg.prompts.eval_seed + i) for i in range(len(prompts))]
     try:
-        for i in range(len(prompts)):
-            gen = torch.Generator().manual_seed(cfg.prompts.eval_seed + i)
-            with autocast():
-                images.append(engine.sample(adapter, conds[i:i + 1], height=s.height, width=s.width,
-                                            num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                                            generator=gen, eta=s.eta).float())
+        with autocast():
+            images = engine.sample_each(adapter, conds, generators=gens, batch_size=cfg.train.batch_size,
+                                        height=s.height, width=s.width, num_steps=s.num_steps,
+                                        guidance_scale=s.guidance_scale, eta=s.eta).float()
     finally:
         adapter.unet = trained
-    images = torch.cat(images)
     with autocast():
         scores = reward(images, prompts).float()
     parts = {f"eval/reward/{k}": float(v.float().mean()) for k, v in getattr(reward, "last_parts", {}).items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -79,12 +80,12 @@ def pending(profile: str, groups: tuple[str, ...] | None, results_dir: Path, run
 
 
 class _Pool:
-    """The cell processes in flight, and the pace (seconds per optimizer step) of those finished."""
+    """The cell processes in flight, and the pace (seconds per optimizer step) of those finished, per variant."""
 
     def __init__(self, profile: str, results_dir: Path, runs_dir: Path, threads: int):
         self.profile, self.results_dir, self.runs_dir, self.threads = profile, results_dir, runs_dir, threads
         self.running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
-        self.pace: list[float] = []
+        self.pace: dict[str, list[float]] = {}
         self.ok, self.start = 0, time.monotonic()
 
     def elapsed(self) -> float:
@@ -105,7 +106,8 @@ class _Pool:
             write_row(self.results_dir / "results.jsonl", row)
             if row["status"] == "ok":
                 self.ok += 1
-                self.pace += [seconds / job.steps] if job.steps else []
+                if job.steps:
+                    self.pace.setdefault(variant(job.id), []).append(seconds / job.steps)
             print(f"[{self.elapsed():7.0f}s] {row['status']:5s} {job_id} ({len(self.running)} running, "
                   f"{waiting} waiting)", flush=True)
 
@@ -143,11 +145,18 @@ def run(profile: str, *, groups: tuple[str, ...] | None = None, workers: int = 1
     return pool.ok
 
 
-def _fits(job: Job, elapsed: float, pace: list[float], stop_at_min: float | None) -> bool:
-    """Whether the job would end before the stop time at the slowest pace seen so far (unknown pace: yes)."""
+def variant(job_id: str) -> str:
+    """The method variant of a cell id (its part before the reward): cells of one variant run at one pace."""
+    return job_id.split("__")[0]
+
+
+def _fits(job: Job, elapsed: float, pace: dict[str, list[float]], stop_at_min: float | None) -> bool:
+    """Whether the job would end before the stop time: at the slowest pace its variant ran at so far, else
+    at the median pace of every cell finished (none finished yet: yes)."""
     if stop_at_min is None or not pace or not job.steps:
         return True
-    return elapsed + 1.1 * max(pace) * job.steps < 60 * stop_at_min
+    seen = pace.get(variant(job.id)) or [statistics.median(p for ps in pace.values() for p in ps)]
+    return elapsed + 1.1 * max(seen) * job.steps < 60 * stop_at_min
 
 
 def _stop(running: dict[str, tuple[Job, subprocess.Popen, float]]) -> None:
