@@ -81,7 +81,8 @@ def test_trl_side(tmp_path):
     """TRL's AlignPropTrainer runs on the saved tiny pipeline and makes the same UNet calls as the engine."""
     pytest.importorskip("trl.trainer.alignprop_trainer", reason="TRL's AlignPropTrainer (trl==0.23.1) not installed")
     if alignprop_trl.trl_version() != alignprop_trl.TRL_VERSION:
-        pytest.skip(f"the comparison pins trl=={alignprop_trl.TRL_VERSION}")
+        pytest.skip(f"the comparison pins trl=={alignprop_trl.TRL_VERSION} (its AlignPropTrainer is what is "
+                    f"compared); trl {alignprop_trl.trl_version()} is installed")
     out = alignprop_trl.main([*SMOKE, "--impls", "trl", "engine", "--out", str(tmp_path)])
     _check_rows(out["rows"], ("trl", "engine"), (1,))
     assert set(out["ratios"]) == {f"engine [suffix {s}, batch 1]" for s in (1, STEPS)}

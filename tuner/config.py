@@ -29,7 +29,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit")
 FALLBACK_SCHEDULERS = ("ddim",)
-MEMORY_MODES = ("default", "low")  # tuner.memory.MODES, without importing torch here
+MEMORY_MODES = ("default", "low")  # train.memory; tuner/memory.py holds the low mode's pieces
 
 
 class ConfigError(ValueError):

@@ -85,6 +85,11 @@ def _history(scheduler) -> list[torch.Tensor]:
     return [t for v in vars(scheduler).values() if isinstance(v, list) for t in v if torch.is_tensor(t)]
 
 
+def _step_seeds(num_steps: int, generator: torch.Generator) -> list[int]:
+    """One seed per step, so ancestral / eta noise is the same when a step is rebuilt (a chain's first draw)."""
+    return torch.randint(0, 2**62, (num_steps,), generator=generator, device=generator.device).tolist()
+
+
 class _Chain:
     """The scheduler side of one trajectory: per-step noise seeds, states and history producers."""
 
@@ -92,8 +97,7 @@ class _Chain:
         self.adapter, self.scheduler, self.eta = adapter, adapter.scheduler, eta
         self.scheduler.set_timesteps(num_steps, device=adapter.device)
         self.timesteps = self.scheduler.timesteps
-        # One seed per step so ancestral / eta noise is the same when a step is rebuilt.
-        self.seeds = torch.randint(0, 2**62, (num_steps,), generator=generator, device=generator.device).tolist()
+        self.seeds = _step_seeds(num_steps, generator)
         self.noise_device = generator.device
         self.producer: dict[int, tuple[torch.Tensor, int]] = {}  # id(history tensor) -> (tensor, step made)
         self.made: dict[int, list[int]] = {}  # step -> ids of the history tensors it made, in order
@@ -367,7 +371,7 @@ def sample_each(
             continue
         x = []
         for gen in gens:  # each generator drawn as sample() draws it: the chain's step seeds, then the latents
-            _Chain(adapter, num_steps, gen, eta)
+            _step_seeds(num_steps, gen)
             x.append(adapter.initial_latents(1, height, width, gen))
         chain = _Chain(adapter, num_steps, torch.Generator(gens[0].device), eta)  # its step seeds go unused
         images.append(_run(adapter, chain, cond[start:start + len(gens)], torch.cat(x), guidance_scale))

@@ -14,9 +14,6 @@ from typing import Any, Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
-MODES = ("default", "low")
-
-
 def outermost(root: torch.nn.Module, kinds: tuple[type, ...]) -> Iterator[torch.nn.Module]:
     """Submodules of `root` of a class in `kinds`, not descending into a match (so none is inside another)."""
     for child in root.children():
@@ -100,4 +97,4 @@ class ConditioningCache:
         return dataclasses.replace(rows[0], **values).to(self.device)
 
 
-__all__ = ["MODES", "checkpointed", "outermost", "ConditioningCache"]
+__all__ = ["checkpointed", "outermost", "ConditioningCache"]

@@ -355,20 +355,26 @@ def save_checkpoint(root: Path, step: int, *, accelerator: Accelerator, unet, em
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(folder: Path, *, rank: int, unet, ema: EMA | None, optimizer, scaler,
-                    generators: dict[str, torch.Generator]) -> dict[str, Any]:
-    """Restore weights, EMA, optimizer, scaler and this rank's RNGs; returns the checkpoint's meta."""
-    meta = ckpt.read_meta(folder)
+def load_trained(unet: torch.nn.Module, folder: Path, name: str = "trainable.safetensors") -> None:
+    """Copy a checkpoint's trained weights (`name`: trainable.safetensors, or ema.safetensors for the EMA) into the
+    UNet, whose trained parameters (LoRA or full) must be the same set."""
     params = dict(unet.named_parameters())
-    saved = ckpt.read_tensors(folder, "trainable.safetensors")
+    saved = ckpt.read_tensors(folder, name)
     expected = set(lora.trainable_state(unet))
     if set(saved) != expected:
         missing, extra = sorted(expected - set(saved))[:3], sorted(set(saved) - expected)[:3]
         raise ConfigError(f"checkpoint {folder} does not match this run's trained weights (missing e.g. {missing}, "
                           f"unexpected e.g. {extra}); resume with the model, lora.* and train.full_finetune it was written with.")
     with torch.no_grad():
-        for name, value in saved.items():
-            params[name].copy_(value)
+        for key, value in saved.items():
+            params[key].copy_(value)
+
+
+def load_checkpoint(folder: Path, *, rank: int, unet, ema: EMA | None, optimizer, scaler,
+                    generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """Restore weights, EMA, optimizer, scaler and this rank's RNGs; returns the checkpoint's meta."""
+    meta = ckpt.read_meta(folder)
+    load_trained(unet, folder)
     if ema is not None:
         if (folder / "ema.safetensors").is_file():
             ema.shadow = {n: v.to(ema.shadow[n].device) for n, v in ckpt.read_tensors(folder, "ema.safetensors").items()}

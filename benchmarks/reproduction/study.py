@@ -275,15 +275,13 @@ def heldout(cfg, s: Settings, run_dir: Path | None,
 
 
 def _load_trained(unet: torch.nn.Module, cfg, checkpoint_dir: Path) -> None:
-    from tuner import checkpoint as ckpt
+    """The run's final LoRA (its EMA when it kept one) on the UNet."""
     from tuner import lora
+    from tuner.train import load_trained
 
     lora.add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
-    params = dict(unet.named_parameters())
-    name = "ema.safetensors" if (checkpoint_dir / "ema.safetensors").is_file() else "trainable.safetensors"
-    with torch.no_grad():
-        for key, value in ckpt.read_tensors(checkpoint_dir, name).items():
-            params[key].copy_(value)
+    ema = (checkpoint_dir / "ema.safetensors").is_file()
+    load_trained(unet, checkpoint_dir, "ema.safetensors" if ema else "trainable.safetensors")
 
 
 def _train_stats(run_dir: Path, max_grad_norm: float) -> dict[str, Any]:
