@@ -69,8 +69,8 @@ TRL_STEP = [
     "latents through the scheduler update, and trained steps pass it through their UNet input as well. "
     "truncated_backprop itself is not in AlignPropConfig; it is always on.",
     "Precision under mixed_precision=bf16: UNet, VAE and text encoder weights are cast to bf16, the LoRA stays fp32, "
-    "the UNet forward runs under accelerate's bf16 autocast (Accelerator.prepare wraps it), the latents of the "
-    "chain are bf16 (the text embeddings' dtype), the VAE decode runs without checkpointing, and images go through "
+    "the UNet forward runs under accelerate's bf16 autocast (Accelerator.prepare wraps it; the VAE is not "
+    "prepared and decodes in bf16 without autocast), the latents of the chain are bf16 (the text embeddings' dtype), the VAE decode runs without checkpointing, and images go through "
     "the pipeline's postprocess (x / 2 + 0.5 clamped to [0, 1]).",
     "Its DDIM step reads alphas_cumprod on the CPU (timestep.cpu()) at every step of the chain.",
     "LoRA: rank 4, alpha 4, gaussian init, on to_q, to_k, to_v, to_out.0; fixed, not a config option.",
@@ -361,7 +361,7 @@ def meta(args: argparse.Namespace, device: str, sizes: dict, command: str) -> di
         "eta": args.eta, "iters": args.iters, "lora": LORA, "adamw": ADAMW, "max_grad_norm": MAX_GRAD_NORM,
         "reward": "sharpness (weight-free)", "scheduler": "DDIM, SD 1.5 betas, leading spacing",
         "precision": "bf16 weights, fp32 LoRA; TRL: accelerate mixed_precision=bf16; ours: bf16 autocast on the "
-                     "trained calls, the bf16 model plainly on the frozen ones",
+                     "trained calls, the bf16 model plainly on the frozen ones and in the VAE decode",
         "truncation": "TRL's fixed mode: steps i >= T - suffix get gradients (truncated_backprop_rand=False, "
                       "truncated_backprop_timestep=T - suffix); ours: the alignprop Plan of the same suffix",
         "trl_step": TRL_STEP,

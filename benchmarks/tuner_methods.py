@@ -22,6 +22,7 @@ import torch
 
 import rewards
 from benchmarks.sdxl import count_parameters, sdxl_random_pipeline
+from tuner import engine
 from tuner.engine import reward_backward, sample
 from tuner.lora import add_lora
 from tuner.methods import Plan, get_method
@@ -62,22 +63,61 @@ def naive_backward(adapter, cond, reward, prompts, *, T, k, height, width, guida
     return loss
 
 
-def measure(fn, iters: int, warmup: bool = True) -> dict:
-    """Mean seconds per call over `iters` calls after one warm-up (unless the caller made it), and the peak CUDA
-    memory over them (0 on CPU)."""
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# The engine's three phases: the gradient-free chain, decode + reward + their backward, the sweep of trained steps.
+PHASES = {"_sample": "sample", "_score_backward": "decode_reward_backward", "_sweep": "sweep"}
+
+
+@contextlib.contextmanager
+def phase_timer(totals: dict[str, float]):
+    """Inside the block, seconds spent in each engine phase add up in `totals` (a device sync around each)."""
+    originals = {name: getattr(engine, name) for name in PHASES}
+
+    def timed(fn, label):
+        def run(*args, **kwargs):
+            _sync()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _sync()
+            totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
+            return out
+        return run
+
+    try:
+        for name, label in PHASES.items():
+            setattr(engine, name, timed(originals[name], label))
+        yield totals
+    finally:
+        for name, fn in originals.items():
+            setattr(engine, name, fn)
+
+
+def measure(fn, iters: int, warmup: bool = True, phases: bool = False) -> dict:
+    """Mean seconds per call over `iters` calls after one warm-up (unless the caller made it), the peak CUDA
+    memory over them (0 on CPU) and, with `phases`, the mean seconds of each engine phase in them."""
     cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = _sync
     if warmup:
         fn()
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
+    totals: dict[str, float] = {}
+    with phase_timer(totals) if phases else contextlib.nullcontext():
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        seconds = (time.perf_counter() - start) / iters
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    return {"s_per_iter": (time.perf_counter() - start) / iters, "peak_gib": peak}
+    row = {"s_per_iter": seconds, "peak_gib": peak}
+    if totals:
+        row["phases_s"] = {label: total / iters for label, total in totals.items()}
+    return row
 
 
 def count_flops(fn) -> int:
@@ -104,6 +144,10 @@ def matmul_peak_tflops(device: str, n: int = 8192, iterations: int = 20) -> floa
     return 2 * n**3 * iterations / (time.perf_counter() - start) / 1e12
 
 
+# Settings of the gradient-free sampling calls a case can run under (adapter attributes).
+VARIANTS = {"bf16": {}, "fp8": {"fp8": True}, "frozen-autocast": {"plain_half": False}}
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resolution", type=int, default=1024)
@@ -126,8 +170,15 @@ def parse_args() -> argparse.Namespace:
                     help="run the gradient-free sampling calls under autocast too (before 2026-12-03's change they "
                          "did); by default they run the bf16 model plainly")
     ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the UNet's transformer blocks (diffusers' regional compilation); the first "
-                         "iteration of each case, where compilation happens, is a warm-up and not timed")
+                    help="torch.compile the repeated blocks of the UNet and the VAE decoder as train.compile does "
+                         "(Adapter.compile); the first iteration of each case, where compilation happens, is a warm-up "
+                         "and not timed")
+    ap.add_argument("--variants", nargs="+", default=["bf16"], choices=sorted(VARIANTS),
+                    help="run every case once per variant of the gradient-free sampling calls: bf16 (the default), "
+                         "fp8 (train.fp8_sampling) or frozen-autocast (under autocast, as before plain_half)")
+    ap.add_argument("--phases", action="store_true",
+                    help="also time the engine's phases (sampling, decode + reward backward, sweep), with a device "
+                         "sync around each")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--only", nargs="*", default=None, help="run only the cases whose name contains one of these")
     ap.add_argument("--smoke", action="store_true", help="tiny pipeline on CPU: checks the script, measures nothing")
@@ -149,6 +200,8 @@ def main() -> None:
         dtype = torch.bfloat16
     adapter = adapter_from_pipeline(pipe, device=device, dtype=dtype)
     adapter.plain_half = not args.frozen_autocast
+    if "frozen-autocast" in args.variants and args.frozen_autocast:
+        raise SystemExit("--frozen-autocast runs every variant under autocast; use --variants frozen-autocast alone")
     add_lora(adapter.unet, rank=args.lora_rank, alpha=args.lora_rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     reward = rewards.load("sharpness", device=device)
     reward.check_values = False
@@ -156,12 +209,19 @@ def main() -> None:
         lambda: torch.autocast(device, dtype=torch.bfloat16))
     params = [p for p in adapter.unet.parameters() if p.requires_grad]
     if args.compile:
-        adapter.unet.compile_repeated_blocks()
+        adapter.compile()
     peak = matmul_peak_tflops(device)
-    rows = {}
+    rows: dict = {}
+    flush = lambda: write(args.out, _meta(args, adapter, device, peak), rows)  # noqa: E731
     for batch in args.batches:
-        rows.update(run_batch(args, adapter, reward, params, autocast, batch, device, peak))
-        write(args.out, _meta(args, adapter, device, peak), rows)  # after every batch: a cut-off run keeps its rows
+        for variant in args.variants:
+            settings = {**VARIANTS[variant]}
+            settings.setdefault("plain_half", not args.frozen_autocast)
+            settings.setdefault("fp8", False)
+            for key, value in settings.items():
+                setattr(adapter, key, value)
+            suffix = "" if args.variants == ["bf16"] else f", sampling calls {variant}"
+            run_batch(args, adapter, reward, params, autocast, batch, device, peak, rows, suffix, flush)
 
 
 def _meta(args, adapter, device: str, peak: float | None) -> dict:
@@ -176,8 +236,10 @@ def _meta(args, adapter, device: str, peak: float | None) -> dict:
     }
 
 
-def run_batch(args, adapter, reward, params, autocast, batch: int, device: str, peak: float | None) -> dict:
-    """Every case at one batch size: seconds per iteration and per image, peak memory, FLOPs and their floor."""
+def run_batch(args, adapter, reward, params, autocast, batch: int, device: str, peak: float | None, rows: dict,
+              suffix: str = "", flush=lambda: None) -> None:
+    """Every case at one batch size into `rows` (flushed after each): seconds per iteration and per image, peak
+    memory, engine phases, FLOPs and their floor."""
     prompts = ["a photo of a cat"] * batch
     cond = adapter.encode_prompts(prompts)
     size = dict(height=args.resolution, width=args.resolution)
@@ -210,18 +272,17 @@ def run_batch(args, adapter, reward, params, autocast, batch: int, device: str, 
             with autocast():
                 naive_backward(adapter, cond, reward, prompts, T=args.steps, k=k, guidance=args.guidance, generator=gen(), **size)
         jobs[f"naive autograd: draft K={k}"] = (naive, {"trained_steps": k})
-    rows = {}
     for name, (fn, info) in jobs.items():
         if not wanted(name):
             continue
-        row = {**info, "batch": batch, **_measured(fn, args.iters)}
+        row = {**info, "batch": batch, **_measured(fn, args.iters, args.phases and name.startswith("engine"))}
         if args.flops and not row.get("oom"):
             row["tflop"] = count_flops(fn) / 1e12
             row["floor_s"] = row["tflop"] / peak if peak else None
             row["share_of_floor"] = row["floor_s"] / row["s_per_iter"] if peak else None
-        rows[f"{name} [batch {batch}]"] = row
-        print(name, batch, row, flush=True)
-    return rows
+        rows[f"{name}{suffix} [batch {batch}]"] = row
+        print(name, suffix, batch, row, flush=True)
+        flush()  # after every row: a run cut off by its time limit keeps what it measured
 
 
 def _unfolded(adapter, step, plan) -> None:
@@ -232,9 +293,9 @@ def _unfolded(adapter, step, plan) -> None:
         adapter.fold_lora = True
 
 
-def _measured(fn, iters: int) -> dict:
+def _measured(fn, iters: int, phases: bool = False) -> dict:
     try:
-        row = measure(fn, iters)
+        row = measure(fn, iters, phases=phases)
     except torch.OutOfMemoryError:
         row = {"s_per_iter": None, "peak_gib": None, "oom": True}
     if torch.cuda.is_available():
@@ -249,16 +310,18 @@ def write(out: Path, meta: dict, rows: dict) -> None:
     lines = [f"{meta['device']}, {meta['dtype']}, {meta['resolution']}px, T={meta['steps']}, CFG {meta['guidance']}, "
              f"LoRA rank {meta['lora_rank']}, {meta['weights']}; bf16 matmul peak {meta['matmul_peak_tflops'] or 0:.0f} "
              f"TFLOP/s; {meta['date']}; `{meta['command']}`", "",
-             "| case | batch | trained UNet calls | s / iteration | s / image | peak GiB | TFLOP | share of the FLOP floor |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| case | batch | trained UNet calls | s / iteration | s / image | peak GiB | TFLOP | share of the FLOP floor "
+             "| sample / decode+reward bwd / sweep, s per iteration |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         if r.get("oom"):
-            lines.append(f"| {name} | {r['batch']} | {r.get('trained_steps', 0)} | OOM | OOM | OOM | | |")
+            lines.append(f"| {name} | {r['batch']} | {r.get('trained_steps', 0)} | OOM | OOM | OOM | | | |")
             continue
         share = f"{r['share_of_floor']:.0%}" if r.get("share_of_floor") else ""
         tflop = f"{r['tflop']:.0f}" if r.get("tflop") else ""
+        phases = " / ".join(f"{r['phases_s'].get(label, 0):.2f}" for label in PHASES.values()) if "phases_s" in r else ""
         lines.append(f"| {name} | {r['batch']} | {r.get('trained_steps', 0)} | {r['s_per_iter']:.2f} | "
-                     f"{r['s_per_iter'] / r['batch']:.2f} | {r['peak_gib']:.1f} | {tflop} | {share} |")
+                     f"{r['s_per_iter'] / r['batch']:.2f} | {r['peak_gib']:.1f} | {tflop} | {share} | {phases} |")
     (out / "tuner_methods.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -324,3 +324,19 @@ def test_gradient_free_calls_of_a_bf16_model_run_without_autocast():
     adapter.plain_half = False
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), adapter.frozen_calls():
         assert torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("vae_dtype, plain_half, expected", [
+    (torch.bfloat16, True, False), (torch.bfloat16, False, True), (torch.float32, True, True)])
+def test_half_vae_decodes_without_autocast(vae_dtype, plain_half, expected):
+    """A half-precision VAE decodes in its own dtype with autocast off (forward and checkpoint recompute alike), as
+    diffusers' pipelines run it; an fp32 (upcast) VAE keeps the step's autocast, and plain_half=False restores it."""
+    adapter = tiny_adapter("sdxl", "ddim", dtype=torch.bfloat16)
+    adapter.vae.to(vae_dtype)
+    adapter.plain_half = plain_half
+    seen = []
+    adapter.vae.decoder.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        adapter.decode(latents).sum().backward()  # checkpointed: the decoder runs twice
+    assert seen == [expected, expected] and latents.grad.abs().sum() > 0

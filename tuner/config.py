@@ -72,6 +72,8 @@ class TrainConfig:
     full_finetune: bool = opt(False, "Train every UNet weight instead of a LoRA.")
     gradient_checkpointing: bool = opt(False, "Recompute UNet activations in backward to save memory.")
     memory: str = opt("default", "default, or low: the same gradient in less GPU memory (block-wise recompute of trained UNet calls and of the VAE decode, one image at a time through VAE and reward, text encoders off the GPU after one encoding of the prompts, the reward in the run's half precision); docs/tuner.md, Low-memory mode.")
+    compile: bool = opt(False, "torch.compile the repeated blocks of the UNet and the VAE decoder (regional compilation; about two minutes of compiling at the start on SDXL, docs/benchmarks.md, Tuning step).")
+    fp8_sampling: bool = opt(False, "Run the gradient-free sampling calls' transformer linears as fp8 matmuls (e4m3, row-wise scales; GPUs of compute capability 8.9 and later); trained calls keep the run's precision. docs/tuner.md, Speed.")
     mixed_precision: Union[str, None] = opt(None, "no, fp16 or bf16; null picks bf16 on GPU and no (fp32) on CPU.")
     seed: int = opt(0, "Seed of the run; each process derives its own generators from it and its rank.")
     max_nonfinite: int = opt(5, "Stop after this many consecutive steps with a non-finite reward, loss or gradient.")
@@ -365,6 +367,9 @@ def validate(cfg: Config) -> Config:
     if t.memory == "low" and t.gradient_checkpointing:
         raise ConfigError("config key 'train.gradient_checkpointing': train.memory=low already recomputes the trained "
                           "UNet calls block by block; set train.gradient_checkpointing=false (or train.memory=default).")
+    if t.compile and (t.memory == "low" or t.gradient_checkpointing):
+        raise ConfigError("config key 'train.compile': compiled blocks do not combine with recomputed ones "
+                          "(train.memory=low or train.gradient_checkpointing); turn one of them off.")
     if t.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("config key 'train.optimizer': adamw8bit needs bitsandbytes, which is not installed. "
                           "Install it (pip install bitsandbytes, CUDA only) or use train.optimizer=adamw.")

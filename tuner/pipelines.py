@@ -50,6 +50,8 @@ _HALF = (torch.float16, torch.bfloat16)
 # Low-memory mode: the blocks whose activations a trained UNet call / a decode with gradients recomputes in backward.
 UNET_BLOCKS = (ResnetBlock2D, BasicTransformerBlock)
 VAE_BLOCKS = (ResnetBlock2D, Attention, Upsample2D)
+# train.compile: the repeated blocks compiled one by one (Adapter.compile).
+COMPILED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)
 
 
 @dataclass
@@ -88,12 +90,15 @@ class Adapter:
     """Base adapter; subclasses say how prompts are encoded and what extra UNet inputs exist."""
 
     fold_lora: bool = True  # gradient-free calls run with the LoRA folded into the base weights (tuner.lora.folded)
-    # Gradient-free calls of a half-precision model run in its own dtype with autocast off: autocast's casts and
-    # fp32 norms cost a third of a call at batch 1 (docs/benchmarks.md, Tuning step).
+    # Frozen half-precision work runs in its own dtype with autocast off: the gradient-free UNet calls (autocast's
+    # casts and fp32 norms cost a third of a call at batch 1, docs/benchmarks.md, Tuning step) and the VAE decode
+    # (under autocast its GroupNorms would run and keep their activations for backward in fp32).
     plain_half: bool = True
     # train.memory=low: UNet calls and decodes with gradients checkpoint block by block; the engine decodes and
     # scores one image at a time. Gradient-free calls are unchanged.
     low_memory: bool = False
+    # train.fp8_sampling: gradient-free calls run the UNet's transformer linears in fp8 (tuner.fp8).
+    fp8: bool = False
 
     def __init__(self, pipe, *, device, dtype: torch.dtype, scheduler: str = "ddim", **scheduler_kwargs):
         self.pipe = pipe
@@ -127,15 +132,33 @@ class Adapter:
     @contextlib.contextmanager
     def frozen_calls(self) -> Iterator[None]:
         """Context for a stretch of gradient-free UNet calls: the LoRA folded in (`fold_lora`), and autocast off
-        for a half-precision model (`plain_half`)."""
+        for a half-precision model (`plain_half`), and the transformer linears in fp8 (`fp8`)."""
+        from tuner.fp8 import fp8_linears
         from tuner.lora import folded
 
         with contextlib.ExitStack() as stack:
             if self.fold_lora:
                 stack.enter_context(folded(self.unet))
+            if self.fp8:
+                stack.enter_context(fp8_linears(self.unet))  # quantizes the folded weights
             if self.plain_half and self.dtype in _HALF:
                 stack.enter_context(torch.autocast(self.device.type, enabled=False))
             yield
+
+    def compile(self, **options) -> None:
+        """torch.compile each repeated block of the UNet (transformer and ResNet blocks) and of the VAE decoder
+        (regional compilation: blocks of one shape share their compiled code, so compiling takes minutes, not the
+        whole model's much longer compile); `options` go to torch.compile."""
+        from .memory import outermost
+
+        limits = torch._dynamo.config
+        name = "recompile_limit" if hasattr(limits, "recompile_limit") else "cache_size_limit"
+        # one compiled graph per block shape, grad mode and fp8 or not: more than dynamo's default of 8
+        setattr(limits, name, max(getattr(limits, name), 64))
+        unet = getattr(self.unet, "module", self.unet)  # DDP
+        for root in (unet, getattr(self.vae, "decoder", self.vae)):
+            for block in outermost(root, COMPILED_BLOCKS):
+                block.compile(**options)
 
     def _recorded_call(self):
         """Context of one UNet call: in low-memory mode, a call that records gradients keeps only each block's
@@ -236,7 +259,9 @@ class Adapter:
         return x + (x.clamp(0, 1) - x).detach()
 
     def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z, return_dict=False)[0]
+        plain = self.plain_half and self.vae.dtype in _HALF  # inside, so a checkpoint's recompute runs the same way
+        with torch.autocast(self.device.type, enabled=False) if plain else contextlib.nullcontext():
+            return self.vae.decode(z, return_dict=False)[0]
 
 
 def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -119,9 +119,16 @@ def resolve_run(cfg: Config) -> tuple[Path, Path | None]:
 
 def build_adapter(cfg: Config, device: torch.device, dtype: torch.dtype, pipeline=None):
     """The pipeline adapter of `cfg.model` (tiny pipelines are built in code, seeded; shapes-sd ships inside), or of
-    an in-memory `pipeline` given instead; set to the low-memory mode if cfg.train.memory says so."""
+    an in-memory `pipeline` given instead; set to the low-memory mode and to fp8 sampling as cfg.train says."""
+    from tuner import fp8
+
+    if cfg.train.fp8_sampling and not fp8.supported(device):
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        raise ConfigError(f"train.fp8_sampling=true needs fp8 matmuls, which {name} lacks (CUDA compute capability "
+                          f"8.9 or later: Ada, Hopper, Blackwell); set train.fp8_sampling=false")
     adapter = _adapter(cfg, device, dtype, pipeline)
     adapter.low_memory = cfg.train.memory == "low"
+    adapter.fp8 = cfg.train.fp8_sampling
     return adapter
 
 
@@ -182,8 +189,9 @@ def evaluate(adapter, unet, conds, prompts: list[str], reward, cfg: Config,
              autocast) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Images of the evaluation prompts (prompt i seeded eval_seed + i, whatever the batch), their rewards and,
     for a mixture, the mean of each part, with `unet`; train.batch_size prompts per chain."""
-    s, trained = cfg.sampling, adapter.unet
+    s, trained, fp8 = cfg.sampling, adapter.unet, adapter.fp8
     adapter.unet = unet  # the plain module: no collective calls from the main process alone
+    adapter.fp8 = False  # fp8 serves training trajectories; evaluation shows the model in the run's precision
     gens = [torch.Generator().manual_seed(cfg.prompts.eval_seed + i) for i in range(len(prompts))]
     try:
         with autocast():
@@ -191,7 +199,7 @@ def evaluate(adapter, unet, conds, prompts: list[str], reward, cfg: Config,
                                         height=s.height, width=s.width, num_steps=s.num_steps,
                                         guidance_scale=s.guidance_scale, eta=s.eta).float()
     finally:
-        adapter.unet = trained
+        adapter.unet, adapter.fp8 = trained, fp8
     with autocast():
         scores = reward(images, prompts).float()
     parts = {f"eval/reward/{k}": float(v.float().mean()) for k, v in getattr(reward, "last_parts", {}).items()}
@@ -437,6 +445,8 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     adapter = build_adapter(cfg, device, weight_dtype, pipeline)
     unet = adapter.unet
     params = add_trainable(unet, cfg)
+    if t.compile:
+        adapter.compile()  # after the LoRA exists: its layers are part of the compiled blocks
     step_hook = make_step_hook(params) if make_step_hook is not None else None
     reward = reward_fn if reward_fn is not None else build_reward(cfg, device)
     train_prompts, eval_prompts = load_prompt_sets(cfg.prompts)
