@@ -13,7 +13,9 @@ One row per implementation, for each (suffix, batch):
 * trl: one `AlignPropTrainer.step` (sample with gradient through the chain, score, backward, clip, AdamW);
 * engine: `tuner.engine.reward_backward` with our alignprop Plan for that suffix, then clip and AdamW;
 * checkpointed chain: plain autograd through the chain with every UNet call under torch.utils.checkpoint and the
-  outputs of untrained steps detached (what TRL's step does), written on our adapter, then clip and AdamW.
+  outputs of untrained steps detached (what TRL's step does), written on our adapter, then clip and AdamW;
+* engine-low: the engine in the low-memory mode (`train.memory: low`);
+* engine-compiled: the engine with the adapter's blocks compiled (`train.compile: true`), after every other row.
 
 TRL's side runs first and is freed before ours loads, so each peak holds one model. Random weights cost exactly
 what trained ones cost; the reward is weight-free, so the numbers isolate the tuner.
@@ -54,7 +56,9 @@ LORA = dict(rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
 # AlignPropConfig's defaults (train_learning_rate, train_adam_*, train_max_grad_norm), used on every side.
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
 MAX_GRAD_NORM = 1.0
-IMPLS = ("trl", "engine", "checkpointed")
+# Our engine as train.memory=low runs it, and with train.compile's compiled blocks (compiled last: it stays on).
+IMPLS = ("trl", "engine", "checkpointed", "engine-low", "engine-compiled")
+OURS = IMPLS[1:]
 TRL_STEP = [
     "One AlignPropTrainer.step(epoch, global_step) runs train_gradient_accumulation_steps micro-steps; each encodes "
     "train_batch_size prompts, samples images with autograd through the whole DDIM chain (rgb_with_grad), scores "
@@ -110,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eta", type=float, default=1.0, help="DDIM eta (TRL's default sample_eta)")
     ap.add_argument("--iters", type=int, default=2, help="timed steps per row, after one warm-up step")
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of the engine-compiled rows (the smoke test uses aot_eager)")
     ap.add_argument("--budget", type=float, default=0.0, help="no row starts after this many seconds (0: no limit)")
     ap.add_argument("--weights", type=Path, default=None, help="folder for the random pipeline (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -278,14 +284,26 @@ def checkpointed_step(side: Ours, plan: Plan, batch: int, args: argparse.Namespa
     side.update()
 
 
+def low_memory_step(side: Ours, plan: Plan, batch: int, args: argparse.Namespace, size: int) -> None:
+    """One engine step in the low-memory mode (block-wise recompute, one image at a time through VAE and reward)."""
+    side.adapter.low_memory = True
+    try:
+        engine_step(side, plan, batch, args, size)
+    finally:
+        side.adapter.low_memory = False
+
+
 def our_rows(folder: Path, args: argparse.Namespace, device: str, reward, size: int, record: Callable) -> None:
-    """Every (suffix, batch) row of the engine and the checkpointed chain, each passed to `record`."""
+    """Every (suffix, batch) row of each of our implementations, each passed to `record`; the compiled rows last,
+    as compiling changes the adapter for good."""
     side = ours(folder, device, reward)
-    steps = {"engine": engine_step, "checkpointed": checkpointed_step}
-    for suffix, batch in _grid(args):
-        plan = suffix_plan(args.steps, suffix)
-        for impl in (i for i in IMPLS if i in steps and i in args.impls):
-            step = functools.partial(steps[impl], side, plan, batch, args, size)
+    steps = {"engine": engine_step, "checkpointed": checkpointed_step, "engine-low": low_memory_step,
+             "engine-compiled": engine_step}
+    for impl in (i for i in OURS if i in args.impls):
+        if impl == "engine-compiled":
+            side.adapter.compile(backend=args.compile_backend)
+        for suffix, batch in _grid(args):
+            step = functools.partial(steps[impl], side, suffix_plan(args.steps, suffix), batch, args, size)
             record(impl, suffix, batch, step, side.adapter.unet)
 
 
@@ -329,7 +347,7 @@ def ratios(rows: dict) -> dict:
     for trl in rows.values():
         if trl.get("impl") != "trl" or not trl.get("s_per_image"):
             continue
-        for impl in ("engine", "checkpointed"):
+        for impl in OURS:
             mine = rows.get(_key(impl, trl["suffix"], trl["batch"]), {})
             if mine.get("s_per_image"):
                 out[_key(impl, trl["suffix"], trl["batch"])] = {
@@ -433,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
         write(args.out, info, rows)
         if "trl" in args.impls:
             trl_rows(folder, args, device, reward, record)
-        if {"engine", "checkpointed"} & set(args.impls):
+        if set(OURS) & set(args.impls):
             our_rows(folder, args, device, reward, sizes["resolution"], record)
     print((args.out / "alignprop_trl.md").read_text())
     return {"meta": info, "rows": rows, "ratios": ratios(rows)}

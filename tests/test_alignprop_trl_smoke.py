@@ -44,6 +44,17 @@ def test_engine_and_checkpointed_chain(tmp_path):
     assert table.count("| engine |") == 4 and table.count("| checkpointed |") == 4
 
 
+def test_low_memory_and_compiled_rows(tmp_path):
+    """The engine in the low-memory mode and with compiled blocks (aot_eager: traced as inductor would, no code
+    generation) make the same UNet calls as the engine; compiling comes after every other row."""
+    torch._dynamo.reset()
+    out = alignprop_trl.main([*SMOKE, "--impls", "engine-compiled", "engine-low", "--compile-backend", "aot_eager",
+                              "--out", str(tmp_path)])
+    _check_rows(out["rows"], ("engine-low", "engine-compiled"), (1,))
+    assert list(out["rows"])[:2] == [f"engine-low [suffix {s}, batch 1]" for s in (1, STEPS)]
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("trained", [(2, 3), (1, 3)])
 def test_checkpointed_chain_has_the_engine_gradient(trained, monkeypatch):
     """The third row computes what the engine computes (float64, eta 0, the same starting noise)."""
