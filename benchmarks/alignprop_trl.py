@@ -73,9 +73,9 @@ TRL_STEP = [
     "latents through the scheduler update, and trained steps pass it through their UNet input as well. "
     "truncated_backprop itself is not in AlignPropConfig; it is always on.",
     "Precision under mixed_precision=bf16: UNet, VAE and text encoder weights are cast to bf16, the LoRA stays fp32, "
-    "the UNet forward runs under accelerate's bf16 autocast (Accelerator.prepare wraps it; the VAE is not "
-    "prepared and decodes in bf16 without autocast), the latents of the chain are bf16 (the text embeddings' dtype), the VAE decode runs without checkpointing, and images go through "
-    "the pipeline's postprocess (x / 2 + 0.5 clamped to [0, 1]).",
+    "the UNet forward runs under accelerate's bf16 autocast (Accelerator.prepare wraps it), the VAE (not prepared) "
+    "decodes in bf16 without autocast and without checkpointing, the latents of the chain are bf16 (the text "
+    "embeddings' dtype), and images go through the pipeline's postprocess (x / 2 + 0.5 clamped to [0, 1]).",
     "Its DDIM step reads alphas_cumprod on the CPU (timestep.cpu()) at every step of the chain.",
     "LoRA: rank 4, alpha 4, gaussian init, on to_q, to_k, to_v, to_out.0; fixed, not a config option.",
     "The reward function is called as reward_fn(images, prompts, prompt_metadata) with images [B,3,H,W] in [0, 1] "

@@ -132,8 +132,9 @@ def write(args: argparse.Namespace, result: dict, meta: dict) -> None:
         lines.append(f"| {s} | {before:.4f} | {result['final_eval'][f'plain-seed{s}']:.4f} | "
                      f"{result['final_eval'][f'fp8-seed{s}']:.4f} | {result['fp8_minus_plain_final'][s]:+.4f} |")
     std = result["plain_gain_std"]
-    lines += ["", f"Mean eval gain: plain {result['mean_gain']['plain']:+.4f}, fp8 {result['mean_gain']['fp8']:+.4f}; "
-              f"seed-to-seed std of the plain gains: {std:.4f}" if std is not None else ""]
+    spread = f"; seed-to-seed std of the plain gains: {std:.4f}" if std is not None else ""
+    lines += ["", f"Mean eval gain: plain {result['mean_gain']['plain']:+.4f}, fp8 {result['mean_gain']['fp8']:+.4f}"
+              + spread]
     (args.out / "fp8_curve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -100,10 +100,9 @@ def measure(fn, iters: int, warmup: bool = True, phases: bool = False) -> dict:
     """Mean seconds per call over `iters` calls after one warm-up (unless the caller made it), the peak CUDA
     memory over them (0 on CPU) and, with `phases`, the mean seconds of each engine phase in them."""
     cuda = torch.cuda.is_available()
-    sync = _sync
     if warmup:
         fn()
-    sync()
+    _sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     totals: dict[str, float] = {}
@@ -111,7 +110,7 @@ def measure(fn, iters: int, warmup: bool = True, phases: bool = False) -> dict:
         start = time.perf_counter()
         for _ in range(iters):
             fn()
-        sync()
+        _sync()
         seconds = (time.perf_counter() - start) / iters
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     row = {"s_per_iter": seconds, "peak_gib": peak}
@@ -199,7 +198,6 @@ def main() -> None:
             pipe = sdxl_random_pipeline(force_upcast=args.vae_upcast)
         dtype = torch.bfloat16
     adapter = adapter_from_pipeline(pipe, device=device, dtype=dtype)
-    adapter.plain_half = not args.frozen_autocast
     if "frozen-autocast" in args.variants and args.frozen_autocast:
         raise SystemExit("--frozen-autocast runs every variant under autocast; use --variants frozen-autocast alone")
     add_lora(adapter.unet, rank=args.lora_rank, alpha=args.lora_rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -215,10 +213,8 @@ def main() -> None:
     flush = lambda: write(args.out, _meta(args, adapter, device, peak), rows)  # noqa: E731
     for batch in args.batches:
         for variant in args.variants:
-            settings = {**VARIANTS[variant]}
-            settings.setdefault("plain_half", not args.frozen_autocast)
-            settings.setdefault("fp8", False)
-            for key, value in settings.items():
+            adapter.plain_half, adapter.fp8 = not args.frozen_autocast, False
+            for key, value in VARIANTS[variant].items():
                 setattr(adapter, key, value)
             suffix = "" if args.variants == ["bf16"] else f", sampling calls {variant}"
             run_batch(args, adapter, reward, params, autocast, batch, device, peak, rows, suffix, flush)
