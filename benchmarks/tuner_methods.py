@@ -172,6 +172,9 @@ def parse_args() -> argparse.Namespace:
                     help="torch.compile the repeated blocks of the UNet and the VAE decoder as train.compile does "
                          "(Adapter.compile); the first iteration of each case, where compilation happens, is a warm-up "
                          "and not timed")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="store the UNet's and the VAE's convolution weights channels-last (NHWC); measured not to "
+                         "pay with compiled blocks, so no training option does it (docs/benchmarks.md, Tuning step)")
     ap.add_argument("--variants", nargs="+", default=["bf16"], choices=sorted(VARIANTS),
                     help="run every case once per variant of the gradient-free sampling calls: bf16 (the default), "
                          "fp8 (train.fp8_sampling) or frozen-autocast (under autocast, as before plain_half)")
@@ -206,6 +209,9 @@ def main() -> None:
     autocast = contextlib.nullcontext if args.no_autocast or args.smoke else (
         lambda: torch.autocast(device, dtype=torch.bfloat16))
     params = [p for p in adapter.unet.parameters() if p.requires_grad]
+    if args.channels_last:
+        for model in (adapter.unet, adapter.vae):
+            model.to(memory_format=torch.channels_last)
     if args.compile:
         adapter.compile()
     peak = matmul_peak_tflops(device)
@@ -225,7 +231,8 @@ def _meta(args, adapter, device: str, peak: float | None) -> dict:
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)", "torch": torch.__version__,
         "dtype": "bf16 UNet" + ("" if args.no_autocast else " under bf16 autocast") + ", fp32 LoRA, "
-                 + ("fp32 VAE (SDXL force_upcast)" if args.vae_upcast else "bf16 VAE (as the fp16-fix VAE)"),
+                 + ("fp32 VAE (SDXL force_upcast)" if args.vae_upcast else "bf16 VAE (as the fp16-fix VAE)")
+                 + (", channels-last weights" if args.channels_last else ""),
         "unet_params": count_parameters(adapter.unet), "vae_params": count_parameters(adapter.vae),
         "matmul_peak_tflops": peak, "date": time.strftime("%Y-%m-%d"), "command": "python -m benchmarks.tuner_methods " + " ".join(sys.argv[1:]),
         "weights": "random (full-size SDXL base 1.0 architecture)", "compiled": args.compile, **vars(args),

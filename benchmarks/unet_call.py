@@ -1,6 +1,11 @@
-"""Cost of one gradient-free SDXL UNet call (CFG, LoRA folded), eager, with and without bf16 autocast.
+"""Cost of one gradient-free SDXL UNet call (CFG, LoRA folded) in each setting of the sampling calls.
 
     python -m benchmarks.unet_call --out benchmarks/results/unet_call
+    python -m benchmarks.unet_call --batches 5 --variants plain fp8 --out benchmarks/results/unet_call
+
+Settings (`--variants`): under bf16 autocast (as before `Adapter.plain_half`), plain bf16 (the default), fp8
+transformer linears (`train.fp8_sampling`), channels-last (NHWC) weights of the UNet and the VAE; `--compile`
+compiles the blocks as `train.compile` does.
 
 A sampling chain is 50 such calls; this isolates where a call's time goes (GPU kernels against host-side
 overhead) with a profiler table of the top kernels. Full-size SDXL architecture, random weights.
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -46,10 +52,26 @@ def profile(fn) -> dict:
             "table": prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)}
 
 
+VARIANTS = ("autocast", "plain", "fp8", "channels-last")
+
+
+def set_variant(adapter, name: str) -> contextlib.AbstractContextManager:
+    """Put the adapter in setting `name`; returns the context a call runs in (autocast or none)."""
+    adapter.fp8 = name == "fp8"
+    layout = torch.channels_last if name == "channels-last" else torch.contiguous_format
+    for model in (adapter.unet, adapter.vae):
+        model.to(memory_format=layout)
+    if name == "autocast":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=["autocast", "plain"])
+    ap.add_argument("--compile", action="store_true", help="compile the blocks as train.compile does")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/unet_call"))
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -57,15 +79,18 @@ def main() -> None:
         pipe = sdxl_random_pipeline()
     adapter = adapter_from_pipeline(pipe, device="cuda", dtype=torch.bfloat16)
     add_lora(adapter.unet, rank=64, alpha=64, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    if args.compile:
+        adapter.compile()
     rows, tables = {}, {}
     for batch in args.batches:
         cond = adapter.encode_prompts(["a photo of a cat"] * batch)
         x = torch.randn(batch, 4, 128, 128, device="cuda")
         t = adapter.scheduler.timesteps[0] if len(adapter.scheduler.timesteps) else torch.tensor(999)
-        for name, ctx in {"autocast": lambda: torch.autocast("cuda", dtype=torch.bfloat16),
-                          "plain bf16": contextlib.nullcontext}.items():
+        for name in args.variants:
+            ctx = set_variant(adapter, name)
+
             def call(ctx=ctx):
-                with torch.no_grad(), ctx():
+                with torch.no_grad(), ctx:
                     adapter.eps(x, t, cond, 7.5)
             with adapter.frozen_calls():
                 ms = timed(call, args.iters)
@@ -77,7 +102,8 @@ def main() -> None:
                   "launches", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "weights": "random (full-size SDXL base 1.0 architecture)", "lora": "rank 64, folded"}
+            "weights": "random (full-size SDXL base 1.0 architecture)", "lora": "rank 64, folded",
+            "compiled": args.compile, "command": "python -m benchmarks.unet_call " + " ".join(sys.argv[1:])}
     (args.out / "unet_call.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (args.out / "unet_call_profiles.txt").write_text("\n\n".join(f"== {k}\n{v}" for k, v in tables.items()))
 

@@ -1,4 +1,5 @@
-"""benchmarks.tuner_methods on the tiny SDXL (CPU): every variant gets its rows, and the engine's phases add up."""
+"""benchmarks.tuner_methods on the tiny SDXL (CPU): every variant gets its rows, the engine's phases add up, and the
+channels-last switch reaches the run's description."""
 from __future__ import annotations
 
 import json
@@ -13,10 +14,12 @@ pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnin
 
 def test_variants_and_phases(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["tuner_methods", "--smoke", "--resolution", "64", "--steps", "6", "--iters", "1",
-                                      "--variants", "bf16", "fp8", "--phases", "--k-sweep", "--naive-k",
+                                      "--variants", "bf16", "fp8", "--phases", "--channels-last", "--k-sweep", "--naive-k",
                                       "--only", "drtune (K=5", "sampling", "--out", str(tmp_path)])
     tuner_methods.main()
-    rows = json.loads((tmp_path / "tuner_methods.json").read_text())["rows"]
+    result = json.loads((tmp_path / "tuner_methods.json").read_text())
+    rows = result["rows"]
+    assert result["meta"]["channels_last"] and "channels-last" in result["meta"]["dtype"]
     assert sorted(rows) == sorted(f"{case}, sampling calls {v} [batch 1]" for v in ("bf16", "fp8")
                                   for case in ("sampling only (no grad)", "engine: drtune (K=5, default)"))
     for name, row in rows.items():
