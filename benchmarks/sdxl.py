@@ -84,3 +84,9 @@ def sd15_random_pipeline() -> StableDiffusionPipeline:
 def count_parameters(module: torch.nn.Module) -> int:
     """Number of parameters (to show the architecture is full size)."""
     return sum(p.numel() for p in module.parameters())
+
+
+def set_layout(adapter, memory_format: torch.memory_format) -> None:
+    """Store the adapter's UNet and VAE weights in `memory_format` (torch.channels_last: NHWC convolutions)."""
+    for model in (adapter.unet, adapter.vae):
+        model.to(memory_format=memory_format)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import rewards
-from benchmarks.sdxl import count_parameters, sdxl_random_pipeline
+from benchmarks.sdxl import count_parameters, sdxl_random_pipeline, set_layout
 from tuner import engine
 from tuner.engine import reward_backward, sample
 from tuner.lora import add_lora
@@ -210,8 +210,7 @@ def main() -> None:
         lambda: torch.autocast(device, dtype=torch.bfloat16))
     params = [p for p in adapter.unet.parameters() if p.requires_grad]
     if args.channels_last:
-        for model in (adapter.unet, adapter.vae):
-            model.to(memory_format=torch.channels_last)
+        set_layout(adapter, torch.channels_last)
     if args.compile:
         adapter.compile()
     peak = matmul_peak_tflops(device)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.sdxl import sdxl_random_pipeline
+from benchmarks.sdxl import sdxl_random_pipeline, set_layout
 from benchmarks.tuner_methods import measure
 from tuner.lora import add_lora
 from tuner.pipelines import adapter_from_pipeline
@@ -58,9 +58,7 @@ VARIANTS = ("autocast", "plain", "fp8", "channels-last")
 def set_variant(adapter, name: str) -> contextlib.AbstractContextManager:
     """Put the adapter in setting `name`; returns the context a call runs in (autocast or none)."""
     adapter.fp8 = name == "fp8"
-    layout = torch.channels_last if name == "channels-last" else torch.contiguous_format
-    for model in (adapter.unet, adapter.vae):
-        model.to(memory_format=layout)
+    set_layout(adapter, torch.channels_last if name == "channels-last" else torch.contiguous_format)
     if name == "autocast":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
+
 def outermost(root: torch.nn.Module, kinds: tuple[type, ...]) -> Iterator[torch.nn.Module]:
     """Submodules of `root` of a class in `kinds`, not descending into a match (so none is inside another)."""
     for child in root.children():
