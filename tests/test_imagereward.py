@@ -1,7 +1,7 @@
 """ImageReward: parity with the official `image-reward` package (run in its own cached environment), the key
 mapping from the original checkpoint, gradients, and the errors a user can act on.
 
-The oracle environment is built once (tests/imagereward_oracle/build.py, ~1 min cold) and cached; the official
+The oracle environment is built once (tests/oracles/build.py, ~1 min cold) and cached; the official
 model writes a full-size random-weight ImageReward.pt and scores real photographs with its own score(); ours
 loads that file through rewards.load and scores the same PNGs.
 """
@@ -26,7 +26,7 @@ from benchmarks.checkpoints import MED_CONFIG, write_vocab
 from rewards import imagereward as ir
 from tests.parity import TARGET_MEAN_DIFF_OVER_STD
 
-ORACLE = Path(__file__).parent / "imagereward_oracle"
+ORACLE = Path(__file__).parent / "oracles"
 SEED = 0
 HEAD_STD = 2.0  # head init gain in the random checkpoint (the official 1/769 std makes every score equal)
 PROMPTS = [
@@ -57,7 +57,7 @@ def _images() -> list[np.ndarray]:
 
 
 def _oracle_python() -> Path:
-    spec = importlib.util.spec_from_file_location("imagereward_oracle_build", ORACLE / "build.py")
+    spec = importlib.util.spec_from_file_location("oracles_build", ORACLE / "build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     return build.build()  # raises OracleBuildError with pip's output if the environment cannot be built
@@ -65,7 +65,7 @@ def _oracle_python() -> Path:
 
 def run_official(job: Path) -> None:
     """Run the official package on `job` in the oracle environment (building that environment first if needed)."""
-    cmd = [str(_oracle_python()), str(ORACLE / "run_oracle.py"), str(job)]
+    cmd = [str(_oracle_python()), str(ORACLE / "run_imagereward.py"), str(job)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"the official ImageReward failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 

@@ -1,12 +1,12 @@
-"""Build (once, cached) a virtual environment in which the official `image-reward` package runs.
+"""Build (once, cached) the oracle environment: one virtual environment in which the official scorers run.
 
-The official package needs transformers 4 and timm 0.6, which cannot share an environment with this
-project. The oracle environment installs only those pinned packages (with --no-deps) and sees every
+The official packages (`image-reward` today) need transformers 4 and timm 0.6, which cannot share an environment
+with this project. The oracle environment installs only those pinned packages (with --no-deps) and sees every
 other package, torch included, through a `.pth` file that points at the running interpreter's
 site-packages, placed after its own so its pins win. Nothing outside the cache folder is touched.
 
-    python -m tests.imagereward_oracle.build          # build if needed, print the oracle's python
-    DRTUNE_IMAGEREWARD_ORACLE=/some/dir ...           # put the environment there instead of ~/.cache
+    python -m tests.oracles.build          # build if needed, print the oracle's python
+    DRTUNE_ORACLE_ENV=/some/dir     ...           # put the environment there instead of ~/.cache
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 import venv
 from pathlib import Path
 
-# The official package and the versions of its own dependencies that it still runs with.
+# The official packages and the versions of their own dependencies that they still run with.
 PINS = (
     "image-reward==1.5",
     "transformers==4.49.0",
@@ -31,7 +31,7 @@ PINS = (
     "timm==0.6.13",
     "fairscale==0.4.13",
 )
-ENV_VAR = "DRTUNE_IMAGEREWARD_ORACLE"
+ENV_VAR = "DRTUNE_ORACLE_ENV"
 PTH_NAME = "zz_drtune_main_env.pth"  # sorts last, after the pinned packages' own .pth files
 READY = "drtune-oracle-ready.json"
 
@@ -48,12 +48,12 @@ def main_site_packages() -> list[str]:
 
 
 def oracle_dir() -> Path:
-    """Where the oracle lives: $DRTUNE_IMAGEREWARD_ORACLE, else a cache folder keyed by pins and environment."""
+    """Where the oracle lives: $DRTUNE_ORACLE_ENV, else a cache folder keyed by pins and environment."""
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR]).expanduser()
     key = json.dumps([PINS, sys.version, main_site_packages()]).encode()
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "drtune-rewards" / f"imagereward-oracle-{hashlib.sha256(key).hexdigest()[:12]}"
+    return cache / "drtune-rewards" / f"oracle-env-{hashlib.sha256(key).hexdigest()[:12]}"
 
 
 def oracle_python(root: Path | None = None) -> Path:
@@ -99,7 +99,7 @@ def _run(cmd: list, what: str) -> str:
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if proc.returncode != 0:
         raise OracleBuildError(
-            f"ImageReward oracle: could not {what} (exit {proc.returncode}); command: {' '.join(map(str, cmd))}\n"
+            f"oracle environment: could not {what} (exit {proc.returncode}); command: {' '.join(map(str, cmd))}\n"
             f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}\n"
             "The oracle needs PyPI access once to install its pins; set "
             f"{ENV_VAR} to reuse an environment built elsewhere."

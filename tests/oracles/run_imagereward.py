@@ -1,5 +1,5 @@
-"""Runs INSIDE the oracle environment (see build.py): the official `image-reward` package writes a random-weight
-ImageReward.pt and scores PNG images with its own `ImageReward.score(prompt, pil_image)`.
+"""Runs INSIDE the shared oracle environment (see build.py): the official `image-reward` package writes a
+random-weight ImageReward.pt and scores PNG images with its own `ImageReward.score(prompt, pil_image)`.
 
     <oracle python> run_oracle.py job.json
 
