@@ -234,7 +234,7 @@ def trl_rows(folder: Path, args: argparse.Namespace, device: str, reward, record
 def ours(folder: Path, device: str, reward: torch.nn.Module) -> Ours:
     """Our adapter on the same folder: bf16 weights, fp32 LoRA of TRL's rank on TRL's modules, AdamW."""
     adapter = load_adapter(str(folder), device=device, dtype=torch.bfloat16, scheduler="ddim")
-    params = add_lora(adapter.unet, **LORA)
+    params = add_lora(adapter.denoiser, **LORA)
     optimizer = torch.optim.AdamW(params, **ADAMW)
     return Ours(adapter, reward, params, optimizer, lambda: torch.autocast(device, dtype=torch.bfloat16))
 
@@ -304,7 +304,7 @@ def our_rows(folder: Path, args: argparse.Namespace, device: str, reward, size: 
             side.adapter.compile(backend=args.compile_backend)
         for suffix, batch in _grid(args):
             step = functools.partial(steps[impl], side, suffix_plan(args.steps, suffix), batch, args, size)
-            record(impl, suffix, batch, step, side.adapter.unet)
+            record(impl, suffix, batch, step, side.adapter.denoiser)
 
 
 def recorder(args: argparse.Namespace, device: str, deadline: float, info: dict, rows: dict) -> Callable:

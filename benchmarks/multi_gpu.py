@@ -35,7 +35,7 @@ from tuner.config import Config, LoraConfig, SamplingConfig, TrainConfig
 from tuner.methods import get_method
 from tuner.prompts import PromptSampler, load_prompt_sets
 from tuner.train import (DTYPES, StepParts, add_trainable, build_adapter, build_optimizer, build_reward,
-                         make_accelerator, make_autocast, prepare_unet, prompt_conditioning, rank_generator,
+                         make_accelerator, make_autocast, prepare_denoiser, prompt_conditioning, rank_generator,
                          train_step)
 
 WEIGHTS = "random weights (full-size SDXL base 1.0 architecture)"
@@ -111,15 +111,15 @@ def build_parts(args: argparse.Namespace, cfg: Config, accelerator) -> tuple[Ste
         adapter = build_adapter(cfg, device, DTYPES[t.mixed_precision])
     else:
         adapter = sdxl_adapter(cfg, device, args.vae_upcast)
-    unet = adapter.unet
-    params = add_trainable(unet, cfg)
+    unet = adapter.denoiser
+    params = add_trainable(unet, cfg, adapter.lora_targets)
     reward = build_reward(cfg, device)
     train_prompts, _ = load_prompt_sets(cfg.prompts)
     sampler = PromptSampler(train_prompts, t.batch_size, grad_accum=t.grad_accum, rank=accelerator.process_index,
                             world_size=accelerator.num_processes, seed=t.seed)
     method = get_method(cfg.method, **cfg.method_options)
     optimizer = build_optimizer(params, cfg)
-    adapter.unet = prepare_unet(accelerator, unet)
+    adapter.denoiser = prepare_denoiser(accelerator, unet)
     gen = rank_generator(t.seed, accelerator.process_index)
     conditioning = prompt_conditioning(adapter, sampler, range(t.steps), cfg)
     parts = StepParts(cfg, accelerator, adapter, method, reward, sampler, optimizer, None, params, gen,

@@ -88,5 +88,5 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 def set_layout(adapter, memory_format: torch.memory_format) -> None:
     """Store the adapter's UNet and VAE weights in `memory_format` (torch.channels_last: NHWC convolutions)."""
-    for model in (adapter.unet, adapter.vae):
+    for model in (adapter.denoiser, adapter.vae):
         model.to(memory_format=memory_format)

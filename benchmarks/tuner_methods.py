@@ -57,7 +57,7 @@ def naive_backward(adapter, cond, reward, prompts, *, T, k, height, width, guida
     x = adapter.initial_latents(len(prompts), height, width, generator)
     for i, t in enumerate(sched.timesteps):
         with torch.set_grad_enabled(i >= T - k):
-            x = sched.step(adapter.eps(x, t, cond, guidance), t, x, return_dict=False)[0]
+            x = sched.step(adapter.denoise(x, t, cond, guidance), t, x, return_dict=False)[0]
     loss = -reward(adapter.decode(x), prompts).mean()
     loss.backward()
     return loss
@@ -203,12 +203,12 @@ def main() -> None:
     adapter = adapter_from_pipeline(pipe, device=device, dtype=dtype)
     if "frozen-autocast" in args.variants and args.frozen_autocast:
         raise SystemExit("--frozen-autocast runs every variant under autocast; use --variants frozen-autocast alone")
-    add_lora(adapter.unet, rank=args.lora_rank, alpha=args.lora_rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    add_lora(adapter.denoiser, rank=args.lora_rank, alpha=args.lora_rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     reward = rewards.load("sharpness", device=device)
     reward.check_values = False
     autocast = contextlib.nullcontext if args.no_autocast or args.smoke else (
         lambda: torch.autocast(device, dtype=torch.bfloat16))
-    params = [p for p in adapter.unet.parameters() if p.requires_grad]
+    params = [p for p in adapter.denoiser.parameters() if p.requires_grad]
     if args.channels_last:
         set_layout(adapter, torch.channels_last)
     if args.compile:
@@ -232,7 +232,7 @@ def _meta(args, adapter, device: str, peak: float | None) -> dict:
         "dtype": "bf16 UNet" + ("" if args.no_autocast else " under bf16 autocast") + ", fp32 LoRA, "
                  + ("fp32 VAE (SDXL force_upcast)" if args.vae_upcast else "bf16 VAE (as the fp16-fix VAE)")
                  + (", channels-last weights" if args.channels_last else ""),
-        "unet_params": count_parameters(adapter.unet), "vae_params": count_parameters(adapter.vae),
+        "unet_params": count_parameters(adapter.denoiser), "vae_params": count_parameters(adapter.vae),
         "matmul_peak_tflops": peak, "date": time.strftime("%Y-%m-%d"), "command": "python -m benchmarks.tuner_methods " + " ".join(sys.argv[1:]),
         "weights": "random (full-size SDXL base 1.0 architecture)", "compiled": args.compile, **vars(args),
     }

@@ -76,7 +76,7 @@ def main() -> None:
     with torch.device("cuda"):
         pipe = sdxl_random_pipeline()
     adapter = adapter_from_pipeline(pipe, device="cuda", dtype=torch.bfloat16)
-    add_lora(adapter.unet, rank=64, alpha=64, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    add_lora(adapter.denoiser, rank=64, alpha=64, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     if args.compile:
         adapter.compile()
     rows, tables = {}, {}
@@ -89,7 +89,7 @@ def main() -> None:
 
             def call(ctx=ctx):
                 with torch.no_grad(), ctx:
-                    adapter.eps(x, t, cond, 7.5)
+                    adapter.denoise(x, t, cond, 7.5)
             with adapter.frozen_calls():
                 ms = timed(call, args.iters)
                 prof = profile(call)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks import alignprop_trl
-from tests.tuner_fixtures import PROMPTS, SIZE, ToyReward, relative_error, tiny_adapter, unet_grads
+from tests.tuner_fixtures import PROMPTS, SIZE, ToyReward, relative_error, tiny_adapter, denoiser_grads
 from tuner.engine import reward_backward
 from tuner.methods import Plan
 
@@ -64,14 +64,14 @@ def test_checkpointed_chain_has_the_engine_gradient(trained, monkeypatch):
     plan = Plan(4, 3, False, trained, False, trained[0])  # T=4; trained steps need not be a suffix
     cond, grads = adapter.encode_prompts(PROMPTS), []
     for run in ("engine", "checkpointed"):
-        adapter.unet.zero_grad(set_to_none=True)
+        adapter.denoiser.zero_grad(set_to_none=True)
         if run == "engine":
             reward_backward(adapter, plan, cond, reward, PROMPTS, height=SIZE, width=SIZE, guidance_scale=3.0,
                             generator=torch.Generator().manual_seed(0))
         else:
             alignprop_trl.checkpointed_chain(adapter, plan, cond, reward, PROMPTS, size=SIZE, guidance=3.0, eta=0.0,
                                              generator=torch.Generator().manual_seed(0))
-        grads.append(unet_grads(adapter))
+        grads.append(denoiser_grads(adapter))
     assert relative_error(grads[1], grads[0]) < 1e-9
 
 

@@ -1,4 +1,5 @@
-"""The engine's gradient equals naive autograd through the whole chain, for every method and scheduler.
+"""The engine's gradient equals naive autograd through the whole chain, for every method, scheduler and model family
+(SD 1.5, SDXL, and the flow-matching SD3 and FLUX.1).
 
 Float64 tiny models; fixed plans so both sides use the same steps. The reference lives in
 tests/tuner_fixtures.py and never calls tuner.engine.
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from tests.tuner_fixtures import (
-    PROMPTS, SIZE, ToyReward, naive_backward, relative_error, tiny_adapter, unet_grads,
+    PROMPTS, SIZE, ToyReward, naive_backward, relative_error, tiny_adapter, denoiser_grads,
 )
-from tuner.engine import reward_backward, sample, sample_each, steps_draw_noise
+from tuner.engine import reward_backward, sample, sample_each
 from tuner.lora import add_lora
 from tuner.methods import Plan
 
@@ -39,22 +40,30 @@ def _compare(adapter, plan, eta=0.0):
     """(relative gradient error, engine loss, naive loss)."""
     cond = adapter.encode_prompts(PROMPTS)
     reward = ToyReward()
-    adapter.unet.zero_grad(set_to_none=True)
+    adapter.denoiser.zero_grad(set_to_none=True)
     out = reward_backward(
         adapter, plan, cond, reward, PROMPTS, height=SIZE, width=SIZE, guidance_scale=GUIDANCE,
         generator=torch.Generator().manual_seed(SEED), eta=eta,
     )
-    got = unet_grads(adapter)
-    adapter.unet.zero_grad(set_to_none=True)
+    got = denoiser_grads(adapter)
+    adapter.denoiser.zero_grad(set_to_none=True)
     naive_loss = naive_backward(adapter, plan, cond, reward, seed=SEED, guidance_scale=GUIDANCE, eta=eta)
-    return relative_error(got, unet_grads(adapter)), out.loss, naive_loss
+    return relative_error(got, denoiser_grads(adapter)), out.loss, naive_loss
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
 @pytest.mark.parametrize("method", sorted(PLANS))
-def test_every_method_exact_with_ddim(family, method):
-    err, loss, naive_loss = _compare(tiny_adapter(family, "ddim"), PLANS[method])
+def test_every_method_exact(family, method):
+    """DDIM for the UNet families; the flow-matching Euler sampler (and its x0 and re-noising) for SD3 and FLUX."""
+    err, loss, naive_loss = _compare(tiny_adapter(family), PLANS[method])
     assert loss == pytest.approx(naive_loss, rel=1e-12)
+    assert err < TOL
+
+
+@pytest.mark.parametrize("method", ["drtune", "draft-lv"])
+def test_exact_without_guidance_embedding(method):
+    """FLUX.1-schnell: no guidance input, no dynamic shift."""
+    err, _, _ = _compare(tiny_adapter("flux-schnell"), PLANS[method])
     assert err < TOL
 
 
@@ -77,17 +86,18 @@ def test_draft_lv_exact_with_euler():
     assert err < TOL
 
 
-def test_reference_tells_plans_apart():
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_reference_tells_plans_apart(family):
     """The comparison can fail: the engine's gradient for one plan differs from the reference of another."""
-    adapter = tiny_adapter("sd15", "ddim")
+    adapter = tiny_adapter(family)
     cond, reward = adapter.encode_prompts(PROMPTS), ToyReward()
     kwargs = dict(height=SIZE, width=SIZE, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(SEED))
     reward_backward(adapter, PLANS["alignprop"], cond, reward, PROMPTS, **kwargs)
-    got = unet_grads(adapter)
-    adapter.unet.zero_grad(set_to_none=True)
+    got = denoiser_grads(adapter)
+    adapter.denoiser.zero_grad(set_to_none=True)
     detached = Plan(T, T - 1, False, (1, 2, 3, 4, 5), detach_input=True, grad_from=1)
     naive_backward(adapter, detached, cond, reward, seed=SEED, guidance_scale=GUIDANCE)
-    assert relative_error(got, unet_grads(adapter)) > 1e-3
+    assert relative_error(got, denoiser_grads(adapter)) > 1e-3
 
 
 # -- per-step gradient hook ----------------------------------------------------------------------------
@@ -109,7 +119,7 @@ class StepGrads:
 
 
 def _with_hook(adapter, plan, hook):
-    adapter.unet.zero_grad(set_to_none=True)
+    adapter.denoiser.zero_grad(set_to_none=True)
     cond = adapter.encode_prompts(PROMPTS)
     reward_backward(adapter, plan, cond, ToyReward(), PROMPTS, height=SIZE, width=SIZE, guidance_scale=GUIDANCE,
                     generator=torch.Generator().manual_seed(SEED), step_hook=hook)
@@ -119,23 +129,23 @@ def _with_hook(adapter, plan, hook):
 @pytest.mark.parametrize("method", ["drtune", "drtune-no-stop-gradient", "draft-lv"])
 def test_step_hook_splits_the_gradient_by_trained_step(method):
     plan, adapter = PLANS[method], tiny_adapter("sd15", "ddim")
-    hook = StepGrads(adapter.unet)
+    hook = StepGrads(adapter.denoiser)
     _with_hook(adapter, plan, hook)
     assert [i for i, _ in hook.steps] == ([T - 1] * plan.renoise if plan.renoise else list(reversed(plan.trained)))
     total = {k: sum(g[k] for _, g in hook.steps) for k in hook.steps[0][1]}
-    assert relative_error(total, unet_grads(adapter)) < 1e-12
+    assert relative_error(total, denoiser_grads(adapter)) < 1e-12
 
 
 def test_step_hook_contribution_is_that_steps_own_gradient():
     """With the stop-gradient, step i's share equals the whole gradient of the plan that trains step i alone."""
     plan, adapter = PLANS["drtune"], tiny_adapter("sd15", "ddim")
-    hook = StepGrads(adapter.unet)
+    hook = StepGrads(adapter.denoiser)
     cond = _with_hook(adapter, plan, hook)
     for i, got in hook.steps:
-        adapter.unet.zero_grad(set_to_none=True)
+        adapter.denoiser.zero_grad(set_to_none=True)
         alone = Plan(T, plan.stop, True, (i,), detach_input=True, grad_from=i)
         naive_backward(adapter, alone, cond, ToyReward(), seed=SEED, guidance_scale=GUIDANCE)
-        assert relative_error(got, unet_grads(adapter)) < TOL
+        assert relative_error(got, denoiser_grads(adapter)) < TOL
 
 
 # -- memory: one UNet graph at a time -----------------------------------------------------------------
@@ -181,7 +191,7 @@ class _Held:
 
 def _peak_graphs(plan, engine: bool) -> int:
     adapter = tiny_adapter("sd15", "ddim")
-    counter = GraphCounter(adapter.unet)
+    counter = GraphCounter(adapter.denoiser)
     cond, reward = adapter.encode_prompts(PROMPTS), ToyReward()
     if engine:
         reward_backward(adapter, plan, cond, reward, PROMPTS, height=SIZE, width=SIZE, guidance_scale=GUIDANCE,
@@ -223,10 +233,10 @@ def test_no_sync_wraps_all_but_the_last_unet_backward(method):
     plan = PLANS[method]
     adapter = tiny_adapter("sd15", "ddim")
     no_sync, forwards, backwards = CountingNoSync(), [], []
-    adapter.unet.register_forward_pre_hook(
+    adapter.denoiser.register_forward_pre_hook(
         lambda m, a: forwards.append(no_sync.inside) if torch.is_grad_enabled() else None
     )
-    weight = next(adapter.unet.parameters())
+    weight = next(adapter.denoiser.parameters())
     weight.register_hook(lambda g: backwards.append(no_sync.inside))
     cond = adapter.encode_prompts(PROMPTS)
     reward_backward(adapter, plan, cond, ToyReward(), PROMPTS, height=SIZE, width=SIZE, guidance_scale=GUIDANCE,
@@ -265,7 +275,7 @@ def test_sample_each_gives_each_prompt_its_own_images(scheduler, eta):
                        for i in range(len(prompts))])
     batched = sample_each(adapter, cond, generators=[torch.Generator().manual_seed(SEED + i)
                                                      for i in range(len(prompts))], batch_size=2, **kw)
-    assert steps_draw_noise(adapter.scheduler, eta) == (scheduler == "euler-ancestral" or eta != 0.0)
+    assert adapter.steps_draw_noise(eta) == (scheduler == "euler-ancestral" or eta != 0.0)
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-12)
     assert not torch.allclose(batched[0], batched[-1])  # same prompt, other seed: other image
     with pytest.raises(ValueError, match="one generator per prompt"):
@@ -289,25 +299,25 @@ def test_reward_errors_are_explained():
 def test_exact_with_the_lora_folded_into_gradient_free_calls(method):
     """Sampling runs with the LoRA folded into the base weights; the naive reference runs it unfolded."""
     adapter = tiny_adapter("sd15", "ddim")
-    add_lora(adapter.unet, rank=2, alpha=2.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    adapter.unet.double()
+    add_lora(adapter.denoiser, rank=2, alpha=2.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    adapter.denoiser.double()
     with torch.no_grad():
-        for name, p in adapter.unet.named_parameters():
+        for name, p in adapter.denoiser.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(len(name)))  # a trained LoRA (B starts at 0)
-    base = {n: p.detach().clone() for n, p in adapter.unet.named_parameters() if "base_layer" in n}
+    base = {n: p.detach().clone() for n, p in adapter.denoiser.named_parameters() if "base_layer" in n}
     assert adapter.fold_lora and base
     err, loss, naive_loss = _compare(adapter, PLANS[method])
     assert loss == pytest.approx(naive_loss, rel=1e-12)
     assert err < TOL
-    assert all(torch.equal(p, base[n]) for n, p in adapter.unet.named_parameters() if n in base)
+    assert all(torch.equal(p, base[n]) for n, p in adapter.denoiser.named_parameters() if n in base)
 
 
 def test_gradient_free_calls_of_a_bf16_model_run_without_autocast():
     """Under bf16 autocast the sampling calls run the bf16 model plainly; outside them autocast is back on,
     and a plain call equals the same call made outside autocast."""
     adapter = tiny_adapter("sdxl", "ddim", dtype=torch.bfloat16)
-    add_lora(adapter.unet, rank=2, alpha=2.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    add_lora(adapter.denoiser, rank=2, alpha=2.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     cond = adapter.encode_prompts(["a red circle"])
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = adapter.scheduler.timesteps[0]
@@ -315,10 +325,10 @@ def test_gradient_free_calls_of_a_bf16_model_run_without_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         with adapter.frozen_calls():
             seen.append(torch.is_autocast_enabled("cpu"))
-            inside = adapter.eps(x, t, cond, 3.0)
+            inside = adapter.denoise(x, t, cond, 3.0)
         seen.append(torch.is_autocast_enabled("cpu"))
     with torch.no_grad(), adapter.frozen_calls():
-        plain = adapter.eps(x, t, cond, 3.0)
+        plain = adapter.denoise(x, t, cond, 3.0)
     assert seen == [False, True]
     assert torch.equal(inside, plain)
     adapter.plain_half = False

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tuner_fixtures import PROMPTS, SIZE, ToyReward, tiny_adapter, unet_grads
+from tests.tuner_fixtures import PROMPTS, SIZE, ToyReward, tiny_adapter, denoiser_grads
 from tuner import fp8
 from tuner.config import ConfigError, load_config
 from tuner.engine import reward_backward, sample
@@ -47,7 +47,7 @@ def test_fp8_linear_is_the_scaled_product_of_the_e4m3_operands():
 
 def _lora_adapter(dtype=torch.float32):
     adapter = tiny_adapter("sdxl", dtype=dtype)
-    params = add_lora(adapter.unet, rank=16, alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    params = add_lora(adapter.denoiser, rank=16, alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(p.shape)))
@@ -56,7 +56,7 @@ def _lora_adapter(dtype=torch.float32):
 
 def test_fp8_linears_swaps_the_transformer_linears_and_puts_them_back():
     adapter, _ = _lora_adapter()
-    unet = adapter.unet
+    unet = adapter.denoiser
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     kinds_before = [type(m) for m in unet.modules()]
     picked = {f"{id(p)}.{a}" for p, a, _ in fp8.targets(unet)}
@@ -95,7 +95,7 @@ def test_fp8_sampling_leaves_the_trained_calls_alone():
         plan = get_method("drtune", num_trained=2, early_stop_range=1).plan(6, torch.Generator().manual_seed(0))
         reward_backward(adapter, plan, cond, ToyReward(dtype=torch.float32), PROMPTS, height=SIZE, width=SIZE,
                         guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
-        grads[use_fp8] = torch.cat([g.flatten() for g in unet_grads(adapter).values()])
+        grads[use_fp8] = torch.cat([g.flatten() for g in denoiser_grads(adapter).values()])
     cosine = torch.nn.functional.cosine_similarity(grads[True], grads[False], dim=0)
     assert cosine > 0.99 and grads[True].norm() > 0
 

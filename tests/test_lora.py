@@ -43,7 +43,7 @@ def test_saved_lora_loads_into_stock_pipeline(tmp_path, family):
         unet.enable_adapters()
     assert (tuned - base).abs().max() > 1e-3  # the LoRA changes the output
 
-    path = save_lora(unet, tmp_path / "lora")
+    path = save_lora(unet, tmp_path / "lora", cls)
     assert path.name == LORA_WEIGHTS and path.is_file()
 
     fresh = cls.from_pretrained(tmp_path / "base")

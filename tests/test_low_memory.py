@@ -7,7 +7,7 @@ import torch
 from diffusers.models.resnet import ResnetBlock2D
 
 import rewards
-from tests.tuner_fixtures import PROMPTS, SIZE, tiny_adapter, unet_grads
+from tests.tuner_fixtures import PROMPTS, SIZE, tiny_adapter, denoiser_grads
 from tuner import checkpoint as ckpt
 from tuner import memory
 from tuner.config import CONFIG_DIR, ConfigError, load_config, validate
@@ -34,11 +34,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def _gradient(adapter, plan, low: bool):
     """(UNet gradients, step output) of one reward_backward with the weight-free symmetry reward."""
     adapter.low_memory = low
-    adapter.unet.zero_grad(set_to_none=True)
+    adapter.denoiser.zero_grad(set_to_none=True)
     cond = adapter.encode_prompts(PROMPTS)
     out = reward_backward(adapter, plan, cond, rewards.load("symmetry"), PROMPTS, height=SIZE, width=SIZE,
                           guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(SEED))
-    return unet_grads(adapter), out
+    return denoiser_grads(adapter), out
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -61,11 +61,11 @@ def test_the_comparison_can_fail():
     adapter = tiny_adapter("sd15")
     want, _ = _gradient(adapter, PLANS["drtune"], low=False)
     adapter.low_memory = True
-    adapter.unet.zero_grad(set_to_none=True)
+    adapter.denoiser.zero_grad(set_to_none=True)
     reward_backward(adapter, PLANS["drtune"], adapter.encode_prompts(PROMPTS), rewards.load("symmetry"), PROMPTS,
                     height=SIZE, width=SIZE, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(SEED),
                     loss_scale=2.0)
-    got = unet_grads(adapter)
+    got = denoiser_grads(adapter)
     with pytest.raises(AssertionError):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     torch.testing.assert_close({k: v / 2 for k, v in got.items()}, want, rtol=1e-9, atol=1e-14)
@@ -75,7 +75,7 @@ class ForwardCounter:
     """Counts ResnetBlock2D forward runs per model (original and recomputed ones alike)."""
 
     def __init__(self, monkeypatch, adapter):
-        self.owner = {id(m): name for name, model in (("unet", adapter.unet), ("vae", adapter.vae.decoder))
+        self.owner = {id(m): name for name, model in (("unet", adapter.denoiser), ("vae", adapter.vae.decoder))
                       for m in model.modules() if isinstance(m, ResnetBlock2D)}
         self.counts = {"unet": 0, "vae": 0}
         original = ResnetBlock2D.forward
@@ -110,7 +110,7 @@ def test_low_memory_recomputes_trained_calls_and_decodes_image_by_image(monkeypa
 
 def test_checkpointed_is_undone_and_skips_nested_blocks():
     adapter = tiny_adapter("sdxl")
-    unet = adapter.unet
+    unet = adapter.denoiser
     inside = {id(c) for r in unet.modules() if isinstance(r, ResnetBlock2D) for c in r.modules() if c is not r}
     blocks = list(memory.outermost(unet, (ResnetBlock2D, torch.nn.Conv2d)))
     assert any(isinstance(b, ResnetBlock2D) for b in blocks) and any(isinstance(b, torch.nn.Conv2d) for b in blocks)

@@ -87,8 +87,20 @@ def test_drtune_last_k_trains_the_last_steps_that_run():
     assert {p.stop for p in plans} == set(range(15, 20))
     for p in plans:
         assert p.trained == (p.stop - 2, p.stop - 1, p.stop) and p.grad_from == p.stop - 2 and p.detach_input
-    (short,) = _plans(DRTune(num_trained=5, early_stop_range=1, spacing="last"), 3, n=1)
-    assert short.trained == (0, 1, 2)
+    short = _plans(DRTune(num_trained=3, early_stop_range=4, spacing="last"), 4)
+    assert {p.stop for p in short} == {0, 1, 2, 3}  # an early stop at step 0 or 1 runs fewer than K steps: all trained
+    for p in short:
+        assert p.trained == tuple(range(max(0, p.stop - 2), p.stop + 1))
+
+
+@pytest.mark.parametrize("method,option", [(DRTune(num_trained=5), "num_trained=5"), (DRaFT(k=5), "k=5"),
+                                           (AlignProp(min_steps=5), "min_steps=5")])
+def test_a_plan_that_cannot_fit_the_chain_is_refused(method, option):
+    """K trained steps in a chain of fewer steps (FLUX.1-schnell samples in 4) is refused, not silently shrunk."""
+    with pytest.raises(ValueError, match=f"{option} needs at least 5 sampling steps.*num_steps=4"):
+        method.plan(4, torch.Generator().manual_seed(0))
+    method.check_fits(5)
+    assert len(method.plan(5, torch.Generator().manual_seed(0)).trained) >= 1
 
 
 def test_last_steps():
@@ -117,7 +129,7 @@ def test_draft_structure():
         (p,) = _plans(DRaFT(k=k), 50, n=1)
         assert p.trained == tuple(range(50 - k, 50)) and p.grad_from == 50 - k
         assert p.stop == 49 and not p.predict_x0 and not p.detach_input and not p.renoise
-    (p,) = _plans(DRaFT(k=9), 4, n=1)
+    (p,) = _plans(DRaFT(k=4), 4, n=1)
     assert p.trained == (0, 1, 2, 3)
 
 

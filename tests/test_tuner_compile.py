@@ -9,19 +9,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tuner_fixtures import PROMPTS, SIZE, ToyReward, relative_error, tiny_adapter, unet_grads
+from tests.tuner_fixtures import PROMPTS, SIZE, ToyReward, relative_error, tiny_adapter, denoiser_grads
 from tuner.config import ConfigError, load_config, validate
 from tuner.engine import reward_backward, sample
 from tuner.lora import add_lora
 from tuner.methods import get_method
-from tuner.pipelines import COMPILED_BLOCKS
+from tuner.pipelines.base import VAE_COMPILED_BLOCKS
+from tuner.pipelines.unet import UNET_BLOCKS
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 def _adapter():
     adapter = tiny_adapter("sdxl", dtype=torch.float32)
-    params = add_lora(adapter.unet, rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    params = add_lora(adapter.denoiser, rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     with torch.no_grad():
         for i, p in enumerate(params):
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
@@ -33,7 +34,7 @@ def _step(adapter):
     plan = get_method("drtune", num_trained=2, early_stop_range=2).plan(5, torch.Generator().manual_seed(3))
     reward_backward(adapter, plan, cond, ToyReward(dtype=torch.float32), PROMPTS, height=SIZE, width=SIZE,
                     guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
-    return unet_grads(adapter)
+    return denoiser_grads(adapter)
 
 
 def _samples(adapter):
@@ -45,8 +46,8 @@ def test_compiled_blocks_give_the_eager_gradient_and_fp8_samples():
     torch._dynamo.reset()
     eager, compiled = _adapter(), _adapter()
     compiled.compile(backend="aot_eager", dynamic=False)
-    blocks = [m for root in (compiled.unet, compiled.vae.decoder) for m in root.modules()
-              if isinstance(m, COMPILED_BLOCKS)]
+    blocks = [m for root in (compiled.denoiser, compiled.vae.decoder) for m in root.modules()
+              if isinstance(m, UNET_BLOCKS + VAE_COMPILED_BLOCKS)]
     assert blocks and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
     assert relative_error(_step(compiled), _step(eager)) < 1e-5
     eager.fp8 = compiled.fp8 = True

@@ -22,13 +22,13 @@ import yaml
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
-TINY_MODELS = ("tiny-sdxl", "tiny-sd15")
+TINY_MODELS = ("tiny-sdxl", "tiny-sd15", "tiny-sd3", "tiny-flux", "tiny-flux-schnell")
 SHIPPED_MODELS = ("shapes-sd",)  # trained pipelines inside the package (tuner.shapes)
 BUILTIN_MODELS = SHIPPED_MODELS + TINY_MODELS
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit")
-FALLBACK_SCHEDULERS = ("ddim",)
+FALLBACK_SCHEDULERS = ("auto",)
 MEMORY_MODES = ("default", "low")  # train.memory; tuner/memory.py holds the low mode's pieces
 
 
@@ -45,13 +45,13 @@ def opt(default: Any, help: str) -> Any:
 
 @dataclass
 class SamplingConfig:
-    scheduler: str = opt("ddim", "Sampling scheduler used for training trajectories and galleries.")
+    scheduler: str = opt("auto", "Sampling scheduler of training trajectories and galleries: auto (the model family's own: ddim for SD 1.5 / SDXL, flow-euler for SD3 / FLUX), ddim, euler, euler-ancestral, dpm++ (UNet models) or flow-euler (flow-matching models).")
     num_steps: int = opt(50, "Sampling steps T per trajectory.")
-    guidance_scale: float = opt(5.0, "Classifier-free guidance scale (1.0 turns guidance off).")
+    guidance_scale: float = opt(5.0, "Guidance scale: classifier-free guidance for SD 1.5 / SDXL / SD3 (1.0 turns it off); for FLUX.1-dev the value of its guidance embedding (no CFG, one call per step; 3.5 is its usual value); FLUX.1-schnell ignores it.")
     eta: float = opt(0.0, "DDIM eta: 0 is deterministic sampling, >0 adds noise each step.")
     height: int = opt(1024, "Image height in pixels (multiple of 8).")
     width: int = opt(1024, "Image width in pixels (multiple of 8).")
-    negative_prompt: str = opt("", "Negative prompt for the unconditional branch of guidance.")
+    negative_prompt: str = opt("", "Negative prompt for the unconditional branch of guidance (FLUX.1 takes none).")
 
 
 @dataclass
@@ -69,11 +69,11 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "Decoupled weight decay.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value (0 turns clipping off).")
     ema_decay: float = opt(0.0, "EMA decay of the trained weights (0 turns EMA off); the EMA is used for galleries and saved.")
-    full_finetune: bool = opt(False, "Train every UNet weight instead of a LoRA.")
-    gradient_checkpointing: bool = opt(False, "Recompute UNet activations in backward to save memory.")
-    memory: str = opt("default", "default, or low: the same gradient in less GPU memory (block-wise recompute of trained UNet calls and of the VAE decode, one image at a time through VAE and reward, text encoders off the GPU after one encoding of the prompts, the reward in the run's half precision); docs/tuner.md, Low-memory mode.")
-    compile: bool = opt(False, "torch.compile the repeated blocks of the UNet and the VAE decoder (regional compilation; about two minutes of compiling at the start on SDXL, docs/benchmarks.md, Tuning step).")
-    fp8_sampling: bool = opt(False, "Run the gradient-free sampling calls' transformer linears as fp8 matmuls (e4m3, row-wise scales; GPUs of compute capability 8.9 and later); trained calls keep the run's precision. docs/tuner.md, Speed.")
+    full_finetune: bool = opt(False, "Train every weight of the denoiser (UNet or transformer) instead of a LoRA.")
+    gradient_checkpointing: bool = opt(False, "Recompute the denoiser's activations in backward to save memory.")
+    memory: str = opt("default", "default, or low: the same gradient in less GPU memory (block-wise recompute of trained denoiser calls and of the VAE decode, one image at a time through VAE and reward, text encoders off the GPU after one encoding of the prompts, the reward in the run's half precision); docs/tuner.md, Low-memory mode.")
+    compile: bool = opt(False, "torch.compile the repeated blocks of the denoiser (UNet or transformer) and the VAE decoder (regional compilation; about two minutes of compiling at the start on SDXL, docs/benchmarks.md, Tuning step).")
+    fp8_sampling: bool = opt(False, "Run the gradient-free sampling calls' transformer linears as fp8 matmuls (e4m3, row-wise scales; GPUs of compute capability 8.9 and later; SD 1.5 and SDXL); trained calls keep the run's precision. docs/tuner.md, Speed.")
     mixed_precision: Union[str, None] = opt(None, "no, fp16 or bf16; null picks bf16 on GPU and no (fp32) on CPU.")
     seed: int = opt(0, "Seed of the run; each process derives its own generators from it and its rank.")
     max_nonfinite: int = opt(5, "Stop after this many consecutive steps with a non-finite reward, loss or gradient.")
@@ -84,7 +84,7 @@ class LoraConfig:
     rank: int = opt(8, "LoRA rank r.")
     alpha: float = opt(8.0, "LoRA alpha (the update is scaled by alpha / rank).")
     dropout: float = opt(0.0, "LoRA dropout.")
-    target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"], "UNet module names (suffixes) that get a LoRA.")
+    target_modules: Union[list[str], None] = opt(None, "Module names (suffixes) of the denoiser that get a LoRA; null: its attention projections (to_q, to_k, to_v, to_out.0; SD3 / FLUX also the text stream's add_q_proj, add_k_proj, add_v_proj, to_add_out).")
 
 
 @dataclass
@@ -115,7 +115,8 @@ class CheckpointConfig:
 class Config:
     name: Union[str, None] = opt(None, "Run name; the run writes to output_dir/name. null: model-method-time.")
     output_dir: str = opt("runs", "Folder that holds the runs.")
-    model: str = opt("shapes-sd", "Diffusers repo id or local folder (SDXL or SD 1.5); shapes-sd (the shipped small trained model, 64x64 shapes); or tiny-sdxl / tiny-sd15 (random, built in code, for tests).")
+    model: str = opt("shapes-sd", "Diffusers repo id or local folder (SDXL, SD 1.5, SD3 / SD3.5 or FLUX.1); shapes-sd (the shipped small trained model, 64x64 shapes); or tiny-sdxl / tiny-sd15 / tiny-sd3 / tiny-flux / tiny-flux-schnell (random, built in code, for tests).")
+    t5: bool = opt(True, "SD3 only: load the T5-XXL text encoder; false leaves it out (diffusers' text_encoder_3=None: its embeddings are zeros), saving 4.7B parameters.")
     vae: Union[str, None] = opt(None, "Optional VAE repo id or folder replacing the model's VAE.")
     method: str = opt("drtune", "Tuning method: drtune, refl, draft, draft-lv or alignprop.")
     method_options: dict[str, Any] = opt({}, "Options of the method, e.g. {num_trained: 5, early_stop_range: 10} for drtune.")
@@ -321,7 +322,7 @@ def scheduler_names() -> tuple[str, ...]:
     """Scheduler names the pipeline adapters accept."""
     from tuner import pipelines
 
-    return tuple(getattr(pipelines, "SCHEDULERS", FALLBACK_SCHEDULERS))
+    return tuple(getattr(pipelines, "SCHEDULER_NAMES", FALLBACK_SCHEDULERS))
 
 
 def reward_names(reward: str | dict[str, float]) -> list[str]:
@@ -335,9 +336,13 @@ def validate(cfg: Config) -> Config:
 
     _one_of("method", cfg.method, methods.METHODS)
     try:
-        methods.get_method(cfg.method, **cfg.method_options)
+        method = methods.get_method(cfg.method, **cfg.method_options)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config key 'method_options' for method {cfg.method!r}: {e}") from None
+    try:
+        method.check_fits(cfg.sampling.num_steps)
+    except ValueError as e:
+        raise ConfigError(f"config keys 'method_options' and 'sampling.num_steps': {e}") from None
     _check_rewards(cfg)
     _one_of("sampling.scheduler", cfg.sampling.scheduler, scheduler_names())
     s, t = cfg.sampling, cfg.train
@@ -375,8 +380,9 @@ def validate(cfg: Config) -> Config:
                           "Install it (pip install bitsandbytes, CUDA only) or use train.optimizer=adamw.")
     if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("config key 'log.wandb': wandb is not installed. Install it (pip install wandb) or set log.wandb=false.")
-    if not t.full_finetune and not cfg.lora.target_modules:
-        raise ConfigError("config key 'lora.target_modules': empty; name at least one module (e.g. to_q) or set train.full_finetune=true.")
+    if not t.full_finetune and cfg.lora.target_modules is not None and not cfg.lora.target_modules:
+        raise ConfigError("config key 'lora.target_modules': empty; name at least one module (e.g. to_q), leave it null "
+                          "for the model's attention projections, or set train.full_finetune=true.")
     _check_model("model", cfg.model, allow_tiny=True)
     if cfg.vae is not None:
         _check_model("vae", cfg.vae, allow_tiny=False)

@@ -1,17 +1,17 @@
 """The trajectory engine: executes any method's Plan with flat memory and the exact chain gradient.
 
-1. Sample the chain under no_grad, keeping the latents, guided eps and scheduler state of the steps the
+1. Sample the chain under no_grad, keeping the latents, guided model outputs and scheduler state of the steps the
    backward sweep will visit (from the first trained step to the stop step).
 2. Decode x0, score it and backpropagate reward -> VAE -> x0 once, giving the adjoint of x0.
-3. Sweep the visited steps from last to first: restore the scheduler state, recompute eps with grad on
-   trained steps (reuse the saved eps elsewhere), rebuild the scheduler update and backpropagate the
-   adjoint that arrived from later steps. Only one UNet graph is alive at any time.
+3. Sweep the visited steps from last to first: restore the scheduler state, recompute the model output with grad
+   on trained steps (reuse the saved one elsewhere), rebuild the sampler update and backpropagate the
+   adjoint that arrived from later steps. Only one denoiser graph is alive at any time.
 
 Multistep schedulers (DPM-Solver++) keep earlier model outputs as history; on recompute those entries are
 fed back as leaves and their adjoints are routed to the step that produced them, so the gradient is exactly
 that of autograd through the whole chain with the plan's detaches.
 
-Low-memory mode (adapter.low_memory, train.memory=low) changes how, not what: trained UNet calls and the decode
+Low-memory mode (adapter.low_memory, train.memory=low) changes how, not what: trained denoiser calls and the decode
 recompute their activations block by block in backward, and step 2 runs one image at a time (scores are per image,
 so the adjoints are the same).
 
@@ -27,21 +27,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-)
 from diffusers.utils.torch_utils import randn_tensor
 
 from .methods import Plan
-from .pipelines import Adapter, Conditioning
+from .pipelines import SCHEDULERS, Adapter, Conditioning
 
-# Schedulers whose gradients the tests prove exact (tests/test_engine_exact.py).
-SUPPORTED_SCHEDULERS = (
-    DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
-)
+# Schedulers whose gradients the tests prove exact (tests/test_engine_exact.py), each with the families it serves.
+SUPPORTED_SCHEDULERS = tuple(SCHEDULERS.values())
 
 
 @dataclass
@@ -59,20 +51,13 @@ class _Saved:
     """What the backward sweep needs of one sampling step."""
 
     x: torch.Tensor  # latent entering the step
-    eps: torch.Tensor  # guided denoiser output (detached)
+    model_output: torch.Tensor  # guided denoiser output (detached): epsilon, or a flow velocity
     state: dict  # scheduler attributes before the step (lists copied)
 
 
-def check_scheduler(scheduler, eta: float = 0.0) -> None:
-    """Refuse schedulers whose engine gradient is not proven exact, and eta where it has no meaning."""
-    if not isinstance(scheduler, SUPPORTED_SCHEDULERS):
-        names = ", ".join(c.__name__ for c in SUPPORTED_SCHEDULERS)
-        raise ValueError(
-            f"the trajectory engine does not support {type(scheduler).__name__}: its gradient is only proven exact "
-            f"for {names}. Pick one with scheduler='ddim' | 'euler' | 'euler-ancestral' | 'dpm++'."
-        )
-    if eta != 0.0 and not isinstance(scheduler, DDIMScheduler):
-        raise ValueError(f"eta={eta} applies to DDIM only; {type(scheduler).__name__} takes no eta")
+def check_scheduler(adapter: Adapter, eta: float = 0.0) -> None:
+    """Refuse samplers whose engine gradient is not proven exact, and eta where it has no meaning."""
+    adapter.check_sampler(eta)
 
 
 def _snapshot(scheduler) -> dict:
@@ -93,9 +78,10 @@ def _step_seeds(num_steps: int, generator: torch.Generator) -> list[int]:
 class _Chain:
     """The scheduler side of one trajectory: per-step noise seeds, states and history producers."""
 
-    def __init__(self, adapter: Adapter, num_steps: int, generator: torch.Generator, eta: float):
-        self.adapter, self.scheduler, self.eta = adapter, adapter.scheduler, eta
-        self.scheduler.set_timesteps(num_steps, device=adapter.device)
+    def __init__(self, adapter: Adapter, num_steps: int, generator: torch.Generator, eta: float, height: int,
+                 width: int):
+        self.adapter, self.scheduler, self.eta, self.size = adapter, adapter.scheduler, eta, (height, width)
+        adapter.set_timesteps(num_steps, height, width)
         self.timesteps = self.scheduler.timesteps
         self.seeds = _step_seeds(num_steps, generator)
         self.noise_device = generator.device
@@ -104,14 +90,12 @@ class _Chain:
 
     def reset(self) -> None:
         """Leave the scheduler freshly set (drops history leaves and the references they hold)."""
-        self.scheduler.set_timesteps(len(self.timesteps), device=self.adapter.device)
+        self.adapter.set_timesteps(len(self.timesteps), *self.size)
         self.producer.clear()
 
-    def step(self, i: int, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        kwargs = {"generator": torch.Generator(self.noise_device).manual_seed(self.seeds[i])}
-        if isinstance(self.scheduler, DDIMScheduler):
-            kwargs["eta"] = self.eta
-        return self.scheduler.step(eps, self.timesteps[i], x, return_dict=False, **kwargs)[0]
+    def step(self, i: int, x: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator(self.noise_device).manual_seed(self.seeds[i])
+        return self.adapter.step(i, self.timesteps[i], x, model_output, generator=generator, eta=self.eta)
 
     def record(self, i: int) -> None:
         """Remember the history tensors step i created (strong refs keep their ids unique)."""
@@ -149,12 +133,12 @@ def _sample(chain: _Chain, plan: Plan, cond: Conditioning, x: torch.Tensor, guid
         for i in range(plan.stop + 1):
             state = _snapshot(chain.scheduler)
             t = chain.timesteps[i]
-            eps = adapter.eps(x, t, cond, guidance_scale)
+            out = adapter.denoise(x, t, cond, guidance_scale)
             if i >= first:
-                saved[i] = _Saved(x, eps, state)
+                saved[i] = _Saved(x, out, state)
             if plan.predict_x0 and i == plan.stop:
-                return adapter.predict_x0(x, eps, t), saved
-            x = chain.step(i, x, eps)
+                return adapter.predict_x0(x, out, t), saved
+            x = chain.step(i, x, out)
             chain.record(i)
     return x, saved
 
@@ -200,7 +184,7 @@ def _score_backward(adapter: Adapter, x0: torch.Tensor, reward_fn, prompts, loss
 
 def _sweep(chain: _Chain, plan: Plan, saved: dict[int, _Saved], adj_x0: torch.Tensor, cond, guidance_scale, no_sync,
            step_hook=None):
-    """Backpropagate the x0 adjoint through steps stop..first, one UNet graph at a time."""
+    """Backpropagate the x0 adjoint through steps stop..first, one denoiser graph at a time."""
     adapter, first, trained = chain.adapter, plan.trained[0], set(plan.trained)
     adj_x, adj_hist = adj_x0, {}  # adj_hist: id(original history tensor) -> adjoint
     for i in range(plan.stop, first - 1, -1):
@@ -209,14 +193,14 @@ def _sweep(chain: _Chain, plan: Plan, saved: dict[int, _Saved], adj_x0: torch.Te
             # At the first trained step nothing upstream needs an adjoint: no input or history leaves.
             leaves = chain.restore(s.state, plan.num_steps if last else first)
             x = s.x.detach().requires_grad_(not last)
-            eps = s.eps
+            out = s.model_output
             if i in trained:
-                eps = adapter.eps(x.detach() if plan.detach_input else x, t, cond, guidance_scale)
+                out = adapter.denoise(x.detach() if plan.detach_input else x, t, cond, guidance_scale)
             if plan.predict_x0 and i == plan.stop:
-                outputs, grads = [adapter.predict_x0(x, eps, t)], [adj_x]
+                outputs, grads = [adapter.predict_x0(x, out, t)], [adj_x]
             else:
                 before = {id(h) for h in _history(chain.scheduler)}
-                outputs, grads = [chain.step(i, x, eps)], [adj_x]
+                outputs, grads = [chain.step(i, x, out)], [adj_x]
                 produced = [h for h in _history(chain.scheduler) if id(h) not in before]
                 for h, original in zip(produced, chain.made.get(i, [])):
                     if original in adj_hist:
@@ -252,16 +236,16 @@ def reward_backward(
 ) -> StepOutput:
     """Sample one batch, score it and accumulate d(-loss_scale * mean reward)/d(params) into param.grad.
 
-    Every backward but the last runs inside `no_sync()` (UNet forward included), so DDP reduces once.
+    Every backward but the last runs inside `no_sync()` (denoiser forward included), so DDP reduces once.
     Deterministic given `generator`. The caller zeroes grads and steps the optimizer.
-    `step_hook(i)`, if given, is called right after the backward through trained step i's UNet call (one
+    `step_hook(i)`, if given, is called right after the backward through trained step i's denoiser call (one
     backward per trained step, last step first; n for DRaFT-LV): parameter-gradient hooks that fire in between
     see exactly that step's contribution (tuner studies measure per-step gradient norms with it).
     """
-    check_scheduler(adapter.scheduler, eta)
+    check_scheduler(adapter, eta)
     if len(prompts) != len(cond):
         raise ValueError(f"got {len(prompts)} prompts for a conditioning batch of {len(cond)}")
-    chain = _Chain(adapter, plan.num_steps, generator, eta)
+    chain = _Chain(adapter, plan.num_steps, generator, eta, height, width)
     x = adapter.initial_latents(len(prompts), height, width, generator)
     if plan.renoise:
         return _renoise_backward(
@@ -283,12 +267,12 @@ def _renoise_backward(chain, plan, cond, reward_fn, prompts, x, guidance_scale, 
     t = chain.timesteps[last]
     total, rewards, parts, images = 0.0, 0.0, {}, None
     for r in range(plan.renoise):
-        # As in reward_backward: VAE + reward backward first, then the UNet graph alone, so one graph is alive.
+        # As in reward_backward: VAE + reward backward first, then the denoiser graph alone, so one graph is alive.
         chain.restore(saved[last].state, plan.num_steps)
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = chain.scheduler.add_noise(x0, noise, t.reshape(1))
+        x_t = adapter.add_noise(x0, noise, t)
         with torch.no_grad(), adapter.frozen_calls():
-            latent = chain.step(last, x_t, adapter.eps(x_t, t, cond, guidance_scale))
+            latent = chain.step(last, x_t, adapter.denoise(x_t, t, cond, guidance_scale))
         with no_sync():
             adj, loss, got, images, parts = _score_backward(
                 adapter, latent, reward_fn, prompts, loss_scale, 1.0 / plan.renoise
@@ -296,7 +280,7 @@ def _renoise_backward(chain, plan, cond, reward_fn, prompts, x, guidance_scale, 
         ctx = contextlib.nullcontext() if r == plan.renoise - 1 else no_sync()
         with ctx, torch.enable_grad():
             chain.restore(saved[last].state, plan.num_steps)
-            chain.step(last, x_t, adapter.eps(x_t, t, cond, guidance_scale)).backward(adj)
+            chain.step(last, x_t, adapter.denoise(x_t, t, cond, guidance_scale)).backward(adj)
         if step_hook is not None:
             step_hook(last)
         total, rewards = total + loss, rewards + got / plan.renoise
@@ -317,8 +301,8 @@ def sample(
     eta: float = 0.0,
 ) -> torch.Tensor:
     """Images in [0,1] from a full chain, no gradients (galleries, evaluation); same noise as training."""
-    check_scheduler(adapter.scheduler, eta)
-    chain = _Chain(adapter, num_steps, generator, eta)
+    check_scheduler(adapter, eta)
+    chain = _Chain(adapter, num_steps, generator, eta, height, width)
     x = adapter.initial_latents(len(cond), height, width, generator)
     return _run(adapter, chain, cond, x, guidance_scale)
 
@@ -326,17 +310,8 @@ def sample(
 def _run(adapter: Adapter, chain: _Chain, cond: Conditioning, x: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     with adapter.frozen_calls():
         for i, t in enumerate(chain.timesteps):
-            x = chain.step(i, x, adapter.eps(x, t, cond, guidance_scale))
+            x = chain.step(i, x, adapter.denoise(x, t, cond, guidance_scale))
     return adapter.decode(x, checkpoint=False)
-
-
-def steps_draw_noise(scheduler, eta: float = 0.0) -> bool:
-    """Whether a chain's steps draw noise of their own (not only its initial latents do)."""
-    if isinstance(scheduler, DDIMScheduler):
-        return eta != 0.0
-    if isinstance(scheduler, DPMSolverMultistepScheduler):
-        return "sde" in scheduler.config.algorithm_type
-    return not isinstance(scheduler, EulerDiscreteScheduler)
 
 
 @torch.no_grad()
@@ -359,8 +334,8 @@ def sample_each(
     """
     if len(generators) != len(cond):
         raise ValueError(f"sample_each needs one generator per prompt: {len(generators)} for {len(cond)} prompts")
-    check_scheduler(adapter.scheduler, eta)
-    if steps_draw_noise(adapter.scheduler, eta):
+    check_scheduler(adapter, eta)
+    if adapter.steps_draw_noise(eta):
         batch_size = 1
     images = []
     for start in range(0, len(cond), batch_size):
@@ -373,10 +348,10 @@ def sample_each(
         for gen in gens:  # each generator drawn as sample() draws it: the chain's step seeds, then the latents
             _step_seeds(num_steps, gen)
             x.append(adapter.initial_latents(1, height, width, gen))
-        chain = _Chain(adapter, num_steps, torch.Generator(gens[0].device), eta)  # its step seeds go unused
+        chain = _Chain(adapter, num_steps, torch.Generator(gens[0].device), eta, height, width)  # seeds go unused
         images.append(_run(adapter, chain, cond[start:start + len(gens)], torch.cat(x), guidance_scale))
     return torch.cat(images)
 
 
-__all__ = ["StepOutput", "reward_backward", "sample", "sample_each", "steps_draw_noise", "check_scheduler",
+__all__ = ["StepOutput", "reward_backward", "sample", "sample_each", "check_scheduler",
            "SUPPORTED_SCHEDULERS"]

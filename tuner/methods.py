@@ -64,6 +64,17 @@ class Method:
     def plan(self, num_steps: int, generator: torch.Generator) -> Plan:
         raise NotImplementedError
 
+    def check_fits(self, num_steps: int) -> None:
+        """Refuse a chain of `num_steps` steps that the method's plans cannot fit (e.g. K trained steps in fewer)."""
+        for option, needed in self._steps_needed().items():
+            if needed > num_steps:
+                raise ValueError(f"{self.name}: {option}={needed} needs at least {needed} sampling steps, but the chain "
+                                 f"has num_steps={num_steps}; lower {option} or raise sampling.num_steps")
+
+    def _steps_needed(self) -> dict[str, int]:
+        """Each option that counts steps, with the chain length it needs."""
+        return {}
+
     @classmethod
     def options(cls) -> list[str]:
         """Names of the options this method accepts."""
@@ -100,7 +111,8 @@ class DRTune(Method):
     early_stop_range (m) = 10: the stop step is uniform in the last m steps and x0 is predicted in one
     step there. Our choice, matching ReFL's range (its last 10 of 40 steps), since we could not confirm the
     paper's number here. The K trained steps are equally spaced over the steps that run (0..stop), with a
-    random offset; if fewer than K steps run, all of them are trained.
+    random offset; if fewer than K steps run (a stop early in a short chain), all of them are trained. K larger than
+    the whole chain (FLUX.1-schnell's 4 steps, say) is refused: no plan of the method could train K steps.
     Ablations (the paper's defaults are on): detach_input = False lets the gradient flow through the denoiser
     input of the trained steps (no stop-gradient); spacing = "last" trains the last K steps that run instead
     of K equally spaced ones.
@@ -119,7 +131,11 @@ class DRTune(Method):
         if self.spacing not in SPACINGS:
             raise ValueError(f"drtune: option spacing must be one of {SPACINGS}, got {self.spacing!r}")
 
+    def _steps_needed(self) -> dict[str, int]:
+        return {"num_trained": self.num_trained}
+
     def plan(self, num_steps: int, generator: torch.Generator) -> Plan:
+        self.check_fits(num_steps)
         stop = _early_stop(num_steps, self.early_stop_range, generator)
         if self.spacing == "equal":
             trained = spaced_steps(stop + 1, self.num_trained, generator)
@@ -160,9 +176,12 @@ class DRaFT(Method):
     def __post_init__(self) -> None:
         _positive(self.name, k=self.k)
 
+    def _steps_needed(self) -> dict[str, int]:
+        return {"k": self.k}
+
     def plan(self, num_steps: int, generator: torch.Generator) -> Plan:
-        k = min(self.k, num_steps)
-        trained = tuple(range(num_steps - k, num_steps))
+        self.check_fits(num_steps)
+        trained = tuple(range(num_steps - self.k, num_steps))
         return Plan(num_steps, num_steps - 1, False, trained, detach_input=False, grad_from=trained[0])
 
 
@@ -203,9 +222,13 @@ class AlignProp(Method):
         if self.max_steps is not None and self.max_steps < self.min_steps:
             raise ValueError(f"alignprop: max_steps ({self.max_steps}) must be >= min_steps ({self.min_steps})")
 
+    def _steps_needed(self) -> dict[str, int]:
+        return {"min_steps": self.min_steps}
+
     def plan(self, num_steps: int, generator: torch.Generator) -> Plan:
+        self.check_fits(num_steps)
         high = num_steps if self.max_steps is None else min(self.max_steps, num_steps)
-        length = _randint(min(self.min_steps, high), high, generator)
+        length = _randint(self.min_steps, high, generator)
         trained = tuple(range(num_steps - length, num_steps))
         return Plan(num_steps, num_steps - 1, False, trained, detach_input=False, grad_from=trained[0])
 

@@ -127,6 +127,9 @@ def build_adapter(cfg: Config, device: torch.device, dtype: torch.dtype, pipelin
         raise ConfigError(f"train.fp8_sampling=true needs fp8 matmuls, which {name} lacks (CUDA compute capability "
                           f"8.9 or later: Ada, Hopper, Blackwell); set train.fp8_sampling=false")
     adapter = _adapter(cfg, device, dtype, pipeline)
+    if cfg.train.fp8_sampling and adapter.family not in ("sd15", "sdxl"):
+        raise ConfigError(f"train.fp8_sampling=true serves the UNet models (SD 1.5, SDXL) only; {cfg.model} is a "
+                          f"{adapter.family} model: set train.fp8_sampling=false")
     adapter.low_memory = cfg.train.memory == "low"
     adapter.fp8 = cfg.train.fp8_sampling
     return adapter
@@ -143,10 +146,9 @@ def _adapter(cfg: Config, device: torch.device, dtype: torch.dtype, pipeline):
         return pipelines.adapter_from_pipeline(pipeline, **kwargs)
     if cfg.model == shapes.MODEL_NAME:
         return pipelines.load_adapter(str(shapes.MODEL_DIR), vae=cfg.vae, **kwargs)
-    if cfg.model in ("tiny-sdxl", "tiny-sd15"):
-        make = pipelines.tiny_sdxl_pipeline if cfg.model == "tiny-sdxl" else pipelines.tiny_sd15_pipeline
-        return pipelines.adapter_from_pipeline(make(seed=0), **kwargs)
-    return pipelines.load_adapter(cfg.model, vae=cfg.vae, **kwargs)
+    if cfg.model in pipelines.TINY_PIPELINES:
+        return pipelines.adapter_from_pipeline(pipelines.TINY_PIPELINES[cfg.model](seed=0), **kwargs)
+    return pipelines.load_adapter(cfg.model, vae=cfg.vae, t5=cfg.t5, **kwargs)
 
 
 def reward_dtype(cfg: Config) -> torch.dtype | None:
@@ -185,12 +187,12 @@ def _seed(base: int, *parts: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(adapter, unet, conds, prompts: list[str], reward, cfg: Config,
+def evaluate(adapter, denoiser, conds, prompts: list[str], reward, cfg: Config,
              autocast) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Images of the evaluation prompts (prompt i seeded eval_seed + i, whatever the batch), their rewards and,
-    for a mixture, the mean of each part, with `unet`; train.batch_size prompts per chain."""
-    s, trained, fp8 = cfg.sampling, adapter.unet, adapter.fp8
-    adapter.unet = unet  # the plain module: no collective calls from the main process alone
+    for a mixture, the mean of each part, with `denoiser`; train.batch_size prompts per chain."""
+    s, trained, fp8 = cfg.sampling, adapter.denoiser, adapter.fp8
+    adapter.denoiser = denoiser  # the plain module: no collective calls from the main process alone
     adapter.fp8 = False  # fp8 serves training trajectories; evaluation shows the model in the run's precision
     gens = [torch.Generator().manual_seed(cfg.prompts.eval_seed + i) for i in range(len(prompts))]
     try:
@@ -199,7 +201,7 @@ def evaluate(adapter, unet, conds, prompts: list[str], reward, cfg: Config,
                                         height=s.height, width=s.width, num_steps=s.num_steps,
                                         guidance_scale=s.guidance_scale, eta=s.eta).float()
     finally:
-        adapter.unet, adapter.fp8 = trained, fp8
+        adapter.denoiser, adapter.fp8 = trained, fp8
     with autocast():
         scores = reward(images, prompts).float()
     parts = {f"eval/reward/{k}": float(v.float().mean()) for k, v in getattr(reward, "last_parts", {}).items()}
@@ -251,26 +253,28 @@ def make_autocast(device: torch.device, precision: str) -> Callable[[], contextl
     return lambda: torch.autocast(device.type, dtype=DTYPES[precision])
 
 
-def add_trainable(unet: torch.nn.Module, cfg: Config) -> list[torch.nn.Parameter]:
-    """Make the UNet trainable as `cfg` says (LoRA or every weight, gradient checkpointing); returns the trained
-    parameters."""
+def add_trainable(denoiser: torch.nn.Module, cfg: Config, lora_targets: tuple[str, ...] | None = None
+                  ) -> list[torch.nn.Parameter]:
+    """Make the denoiser trainable as `cfg` says (LoRA or every weight, gradient checkpointing); returns the trained
+    parameters. `lora_targets` are the family's defaults when lora.target_modules is unset."""
     if cfg.train.full_finetune:
-        unet.requires_grad_(True)
-        params = list(unet.parameters())
+        denoiser.requires_grad_(True)
+        params = list(denoiser.parameters())
     else:
-        params = lora.add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+        targets = cfg.lora.target_modules or list(lora_targets or lora.UNET_TARGETS)
+        params = lora.add_lora(denoiser, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=targets,
                                dropout=cfg.lora.dropout)
     if cfg.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
     return params
 
 
-def prepare_unet(accelerator: Accelerator, unet: torch.nn.Module) -> torch.nn.Module:
-    """The UNet wrapped for this process group (DDP when there are several processes)."""
+def prepare_denoiser(accelerator: Accelerator, denoiser: torch.nn.Module) -> torch.nn.Module:
+    """The denoiser wrapped for this process group (DDP when there are several processes)."""
     with warnings.catch_warnings():  # ranks run different numbers of forwards: buffers must never sync in forward
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-        return accelerator.prepare(unet)
+        return accelerator.prepare(denoiser)
 
 
 def rank_generator(seed: int, rank: int) -> torch.Generator:
@@ -282,7 +286,7 @@ def rank_generator(seed: int, rank: int) -> torch.Generator:
 
 @dataclasses.dataclass
 class StepParts:
-    """What one optimizer step uses; `adapter.unet` is the prepared (DDP) UNet."""
+    """What one optimizer step uses; `adapter.denoiser` is the prepared (DDP) denoiser."""
 
     cfg: Config
     accelerator: Accelerator
@@ -316,7 +320,7 @@ class StepResult:
 def train_step(parts: StepParts, step: int) -> StepResult:
     """Optimizer step `step`: the engine's reward_backward per micro-batch (gradients all-reduced once, at the
     last backward of the last micro-batch), then optimizer_step."""
-    cfg, acc, unet, gen = parts.cfg, parts.accelerator, parts.adapter.unet, parts.generator
+    cfg, acc, denoiser, gen = parts.cfg, parts.accelerator, parts.adapter.denoiser, parts.generator
     t, s = cfg.train, cfg.sampling
     lr = lr_at(step, cfg)
     for group in parts.optimizer.param_groups:
@@ -328,12 +332,12 @@ def train_step(parts: StepParts, step: int) -> StepResult:
         cond = parts.conditioning(prompts)
         plans.append(parts.method.plan(s.num_steps, gen))
         # earlier micro-batches accumulate locally; the engine syncs on the last backward of the last one
-        sync = acc.no_sync(unet) if micro < t.grad_accum - 1 else contextlib.nullcontext()
+        sync = acc.no_sync(denoiser) if micro < t.grad_accum - 1 else contextlib.nullcontext()
         with sync, parts.autocast():
             outs.append(engine.reward_backward(
                 parts.adapter, plans[-1], cond, parts.reward, prompts, height=s.height, width=s.width,
                 guidance_scale=s.guidance_scale, generator=gen, loss_scale=loss_scale,
-                no_sync=lambda: acc.no_sync(unet), eta=s.eta, step_hook=parts.step_hook))
+                no_sync=lambda: acc.no_sync(denoiser), eta=s.eta, step_hook=parts.step_hook))
     rewards_local = torch.cat([o.rewards.float().reshape(-1) for o in outs]).to(acc.device)
     loss_local = sum(o.loss for o in outs) / len(outs) / loss_scale  # as if unscaled: -(mean reward)
     grad_norm, skipped, nonfinite, reward_mean = optimizer_step(
@@ -344,7 +348,7 @@ def train_step(parts: StepParts, step: int) -> StepResult:
 # ---------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(root: Path, step: int, *, accelerator: Accelerator, unet, ema: EMA | None, optimizer, scaler,
+def save_checkpoint(root: Path, step: int, *, accelerator: Accelerator, denoiser, ema: EMA | None, optimizer, scaler,
                     generators: dict[str, torch.Generator], meta: dict[str, Any], keep: int) -> None:
     """All ranks write their RNG states into one temporary folder; the main process writes the rest and commits."""
     if accelerator.is_main_process:
@@ -354,7 +358,7 @@ def save_checkpoint(root: Path, step: int, *, accelerator: Accelerator, unet, em
     ckpt.write_state(tmp, f"rng-{accelerator.process_index}.pt", ckpt.rng_state(generators))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ckpt.write_tensors(tmp, "trainable.safetensors", lora.trainable_state(unet))
+        ckpt.write_tensors(tmp, "trainable.safetensors", lora.trainable_state(denoiser))
         if ema is not None:
             ckpt.write_tensors(tmp, "ema.safetensors", ema.shadow)
         ckpt.write_state(tmp, "optimizer.pt", {"optimizer": optimizer.state_dict(),
@@ -363,12 +367,12 @@ def save_checkpoint(root: Path, step: int, *, accelerator: Accelerator, unet, em
     accelerator.wait_for_everyone()
 
 
-def load_trained(unet: torch.nn.Module, folder: Path, name: str = "trainable.safetensors") -> None:
+def load_trained(denoiser: torch.nn.Module, folder: Path, name: str = "trainable.safetensors") -> None:
     """Copy a checkpoint's trained weights (`name`: trainable.safetensors, or ema.safetensors for the EMA) into the
-    UNet, whose trained parameters (LoRA or full) must be the same set."""
-    params = dict(unet.named_parameters())
+    denoiser, whose trained parameters (LoRA or full) must be the same set."""
+    params = dict(denoiser.named_parameters())
     saved = ckpt.read_tensors(folder, name)
-    expected = set(lora.trainable_state(unet))
+    expected = set(lora.trainable_state(denoiser))
     if set(saved) != expected:
         missing, extra = sorted(expected - set(saved))[:3], sorted(set(saved) - expected)[:3]
         raise ConfigError(f"checkpoint {folder} does not match this run's trained weights (missing e.g. {missing}, "
@@ -378,11 +382,11 @@ def load_trained(unet: torch.nn.Module, folder: Path, name: str = "trainable.saf
             params[key].copy_(value)
 
 
-def load_checkpoint(folder: Path, *, rank: int, unet, ema: EMA | None, optimizer, scaler,
+def load_checkpoint(folder: Path, *, rank: int, denoiser, ema: EMA | None, optimizer, scaler,
                     generators: dict[str, torch.Generator]) -> dict[str, Any]:
     """Restore weights, EMA, optimizer, scaler and this rank's RNGs; returns the checkpoint's meta."""
     meta = ckpt.read_meta(folder)
-    load_trained(unet, folder)
+    load_trained(denoiser, folder)
     if ema is not None:
         if (folder / "ema.safetensors").is_file():
             ema.shadow = {n: v.to(ema.shadow[n].device) for n, v in ckpt.read_tensors(folder, "ema.safetensors").items()}
@@ -405,10 +409,11 @@ def load_checkpoint(folder: Path, *, rank: int, unet, ema: EMA | None, optimizer
 
 
 def prompt_conditioning(adapter, sampler: PromptSampler, steps: range, cfg: Config) -> Callable[[list[str]], Any]:
-    """How the loop gets a micro-batch's text conditioning: encoded when drawn; or, in low-memory mode, from a cache
-    of every prompt this process draws in `steps`, encoded once, after which the text encoders leave the GPU."""
+    """How the loop gets a micro-batch's text conditioning: encoded when drawn; or, in low-memory mode and for the
+    families that cache prompts (SD3, FLUX: T5-XXL), from a cache of every prompt this process draws in `steps`,
+    encoded once, after which the text encoders leave the GPU."""
     negative = cfg.sampling.negative_prompt
-    if cfg.train.memory != "low":
+    if cfg.train.memory != "low" and not adapter.cache_prompts:
         return lambda prompts: adapter.encode_prompts(prompts, [negative] * len(prompts))
     drawn = [p for step in steps for micro in range(cfg.train.grad_accum) for p in sampler.batch(step, micro)]
     cache = ConditioningCache(adapter, drawn, negative)
@@ -443,8 +448,8 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
 
     # --- models, reward, prompts, method
     adapter = build_adapter(cfg, device, weight_dtype, pipeline)
-    unet = adapter.unet
-    params = add_trainable(unet, cfg)
+    denoiser = adapter.denoiser
+    params = add_trainable(denoiser, cfg, adapter.lora_targets)
     if t.compile:
         adapter.compile()  # after the LoRA exists: its layers are part of the compiled blocks
     step_hook = make_step_hook(params) if make_step_hook is not None else None
@@ -459,13 +464,13 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     if scaler is not None:
         scaler.scale(torch.ones((), device=device))  # creates the scale; the engine applies it through loss_scale
-    ema = EMA(lora.trainable_parameters(unet), t.ema_decay) if t.ema_decay > 0 else None
-    adapter.unet = prepare_unet(accelerator, unet)
+    ema = EMA(lora.trainable_parameters(denoiser), t.ema_decay) if t.ema_decay > 0 else None
+    adapter.denoiser = prepare_denoiser(accelerator, denoiser)
     gen = rank_generator(t.seed, rank)
     generators = {"train": gen}
     start, streak = 0, 0
     if resume_from is not None:
-        meta = load_checkpoint(resume_from, rank=rank, unet=unet, ema=ema, optimizer=optimizer, scaler=scaler,
+        meta = load_checkpoint(resume_from, rank=rank, denoiser=denoiser, ema=ema, optimizer=optimizer, scaler=scaler,
                                generators=generators)
         start, streak = meta["step"], meta["nonfinite_streak"]
     conditioning = prompt_conditioning(adapter, sampler, range(start, t.steps), cfg)
@@ -480,8 +485,8 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
         if resume_from is not None and before_file.is_file():
             before = ckpt.read_tensors(gallery_dir, before_file.name)["images"]
         else:
-            with _model_weights(unet, ema, base=True):
-                before, before_rewards, parts = evaluate(adapter, unet, eval_conds, eval_prompts, reward, cfg, autocast)
+            with _model_weights(denoiser, ema, base=True):
+                before, before_rewards, parts = evaluate(adapter, denoiser, eval_conds, eval_prompts, reward, cfg, autocast)
             ckpt.write_tensors(gallery_dir, before_file.name, {"images": before})
             logger.log(0, {"eval/reward": before_rewards.mean(), **parts})
     accelerator.wait_for_everyone()
@@ -517,15 +522,15 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
                 f"The last good checkpoint is {kept or 'none (no checkpoint was written yet)'}. Check the reward "
                 f"on these images, lower train.lr, or raise train.max_nonfinite.")
         if main and (done % cfg.log.eval_every == 0 or done == t.steps):
-            with _model_weights(unet, ema):
-                now, now_rewards, parts = evaluate(adapter, unet, eval_conds, eval_prompts, reward, cfg, autocast)
+            with _model_weights(denoiser, ema):
+                now, now_rewards, parts = evaluate(adapter, denoiser, eval_conds, eval_prompts, reward, cfg, autocast)
             path = gallery_dir / f"step-{done:08d}.png"
             gallery(before, now, eval_prompts, f"step {done}").save(path)
             logger.image("gallery", path, done)
             logger.log(done, {"eval/reward": now_rewards.mean(), **parts})
             last = {"eval_reward": now_rewards.mean().item()}
         if done % cfg.checkpoint.every == 0 or done == t.steps:
-            save_checkpoint(run_dir / "checkpoints", done, accelerator=accelerator, unet=unet, ema=ema,
+            save_checkpoint(run_dir / "checkpoints", done, accelerator=accelerator, denoiser=denoiser, ema=ema,
                             optimizer=optimizer, scaler=scaler, generators=generators, keep=cfg.checkpoint.keep,
                             meta={"step": done, "nonfinite_streak": streak, "world_size": world, "lr": r.lr,
                                   "model": cfg.model, "method": cfg.method})
@@ -534,8 +539,11 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     # --- final weights, reward curve, summary
     summary = {}
     if main:
-        with _model_weights(unet, ema):
-            final = lora.save_lora(unet, run_dir / "lora") if not t.full_finetune else _save_unet(unet, run_dir / "unet")
+        with _model_weights(denoiser, ema):
+            if t.full_finetune:
+                final = _save_denoiser(denoiser, run_dir / ("unet" if hasattr(adapter.pipe, "unet") else "transformer"))
+            else:
+                final = lora.save_lora(denoiser, run_dir / "lora", adapter.pipeline_class)
         rows = read_metrics(run_dir / "metrics.jsonl")
         plot_rewards(rows, run_dir / "reward_curve.png")
         summary = _summary(cfg, rows, run_dir, final, time.perf_counter() - t_start, start, world, params, last)
@@ -546,14 +554,14 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
 
 
 @contextlib.contextmanager
-def _model_weights(unet, ema: EMA | None, base: bool = False):
+def _model_weights(denoiser, ema: EMA | None, base: bool = False):
     """The weights galleries and saved files use: the base model (adapters off), else EMA if any, else current."""
-    if base and getattr(unet, "_hf_peft_config_loaded", False):
-        unet.disable_adapters()
+    if base and getattr(denoiser, "_hf_peft_config_loaded", False):
+        denoiser.disable_adapters()
         try:
             yield
         finally:
-            unet.enable_adapters()
+            denoiser.enable_adapters()
     elif ema is not None and not base:
         with ema.applied():
             yield
@@ -561,8 +569,8 @@ def _model_weights(unet, ema: EMA | None, base: bool = False):
         yield
 
 
-def _save_unet(unet, folder: Path) -> Path:
-    unet.save_pretrained(folder)
+def _save_denoiser(denoiser, folder: Path) -> Path:
+    denoiser.save_pretrained(folder)
     return folder
 
 

@@ -258,7 +258,7 @@ def heldout(cfg, s: Settings, run_dir: Path | None,
     precision = cfg.train.mixed_precision or ("bf16" if device.type == "cuda" else "no")
     adapter = build_adapter(cfg, device, DTYPES[precision])
     if run_dir is not None:
-        _load_trained(adapter.unet, cfg, ckpt.latest(run_dir / "checkpoints"))
+        _load_trained(adapter, cfg, ckpt.latest(run_dir / "checkpoints"))
     _, prompts = load_prompt_sets(cfg.prompts)
     cond = adapter.encode_prompts(prompts, [cfg.sampling.negative_prompt] * len(prompts))
     autocast = torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "no")
@@ -274,14 +274,15 @@ def heldout(cfg, s: Settings, run_dir: Path | None,
     return scores, images.cpu()
 
 
-def _load_trained(unet: torch.nn.Module, cfg, checkpoint_dir: Path) -> None:
-    """The run's final LoRA (its EMA when it kept one) on the UNet."""
+def _load_trained(adapter, cfg, checkpoint_dir: Path) -> None:
+    """The run's final LoRA (its EMA when it kept one) on the adapter's denoiser."""
     from tuner import lora
     from tuner.train import load_trained
 
-    lora.add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
+    targets = cfg.lora.target_modules or list(adapter.lora_targets)
+    lora.add_lora(adapter.denoiser, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=targets)
     ema = (checkpoint_dir / "ema.safetensors").is_file()
-    load_trained(unet, checkpoint_dir, "ema.safetensors" if ema else "trainable.safetensors")
+    load_trained(adapter.denoiser, checkpoint_dir, "ema.safetensors" if ema else "trainable.safetensors")
 
 
 def _train_stats(run_dir: Path, max_grad_norm: float) -> dict[str, Any]:
