@@ -147,3 +147,59 @@ def test_lr_schedules():
     assert lrs("linear")[:3] == [0.5, 1.0, 1.0] and lrs("linear")[-1] == pytest.approx(1 / 8)
     cosine = lrs("cosine", warmup=0, steps=4)
     assert cosine == pytest.approx([1.0, 0.5 * (1 + 2 ** -0.5), 0.5, 0.5 * (1 - 2 ** -0.5)])
+
+
+FLOW = ["sampling.scheduler=auto", "sampling.num_steps=4", "method_options={num_trained: 2, early_stop_range: 2}", "train.batch_size=1",
+        "log.progress=false", "prompts.num_eval=2", "log.tensorboard=false", "log.eval_every=100"]
+
+
+def test_flux_run_caches_prompts_and_saves_a_lora_stock_flux_loads(tmp_path):
+    """FLUX: prompts encoded once with the text encoders then off the device; the LoRA (image and text streams) loads
+    into a stock FluxPipeline."""
+    from diffusers import FluxPipeline
+
+    from tuner.pipelines import tiny_flux_pipeline
+
+    cfg = validate(load_config(None, [f"output_dir={tmp_path}", "name=flux", "model=tiny-flux", *FLOW, "train.steps=2",
+                                      "sampling.guidance_scale=3.5", "checkpoint.every=100", "train.lr=1e-2"]))
+    summary = train(cfg, reward_fn=Brightness())
+    assert summary["skipped_steps"] == 0 and summary["trained_parameters"] > 0
+    state = load_file(tmp_path / "flux" / "lora" / "pytorch_lora_weights.safetensors")
+    assert any(".add_q_proj.lora_A" in k for k in state) and any(".to_add_out.lora_B" in k for k in state)
+    pipe = tiny_flux_pipeline()
+    pipe.load_lora_weights(tmp_path / "flux" / "lora")  # strict enough to fail on a key it does not know
+    assert any(k.startswith("transformer.") for k in state)
+
+
+def test_sd3_resume_reaches_the_same_weights(tmp_path):
+    common = [*FLOW, "model=tiny-sd3", "train.steps=3", "checkpoint.every=1", "checkpoint.keep=5",
+              "sampling.guidance_scale=3.0", "train.lr=1e-2"]
+    whole = validate(load_config(None, [f"output_dir={tmp_path}", "name=whole", *common]))
+    train(whole, reward_fn=Brightness())
+    with pytest.raises(KeyboardInterrupt):
+        train(validate(load_config(None, [f"output_dir={tmp_path}", "name=cut", *common])),
+              reward_fn=Brightness(crash_at=3))
+    train(validate(load_config(None, [f"output_dir={tmp_path}", "name=cut", *common, "resume=latest"])),
+          reward_fn=Brightness())
+    a, b = (ckpt.latest(tmp_path / n / "checkpoints") for n in ("whole", "cut"))
+    wa, wb = ckpt.read_tensors(a, "trainable.safetensors"), ckpt.read_tensors(b, "trainable.safetensors")
+    assert a.name == b.name == "step-00000003" and wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    w1 = ckpt.read_tensors(tmp_path / "whole" / "checkpoints" / "step-00000001", "trainable.safetensors")
+    assert any(not torch.equal(w1[k], wa[k]) for k in wa)
+
+
+def test_full_finetune_of_a_transformer_saves_a_loadable_transformer(tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    cfg = validate(load_config(None, [f"output_dir={tmp_path}", "name=full", "model=tiny-sd3", *FLOW, "train.steps=1",
+                                      "train.full_finetune=true", "checkpoint.every=100", "sampling.guidance_scale=1.0"]))
+    summary = train(cfg, reward_fn=Brightness())
+    tuned = SD3Transformer2DModel.from_pretrained(tmp_path / "full" / "transformer")
+    assert summary["trained_parameters"] == sum(p.numel() for p in tuned.parameters())
+
+
+def test_flow_models_refuse_fp8_sampling_and_negative_prompts(tmp_path):
+    with pytest.raises(ConfigError, match="fp8_sampling"):
+        train(validate(load_config(None, [f"output_dir={tmp_path}", "name=a", "model=tiny-flux", *FLOW,
+                                          "train.fp8_sampling=true"])), reward_fn=Brightness())

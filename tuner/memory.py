@@ -56,7 +56,10 @@ def checkpointed(root: torch.nn.Module, kinds: tuple[type, ...]) -> Iterator[Non
 
 
 class ConditioningCache:
-    """The text conditioning of a fixed prompt set, encoded once (in chunks) and kept on the CPU.
+    """The text conditioning of a fixed prompt set, encoded once and kept on the CPU.
+
+    By default each prompt is encoded alone (chunk=1), so its embedding never depends on which other prompts were
+    drawn with it: a resumed run, which draws a different set, sees the very same numbers.
 
     All prompts share one negative prompt, stored once. `cache(prompts)` gives the batch's conditioning on the
     adapter's device without touching the text encoders, which may then leave the GPU.
@@ -64,7 +67,7 @@ class ConditioningCache:
 
     NEGATIVE = ("negative_embeds", "negative_pooled")
 
-    def __init__(self, adapter, prompts: list[str], negative_prompt: str, chunk: int = 16):
+    def __init__(self, adapter, prompts: list[str], negative_prompt: str, chunk: int = 1):
         self.device = adapter.device
         self.rows: dict[str, Any] = {}
         self.negative: Any = None
