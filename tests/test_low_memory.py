@@ -41,7 +41,7 @@ def _gradient(adapter, plan, low: bool):
     return denoiser_grads(adapter), out
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
 @pytest.mark.parametrize("method", sorted(PLANS))
 def test_low_memory_gives_the_default_gradient(family, method):
     adapter = tiny_adapter(family)  # float64
@@ -108,6 +108,22 @@ def test_low_memory_recomputes_trained_calls_and_decodes_image_by_image(monkeypa
     assert calls[True]["vae"] == 2 * scorings * len(PROMPTS) * vae_blocks
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_low_memory_recomputes_the_transformer_blocks_of_trained_calls(monkeypatch, family):
+    plan, calls = PLANS["drtune"], {}
+    for low in (False, True):
+        adapter = tiny_adapter(family)
+        blocks = [m for m in adapter.denoiser.modules() if isinstance(m, adapter.denoiser_blocks)]
+        seen = []
+        for kind in adapter.denoiser_blocks:  # the class's forward: a recompute calls it without module hooks
+            monkeypatch.setattr(kind, "forward", lambda self, *a, _f=kind.forward, **k: seen.append(1) or _f(self, *a, **k))
+        _gradient(adapter, plan, low)
+        calls[low] = len(seen)
+        monkeypatch.undo()
+    assert len(blocks) >= 2
+    assert calls[True] - calls[False] == len(plan.trained) * len(blocks)
+
+
 def test_checkpointed_is_undone_and_skips_nested_blocks():
     adapter = tiny_adapter("sdxl")
     unet = adapter.denoiser
@@ -122,14 +138,15 @@ def test_checkpointed_is_undone_and_skips_nested_blocks():
     assert not any("forward" in m.__dict__ for m in unet.modules())
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
 def test_conditioning_cache_matches_encoding_and_needs_no_encoder(family, monkeypatch):
     adapter = tiny_adapter(family)
     prompts = ["a cat", "a red dog", "a cat", "an owl"]
-    cache = memory.ConditioningCache(adapter, prompts, "blurry", chunk=2)
+    negative = "" if family == "flux" else "blurry"  # FLUX.1 takes no negative prompt
+    cache = memory.ConditioningCache(adapter, prompts, negative, chunk=2)
     assert len(cache) == 3
     batch = ["an owl", "a cat"]
-    want = adapter.encode_prompts(batch, ["blurry"] * 2)
+    want = adapter.encode_prompts(batch, [negative] * 2)
     monkeypatch.setattr(type(adapter), "encode_prompts", lambda *a, **k: pytest.fail("the cache encoded again"))
     got = cache(batch)
     for name in ("prompt_embeds", "negative_embeds", "pooled", "negative_pooled", "add_time_ids"):
