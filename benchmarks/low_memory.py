@@ -34,6 +34,12 @@ from pathlib import Path
 import torch
 
 CONFIG = "sdxl_hpsv2.1_lowmem.yaml"
+# Each model's run: its example config, sampling steps and guidance (SD 1.5 runs the SDXL low-memory config's recipe).
+MODELS = {
+    "sdxl": (CONFIG, 50, 7.5), "sd15": (CONFIG, 50, 7.5),
+    "flux": ("flux_hpsv2.1_lowmem.yaml", 28, 3.5),  # FLUX.1-dev: 28 steps, guidance embedding 3.5
+    "sd35": ("sd35_hpsv2.1.yaml", 40, 4.5),  # SD3.5 Medium: 40 steps, CFG 4.5
+}
 ALLOC_CONF = "expandable_segments:True"
 ROW_START_S = 60  # a row that cannot get this many seconds of the budget is skipped
 SMOKE_DEVICE = "cpu (smoke run: tiny pipelines, 64 px, K=2; times mean nothing)"
@@ -43,7 +49,7 @@ SMOKE_DEVICE = "cpu (smoke run: tiny pipelines, 64 px, K=2; times mean nothing)"
 class Row:
     """One table row: which model at which size, which memory mode, under which cap (GiB; None: uncapped)."""
 
-    model: str  # "sdxl" or "sd15"
+    model: str  # "sdxl", "sd15", "flux" (FLUX.1-dev) or "sd35" (SD3.5 Medium)
     memory: str  # train.memory
     cap_gib: float | None
     size: int
@@ -54,16 +60,19 @@ ROWS = {
     "sdxl-low-24": Row("sdxl", "low", 24.0, 1024),
     "sdxl-default": Row("sdxl", "default", None, 1024),  # the reference of the time goal (low <= 1.3x default)
     "sd15-low-8": Row("sd15", "low", 8.0, 512),
+    "flux-low-32": Row("flux", "low", 32.0, 1024),
+    "sd35-low-16": Row("sd35", "low", 16.0, 1024),
 }
 REFERENCE = {"sdxl": "sdxl-default"}
 COMMON = ["UNet, VAE (fp16-fix config) and text encoders in the run's precision", "LoRA folded into the gradient-free "
           "UNet calls", f"PYTORCH_CUDA_ALLOC_CONF={ALLOC_CONF} (GPU rows)"]
 ON = {
-    "low": ["trained UNet calls recomputed per ResnetBlock2D / BasicTransformerBlock",
+    "low": ["trained denoiser calls recomputed block by block (UNet: ResnetBlock2D / BasicTransformerBlock; SD3: "
+            "JointTransformerBlock; FLUX: double- and single-stream blocks)",
             "VAE decode one image at a time, recomputed per ResnetBlock2D / Attention / Upsample2D",
             "reward one image at a time", "prompts encoded once, text encoders on the CPU after"],
-    "default": ["one UNet graph at a time (the engine)", "whole VAE decode recomputed in backward",
-                "prompts encoded per step, text encoders on the GPU"],
+    "default": ["one denoiser graph at a time (the engine)", "whole VAE decode recomputed in backward",
+                "prompts encoded per step, text encoders on the GPU (SD3 / FLUX: encoded once, then on the CPU)"],
 }
 
 
@@ -71,8 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where low_memory.json / .md go")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run, the first not timed (3; smoke 2)")
-    ap.add_argument("--num-steps", type=int, default=None, help="sampling steps T (50; smoke 4)")
-    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--num-steps", type=int, default=None, help="sampling steps T (each model's own; smoke 4)")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance scale (each model's own)")
     ap.add_argument("--only", nargs="*", default=None, help=f"run only these rows, of {', '.join(ROWS)}")
     ap.add_argument("--budget", type=float, default=500, help=f"seconds for the whole run; a row that cannot get "
                     f"{ROW_START_S} s of it is skipped, a row still running when it ends is stopped")
@@ -87,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         ap.error(f"--only: unknown row(s) {', '.join(unknown)}; the rows are {', '.join(ROWS)}")
     args.steps = args.steps or (2 if args.smoke else 3)
-    args.num_steps = args.num_steps or (4 if args.smoke else 50)
+    args.num_steps = args.num_steps or (4 if args.smoke else None)
     args.isolate = not args.smoke if args.isolate is None else args.isolate
     return args
 
@@ -144,11 +153,14 @@ def write_reward(folder: Path, smoke: bool) -> Path:
 def build_pipeline(model: str, smoke: bool):
     """A random-weight pipeline with its weights in bf16 on the GPU (fp32 on the CPU for smoke runs), as
     from_pretrained(dtype=bf16) would give it; its build peak is not part of any row's peak."""
+    from benchmarks.flow_models import random_pipeline
     from benchmarks.sdxl import sd15_random_pipeline, sdxl_random_pipeline
-    from tuner.pipelines import tiny_sd15_pipeline, tiny_sdxl_pipeline
+    from tuner.pipelines import TINY_PIPELINES
 
     if smoke:
-        return (tiny_sdxl_pipeline if model == "sdxl" else tiny_sd15_pipeline)(seed=0)
+        return TINY_PIPELINES[{"sdxl": "tiny-sdxl", "sd15": "tiny-sd15", "flux": "tiny-flux", "sd35": "tiny-sd3"}[model]](0)
+    if model in ("flux", "sd35"):
+        return random_pipeline(model)
     with torch.device("cuda"):
         pipe = sdxl_random_pipeline(force_upcast=False) if model == "sdxl" else sd15_random_pipeline()
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -164,19 +176,20 @@ def row_config(name: str, spec: dict):
     from tuner.config import CONFIG_DIR, load_config, validate
 
     row, smoke, steps = ROWS[name], spec["smoke"], spec["steps"]
+    config, num_steps, guidance = MODELS[row.model]
     size = 64 if smoke else row.size
     overrides = [
         f"output_dir={spec['work']}", f"name={name}", f"model=random/{row.model}", "vae=null",
         f"train.memory={row.memory}", f"train.steps={steps}", "train.batch_size=1", "train.grad_accum=1",
-        "train.warmup_steps=0", f"sampling.num_steps={spec['num_steps']}",
-        f"sampling.guidance_scale={spec['guidance']}", f"sampling.height={size}", f"sampling.width={size}",
+        "train.warmup_steps=0", f"sampling.num_steps={spec['num_steps'] or num_steps}",
+        f"sampling.guidance_scale={spec['guidance'] or guidance}", f"sampling.height={size}", f"sampling.width={size}",
         "prompts.num_eval=1", f"log.eval_every={steps}",
         f"checkpoint.every={steps}", "checkpoint.keep=1", "log.tensorboard=false", "log.progress=false",
         f"reward_sources.hpsv2.1.checkpoint={spec['hps']}",
     ]
     if smoke:
         overrides += ["train.mixed_precision=null", "method_options={num_trained: 2, early_stop_range: 2}"]
-    return validate(load_config(CONFIG_DIR / CONFIG, overrides))
+    return validate(load_config(CONFIG_DIR / config, overrides))
 
 
 def describe(cfg) -> list[str]:
@@ -256,9 +269,11 @@ def _meta(args: argparse.Namespace, seconds: float) -> dict:
         "total_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
         "torch": torch.__version__, "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"),
         "seconds": round(seconds, 1), "command": "python -m benchmarks.low_memory " + " ".join(sys.argv[1:]),
-        "config": f"tuner/configs/{CONFIG} with each row's overrides", "steps": args.steps,
+        "config": "each model's example config (" + ", ".join(sorted({f"tuner/configs/{m[0]}" for m in MODELS.values()}))
+                  + ") with each row's overrides", "steps": args.steps,
         "num_steps": args.num_steps, "guidance": args.guidance,
-        "weights": "random (full-size SDXL base 1.0 / SD 1.5 / HPSv2.1 ViT-H-14 architectures)",
+        "weights": "random (full-size SDXL base 1.0 / SD 1.5 / FLUX.1-dev / SD3.5 Medium / HPSv2.1 ViT-H-14 "
+                   "architectures)",
     }
 
 
@@ -275,7 +290,8 @@ def write(out: Path, meta: dict, rows: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "low_memory.json", {"meta": meta, "rows": rows})
     lines = [f"{meta['device']}, torch {meta['torch']}, diffusers {meta['diffusers']}; {meta['weights']}; "
-             f"DRTune, T={meta['num_steps']} DDIM, CFG {meta['guidance']}, LoRA rank 64, bf16, batch 1, HPSv2.1; "
+             "DRTune K=5, LoRA rank 64, bf16, batch 1, HPSv2.1; SDXL and SD 1.5 T=50 DDIM with CFG 7.5, FLUX.1-dev "
+             "T=28 with guidance embedding 3.5, SD3.5 Medium T=40 with CFG 4.5 (unless the command says otherwise); "
              f"{meta['steps']} optimizer steps per run (s / image over all but the first), eval gallery before and "
              f"after, one checkpoint; {meta['date']}; `{meta['command']}` ({meta['seconds']:.0f} s)", "",
              "| row | model | px | memory | reward weights | cap GiB | result | peak allocated GiB | "

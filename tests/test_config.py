@@ -18,10 +18,25 @@ def test_embedded_default_is_the_shipped_model_run():
     assert (cfg.sampling.height, cfg.sampling.width) == (64, 64)
 
 
-@pytest.mark.parametrize("name", ["sdxl_hpsv2.1.yaml", "sdxl_hpsv2.1_lowmem.yaml", "sd15_aesthetic.yaml", "default.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in C.CONFIG_DIR.glob("*.yaml")))
 def test_shipped_configs_validate(name):
     cfg = validate(load_config(C.CONFIG_DIR / name))
     assert cfg == from_dict(to_dict(cfg))  # the written config.yaml reads back to the same run
+
+
+def test_shipped_configs_are_all_tested():
+    assert {"sdxl_hpsv2.1.yaml", "flux_hpsv2.1.yaml", "flux_hpsv2.1_lowmem.yaml", "sd35_hpsv2.1.yaml",
+            "default.yaml"} <= {p.name for p in C.CONFIG_DIR.glob("*.yaml")}
+
+
+def test_flow_examples_keep_the_papers_method():
+    for name in ("flux_hpsv2.1.yaml", "sd35_hpsv2.1.yaml"):
+        cfg = load_config(C.CONFIG_DIR / name)
+        assert cfg.method == "drtune" and cfg.method_options["num_trained"] == 5 and cfg.reward == "hpsv2.1"
+        assert cfg.sampling.scheduler == "auto" and cfg.lora.target_modules is None
+    low, base = (load_config(C.CONFIG_DIR / f"flux_hpsv2.1{s}.yaml") for s in ("_lowmem", ""))
+    assert low.train.memory == "low" and (low.model, low.sampling, low.lora) == (base.model, base.sampling, base.lora)
+    assert low.train.batch_size * low.train.grad_accum == base.train.batch_size * base.train.grad_accum
 
 
 def test_paper_setting_of_the_sdxl_example():
