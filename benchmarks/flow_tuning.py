@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--flops", action="store_true", help="count one DRTune step's FLOPs at batch 1 (the floor)")
     ap.add_argument("--cap-gib", type=float, default=75.0, help="rows past this peak are reported as not fitting")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/flow"))
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="folder for the random HPSv2.1 checkpoint, reused by later runs (default: --out/.weights)")
     ap.add_argument("--smoke", action="store_true", help="tiny pipelines and reward on the CPU; measures nothing")
     args = ap.parse_args(argv)
     args.steps = args.steps or (6 if args.smoke else MODELS[args.model]["steps"])
@@ -116,7 +118,7 @@ def build(args: argparse.Namespace, device: str):
         pipe, dtype = random_pipeline(args.model), torch.bfloat16
     adapter = adapter_from_pipeline(pipe, device=device, dtype=dtype)
     add_lora(adapter.denoiser, rank=args.lora_rank, alpha=args.lora_rank, target_modules=list(adapter.lora_targets))
-    hps = Path(args.out) / ".weights" / ("tiny" if args.smoke else "full") / ck.HPS_FILE
+    hps = (args.weights or Path(args.out) / ".weights") / ("tiny" if args.smoke else "full") / ck.HPS_FILE
     if not hps.is_file():
         ck.write_hps(hps, "ViT-H-14", seed=0)
     reward = rewards.load("hpsv2.1", checkpoint=hps, device=device)
