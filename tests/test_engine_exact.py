@@ -148,9 +148,9 @@ def test_step_hook_contribution_is_that_steps_own_gradient():
         assert relative_error(got, denoiser_grads(adapter)) < TOL
 
 
-# -- memory: one UNet graph at a time -----------------------------------------------------------------
+# -- memory: one denoiser graph at a time ------------------------------------------------------------
 class GraphCounter:
-    """Counts UNet forward passes whose saved tensors are still alive (= live UNet autograd graphs)."""
+    """Counts denoiser forward passes whose saved tensors are still alive (= live autograd graphs of the denoiser)."""
 
     def __init__(self, unet):
         self.live, self.peak, self.calls = {}, 0, 0
@@ -189,8 +189,8 @@ class _Held:
         self.counter.release(self.call)
 
 
-def _peak_graphs(plan, engine: bool) -> int:
-    adapter = tiny_adapter("sd15", "ddim")
+def _peak_graphs(plan, engine: bool, family: str = "sd15") -> int:
+    adapter = tiny_adapter(family)
     counter = GraphCounter(adapter.denoiser)
     cond, reward = adapter.encode_prompts(PROMPTS), ToyReward()
     if engine:
@@ -203,12 +203,13 @@ def _peak_graphs(plan, engine: bool) -> int:
     return counter.peak
 
 
+@pytest.mark.parametrize("family", ["sd15", "flux"])
 @pytest.mark.parametrize("method", ["drtune", "alignprop"])
-def test_engine_holds_one_unet_graph_at_a_time(method):
+def test_engine_holds_one_denoiser_graph_at_a_time(method, family):
     plan = PLANS[method]
     assert len(plan.trained) >= 3
-    assert _peak_graphs(plan, engine=False) == len(plan.trained)  # the counter sees naive autograd's graphs pile up
-    assert _peak_graphs(plan, engine=True) == 1
+    assert _peak_graphs(plan, False, family) == len(plan.trained)  # the counter sees naive autograd's graphs pile up
+    assert _peak_graphs(plan, True, family) == 1
 
 
 # -- DDP: one all-reduce per call --------------------------------------------------------------------
