@@ -50,6 +50,9 @@ class Function:
     def __init__(self, name: str) -> None:
         self.name = name
 
+    def __call__(self, *args, **kwargs):  # callable, so that a test can write a payload that calls it
+        raise TypeError(f"{self.name} is only a name here")
+
 
 class _OfficialPickler(pickle._Pickler):
     """The pure-Python pickler, writing `Pickled` objects and `Function`s under their official names without

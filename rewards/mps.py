@@ -384,7 +384,7 @@ def read_official_pickle(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
         with torch.serialization.safe_globals(_stand_ins()):
             root = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        culprit = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        culprit = _culprit(str(err))
         raise UnsafeCheckpointError(
             f"{NAME}: refused to load {path}: it is not the official MPS pickle, which holds only the model's classes "
             f"and tensors (torch.load(weights_only=True) said: {culprit}). A checkpoint never runs code here."
@@ -401,6 +401,13 @@ def read_official_pickle(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
             f"{ROOT_CLASS}; pass MPS_overall_checkpoint.pth or imscore's model.safetensors."
         )
     return _module_tensors(root, ""), _pickled_config(root, path)
+
+
+def _culprit(message: str) -> str:
+    """The line of torch's weights-only error that names what was refused."""
+    words = ("GLOBAL", "tried to call", "Can only", "unrecognized function", "unexpected pickled")
+    lines = [line.strip().removeprefix("WeightsUnpickler error: ") for line in message.splitlines()]
+    return next((line for line in lines if any(w in line for w in words)), lines[0] if lines else "")
 
 
 def _module_tensors(module: StandIn, prefix: str) -> dict[str, torch.Tensor]:
