@@ -100,40 +100,59 @@ def imscore_score_on(model, pixels: torch.Tensor, prompts: list[str]) -> torch.T
         model._process = process
 
 
-@pytest.fixture(scope="module")
-def parity(reward, imscore, files) -> dict:
+def measure_parity(spec: dict = cm.MPS_CONFIG, files: dict | None = None, float16: bool = False) -> dict:
+    """Ours vs the eval script's formula on imscore's modules, and every difference from imscore measured; full size
+    by default (docs/parity.py), written to a temporary folder unless `files` are given. The oracle models are freed
+    before ours loads, so at most one float32 model is in memory."""
+    if files is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return measure_parity(spec, cm.write_mps(Path(tmp), spec, seed=0), float16)
     images, prompts = _cases()
     processor = official_processor()
     pixels = [processor(images=Image.fromarray(im), return_tensors="pt")["pixel_values"] for im in images]
-    half = _imscore(files, torch.float16)  # the official script's precision: the released model is float16
-    out = {name: [] for name in ("formula", "formula_fp16", "formula_001", "imscore_001", "ours", "ours_001",
-                                 "ours_float")}
-    for image, pix, prompt in zip(images, pixels, prompts):
-        out["formula"].append(eval_script_score(imscore, pix, prompt, mps.MASK_THRESHOLD))
-        out["formula_fp16"].append(eval_script_score(half, pix.half(), prompt, mps.MASK_THRESHOLD))
-        out["formula_001"].append(eval_script_score(imscore, pix, prompt, 0.01))
-        out["imscore_001"].append(imscore_score_on(imscore, pix, [prompt]).item())  # one image per call
-        with torch.no_grad():
-            out["ours"].append(reward(to_tensor(image), [prompt]).item())
-            reward.mask_threshold = 0.01
-            out["ours_001"].append(reward(to_tensor(image), [prompt]).item())
-            reward.mask_threshold, reward.pil_8bit = mps.MASK_THRESHOLD, False
-            out["ours_float"].append(reward(to_tensor(image), [prompt]).item())
-            reward.pil_8bit = True
-    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+    out: dict[str, list[float]] = {}
+    oracle = _imscore(files, torch.float32)
+    for pix, prompt in zip(pixels, prompts):
+        out.setdefault("formula", []).append(eval_script_score(oracle, pix, prompt, mps.MASK_THRESHOLD))
+        out.setdefault("formula_001", []).append(eval_script_score(oracle, pix, prompt, 0.01))
+        out.setdefault("imscore_001", []).append(imscore_score_on(oracle, pix, [prompt]).item())  # one per call
+    del oracle
+    if float16:  # the official script's precision: the released model is float16 (slow on a CPU at full size)
+        half = _imscore(files, torch.float16)
+        out["formula_fp16"] = [eval_script_score(half, pix.half(), p, mps.MASK_THRESHOLD) for pix, p in zip(pixels, prompts)]
+        del half
+    gc.collect()
+    reward = rewards.load("mps", **_sources(files))
+    with torch.no_grad():
+        for image, prompt in zip(images, prompts):
+            for key, threshold, eight_bit in (("ours", 0.3, True), ("ours_001", 0.01, True), ("ours_float", 0.3, False)):
+                reward.mask_threshold, reward.pil_8bit = threshold, eight_bit
+                out.setdefault(key, []).append(reward(to_tensor(image), [prompt]).item())
+    del reward
+    gc.collect()
+    return _summary({k: np.asarray(v, dtype=np.float64) for k, v in out.items()}, len(images))
+
+
+def _summary(arrays: dict[str, np.ndarray], images: int) -> dict:
     spread = arrays["formula"].std()
+    metrics = {"images": images, "formula_std": float(spread),
+               "scores": {k: v.round(5).tolist() for k, v in arrays.items()}}
+    pairs = (("ours_vs_formula", "ours", "formula"), ("ours_vs_formula_001", "ours_001", "formula_001"),
+             ("imscore_vs_formula_001", "imscore_001", "formula_001"), ("threshold_effect", "formula", "formula_001"),
+             ("float_path", "ours_float", "formula"), ("official_fp16", "formula_fp16", "formula"))
+    for label, a, b in pairs:
+        if a in arrays and b in arrays:
+            diff = np.abs(arrays[a] - arrays[b])
+            metrics[f"{label}_mean_over_std"] = float(diff.mean() / spread)
+            metrics[f"{label}_max_over_std"] = float(diff.max() / spread)
+    return metrics
 
-    def over_spread(a: str, b: str) -> tuple[float, float]:
-        diff = np.abs(arrays[a] - arrays[b])
-        return float(diff.mean() / spread), float(diff.max() / spread)
 
-    metrics = {"images": len(images), "formula_std": float(spread), "scores": {k: v.round(5).tolist() for k, v in
-                                                                                 arrays.items()}}
-    for label, a, b in (("ours_vs_formula", "ours", "formula"), ("ours_vs_formula_001", "ours_001", "formula_001"),
-                        ("imscore_vs_formula_001", "imscore_001", "formula_001"),
-                        ("threshold_effect", "formula", "formula_001"), ("float_path", "ours_float", "formula"),
-                        ("official_fp16", "formula_fp16", "formula")):
-        metrics[f"{label}_mean_over_std"], metrics[f"{label}_max_over_std"] = over_spread(a, b)
+@pytest.fixture(scope="module")
+def parity(files) -> dict:
+    metrics = measure_parity(cm.MPS_SMALL, files, float16=True)
     print(metrics)  # shown with pytest -s
     return metrics
 
