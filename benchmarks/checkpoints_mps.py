@@ -205,11 +205,13 @@ def _branch_layer(state: dict, prefix: str, branch: dict) -> Pickled:
                       out_features=weight.shape[0])
 
     def norm(key: str) -> Pickled:
-        return module(f"{cm}LayerNorm", {"weight": state[f"{prefix}{key}.weight"]}, {"bias": state[f"{prefix}{key}.bias"]})
+        weight, bias = state[f"{prefix}{key}.weight"], state[f"{prefix}{key}.bias"]
+        return module(f"{cm}LayerNorm", {"weight": weight}, {"bias": bias})  # the bias is a buffer there
 
     cross = module(f"{cm}CrossAttention", children={
         "norm": norm("0.fn.norm"), "context_norm": module(f"{nn_}linear.Identity"),
-        "to_q": linear("0.fn.to_q.weight"), "to_kv": linear("0.fn.to_kv.weight"), "to_out": linear("0.fn.to_out.weight"),
+        "to_q": linear("0.fn.to_q.weight"), "to_kv": linear("0.fn.to_kv.weight"),
+        "to_out": linear("0.fn.to_out.weight"),
         "ff": module(f"{nn_}container.Sequential", children={
             "0": linear("0.fn.ff.0.weight"), "1": module(f"{cm}SwiGLU"), "2": linear("0.fn.ff.2.weight")}),
     }, heads=branch["heads"], scale=branch["head_dim"] ** -0.5)
@@ -220,7 +222,8 @@ def _branch_layer(state: dict, prefix: str, branch: dict) -> Pickled:
                       non_persistent=("pos_emb",), children={
         "norm": norm("1.fn.norm"), "rotary_emb": rotary,
         "fused_attn_ff_proj": linear("1.fn.fused_attn_ff_proj.weight"), "attn_out": linear("1.fn.attn_out.weight"),
-        "ff_out": module(f"{nn_}container.Sequential", children={"0": module(f"{cm}SwiGLU"), "1": linear("1.fn.ff_out.1.weight")}),
+        "ff_out": module(f"{nn_}container.Sequential",
+                         children={"0": module(f"{cm}SwiGLU"), "1": linear("1.fn.ff_out.1.weight")}),
     }, fused_dims=(inner, head, head, 2 * ff), heads=branch["heads"], scale=head**-0.5)
     residual = f"{cm}Residual"
     return module(f"{nn_}container.ModuleList", children={

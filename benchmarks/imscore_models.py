@@ -13,11 +13,11 @@ file, then loads what the constructor did not (the aesthetic MLP, ImageReward's 
                  4) divides by its norm: they are wrapped to return its `pooler_output`, the tensor 4.x returned
     aesthetic    imscore.aesthetic.model.CLIPVisionModelWithProjection.from_pretrained -> transformers' own, on the
                  ViT-L/14 file converted to transformers' layout; the MLP from sac+logos+ava1-l14-linearMSE.pth
-    mps          imscore.mps.model.XCLIPModel.from_pretrained -> imscore's own XCLIPModel built from the CLIP config.json
-                 beside the weights, CrossModel -> imscore's own with the sizes of the file's condition branch (the full
-                 model's are the ones imscore hard-codes), AutoTokenizer -> the same CLIP BPE files ours reads (with the
-                 LAION tokenizer's model_max_length, 77); then imscore's safetensors re-upload (RE-N-Y/mpsv1 layout,
-                 written by benchmarks.checkpoints_mps) loaded strictly
+    mps          imscore.mps.model.XCLIPModel.from_pretrained -> imscore's own XCLIPModel built from the CLIP
+                 config.json beside the weights; CrossModel -> imscore's own with the sizes of the file's condition
+                 branch (the full model's are the ones imscore hard-codes); AutoTokenizer -> the same CLIP BPE files
+                 ours reads (with the LAION tokenizer's model_max_length, 77); then imscore's safetensors re-upload
+                 (RE-N-Y/mpsv1 layout, written by benchmarks.checkpoints_mps) loaded strictly
     imagereward  imscore.imreward.model.BertTokenizer.from_pretrained -> the local vocab.txt (plus the
                  `additional_special_tokens_ids` attribute imscore reads, gone from transformers 5 tokenizers); the
                  modules built on the meta device, then ImageReward.pt loaded strictly (its keys are imscore's keys)

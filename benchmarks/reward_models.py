@@ -147,7 +147,8 @@ def _strings(files: dict) -> dict:
 
 def _paths(files: dict) -> dict:
     sources = {name: {k: Path(v) for k, v in src.items()} for name, src in files["sources"].items()}
-    extra = {k: {r: Path(p) for r, p in v.items()} if isinstance(v, dict) else Path(v) for k, v in files["extra"].items()}
+    extra = {k: {role: Path(p) for role, p in v.items()} if isinstance(v, dict) else Path(v)
+             for k, v in files["extra"].items()}
     return {"sources": sources, "extra": extra}
 
 

@@ -275,7 +275,7 @@ def restore_position_ids(model: nn.Module) -> None:
         raise RuntimeError(f"{NAME}: tensors {left[:5]} were not loaded; this transformers version adds state we miss")
 
 
-# -- key mapping: the official module tree (imscore prefixes it with "mps.") -> ours ------------------------------------
+# -- key mapping: the official module tree (imscore prefixes it with "mps.") -> ours -----------------------------------
 BRANCH_NAMES = {
     "0.fn.norm.weight": "cross_norm.weight",
     "0.fn.norm.bias": "cross_norm.bias",  # a buffer (zeros) in the official LayerNorm; loaded as it is
@@ -321,7 +321,7 @@ def convert_checkpoint(state: dict, *, source: str) -> tuple[dict[str, torch.Ten
     return ours, cached
 
 
-# -- the official pickle, read through stand-ins ------------------------------------------------------------------------
+# -- the official pickle, read through stand-ins -----------------------------------------------------------------------
 ROOT_CLASS = "trainer.models.clip_model.CLIPModel"
 PICKLED_CLASSES = (  # every class a torch.save of the official model names (transformers 4.27.3, torch 2.x)
     ROOT_CLASS,

@@ -50,7 +50,8 @@ def reward(files):
 
 
 def _imscore(files: dict, dtype: torch.dtype):
-    extra = {"mps_imscore": {"checkpoint": files["safetensors"], "config": files["config"], "tokenizer": files["tokenizer"]}}
+    paths = {"checkpoint": files["safetensors"], "config": files["config"], "tokenizer": files["tokenizer"]}
+    extra = {"mps_imscore": paths}
     return imscore_models.load("mps", {"extra": extra}, device="cpu", dtype=dtype)
 
 
@@ -67,7 +68,7 @@ def _cases() -> tuple[list[np.ndarray], list[str]]:
     return images + images[:2], prompts + EXTRA_PROMPTS
 
 
-# -- the oracle: the evaluation script's formula on imscore's modules ---------------------------------------------------
+# -- the oracle: the evaluation script's formula on imscore's modules --------------------------------------------------
 def eval_script_score(model, pixels: torch.Tensor, prompt: str, threshold: float) -> float:
     """eval_overall_mps_on_{imagereward,hpdv2}.py, infer_one_sample (lines 55-78): ONE image, its prompt and the
     "overall" condition through the official modules (imscore's copies), condition mask at `threshold`, class token of
@@ -121,13 +122,15 @@ def measure_parity(spec: dict = cm.MPS_CONFIG, files: dict | None = None, float1
     del oracle
     if float16:  # the official script's precision: the released model is float16 (slow on a CPU at full size)
         half = _imscore(files, torch.float16)
-        out["formula_fp16"] = [eval_script_score(half, pix.half(), p, mps.MASK_THRESHOLD) for pix, p in zip(pixels, prompts)]
+        out["formula_fp16"] = [eval_script_score(half, pix.half(), p, mps.MASK_THRESHOLD)
+                               for pix, p in zip(pixels, prompts)]
         del half
     gc.collect()
     reward = rewards.load("mps", **_sources(files))
     with torch.no_grad():
         for image, prompt in zip(images, prompts):
-            for key, threshold, eight_bit in (("ours", 0.3, True), ("ours_001", 0.01, True), ("ours_float", 0.3, False)):
+            for key, threshold, eight_bit in (("ours", 0.3, True), ("ours_001", 0.01, True),
+                                              ("ours_float", 0.3, False)):
                 reward.mask_threshold, reward.pil_8bit = threshold, eight_bit
                 out.setdefault(key, []).append(reward(to_tensor(image), [prompt]).item())
     del reward
@@ -227,7 +230,8 @@ def test_a_cached_rotary_table_in_the_pickle_is_what_the_official_code_uses(tmp_
     table = state["cross_model.layers.1.1.fn.pos_emb"].float()
     loaded = rewards.load("mps", **_sources(paths))
     torch.testing.assert_close(loaded.branch.layers[1].rope_cos, table.cos(), atol=0, rtol=0)
-    fresh = torch.outer(torch.arange(table.shape[0]).float(), state["cross_model.layers.1.1.fn.rotary_emb.inv_freq"].float())
+    inv_freq = state["cross_model.layers.1.1.fn.rotary_emb.inv_freq"].float()
+    fresh = torch.outer(torch.arange(table.shape[0]).float(), inv_freq)
     assert not torch.equal(table[:, : fresh.shape[1]], fresh)  # float16 angles: the cached table is not recomputed
 
 
@@ -262,7 +266,8 @@ def test_a_malicious_pickle_is_refused_and_nothing_runs(tmp_path, kind):
         "os.system": (_Payload(os.system, f"touch {marker}"), "GLOBAL posix.system"),
         "builtins.exec": (_Payload(builtins.exec, f"open({str(marker)!r}, 'w').close()"), "GLOBAL exec"),
         "admitted class called": (_Payload(cm.Function(mps.ROOT_CLASS), "x"), f"tried to call {mps.ROOT_CLASS}"),
-        "admitted function called": (_Payload(cm.Function("torch._C._nn.gelu"), "x"), "tried to call torch._C._nn.gelu"),
+        "admitted function called": (_Payload(cm.Function("torch._C._nn.gelu"), "x"),
+                                     "tried to call torch._C._nn.gelu"),
     }
     payload, named = payloads[kind]
     path = _write_payload(tmp_path / "MPS_overall_checkpoint.pth", payload)
@@ -359,7 +364,7 @@ def test_wrong_or_damaged_files(files, tmp_path):
         rewards.load("mps", checkpoint=tmp_path, config=files["config"], tokenizer=files["tokenizer"])
 
 
-# -- the CLI, mixtures, the tuner ---------------------------------------------------------------------------------------
+# -- the CLI, mixtures, the tuner --------------------------------------------------------------------------------------
 def test_cli_scores_like_the_reward(reward, files, tmp_path, capsys):
     from rewards import cli
 
