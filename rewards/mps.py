@@ -246,7 +246,12 @@ def branch_sizes(state: dict[str, torch.Tensor]) -> dict[str, int]:
     layers = {int(m.group(1)) for k in state if (m := re.match(r"branch\.layers\.(\d+)\.", k))}
     if not layers:
         raise CheckpointMismatchError(f"{NAME}: the checkpoint holds no condition-branch weights (cross_model.*)")
-    q, kv, ff = (state[f"branch.layers.0.{n}.weight"].shape for n in ("cross_q", "cross_kv", "cross_ff_out"))
+    needed = [f"branch.layers.0.{n}.weight" for n in ("cross_q", "cross_kv", "cross_ff_out")]
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise CheckpointMismatchError(f"{NAME}: the checkpoint lacks {', '.join(missing)} (official: cross_model.layers.0."
+                                      "0.fn.{to_q, to_kv, ff.2}.weight); is this the MPS checkpoint?")
+    q, kv, ff = (state[k].shape for k in needed)
     head_dim = kv[0] // 2
     return {"dim": q[1], "layers": len(layers), "heads": q[0] // head_dim, "head_dim": head_dim, "ff_dim": ff[1]}
 

@@ -362,6 +362,10 @@ def test_wrong_or_damaged_files(files, tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(rewards.CheckpointMismatchError, match=r"branch\.layers\.1\.cross_kv\.weight.*extra\.weight"):
         rewards.load("mps", checkpoint=tmp_path, config=files["config"], tokenizer=files["tokenizer"])
+    del state["mps.cross_model.layers.0.0.fn.to_q.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(rewards.CheckpointMismatchError, match=r"lacks branch\.layers\.0\.cross_q\.weight"):
+        rewards.load("mps", checkpoint=tmp_path, config=files["config"], tokenizer=files["tokenizer"])
 
 
 # -- the CLI, mixtures, the tuner --------------------------------------------------------------------------------------
