@@ -60,7 +60,8 @@ COMPILE = {"dynamic": False}  # one static graph per batch size, as a fixed-batc
 VARIANTS = {v.name: v for v in (
     Variant("eager", "rewards.load defaults"),
     Variant("fast", "rewards.load(fast=True): fused-qkv SDPA attention, class-token-only last block",
-            (("fast", True),), default=lambda r, d, b: _model(r) and r != "imagereward" and (d == "bf16" or b == 32)),
+            (("fast", True),),
+            default=lambda r, d, b: _model(r) and r not in ("imagereward", "mps") and (d == "bf16" or b == 32)),
     Variant("compile", "rewards.load(compile=True): fast + torch.compile of each transformer block (static shapes)",
             (("compile", COMPILE),), default=_compile_default),
     Variant("compile-cudagraphs", "compile with mode='reduce-overhead': CUDA graphs replay each block's kernels",

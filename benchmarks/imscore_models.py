@@ -13,6 +13,11 @@ file, then loads what the constructor did not (the aesthetic MLP, ImageReward's 
                  4) divides by its norm: they are wrapped to return its `pooler_output`, the tensor 4.x returned
     aesthetic    imscore.aesthetic.model.CLIPVisionModelWithProjection.from_pretrained -> transformers' own, on the
                  ViT-L/14 file converted to transformers' layout; the MLP from sac+logos+ava1-l14-linearMSE.pth
+    mps          imscore.mps.model.XCLIPModel.from_pretrained -> imscore's own XCLIPModel built from the CLIP
+                 config.json beside the weights; CrossModel -> imscore's own with the sizes of the file's condition
+                 branch (the full model's are the ones imscore hard-codes); AutoTokenizer -> the same CLIP BPE files
+                 ours reads (with the LAION tokenizer's model_max_length, 77); then imscore's safetensors re-upload
+                 (RE-N-Y/mpsv1 layout, written by benchmarks.checkpoints_mps) loaded strictly
     imagereward  imscore.imreward.model.BertTokenizer.from_pretrained -> the local vocab.txt (plus the
                  `additional_special_tokens_ids` attribute imscore reads, gone from transformers 5 tokenizers); the
                  modules built on the meta device, then ImageReward.pt loaded strictly (its keys are imscore's keys)
@@ -32,7 +37,7 @@ from torch import nn
 
 from rewards.checkpoint import read_checkpoint
 
-IMSCORE_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic")
+IMSCORE_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "mps")
 
 
 def available() -> bool:
@@ -59,7 +64,7 @@ def load(name: str, files: dict, *, device: str | torch.device, dtype: torch.dty
     if not available():
         raise ImportError("the imscore comparison needs imscore 0.0.11: pip install imscore==0.0.11")
     builders: dict[str, Callable[..., nn.Module]] = {
-        "hpsv2.1": _hps, "pickscore": _pickscore, "aesthetic": _aesthetic, "imagereward": _imagereward,
+        "hpsv2.1": _hps, "pickscore": _pickscore, "aesthetic": _aesthetic, "imagereward": _imagereward, "mps": _mps,
     }
     if name not in builders:
         raise KeyError(f"imscore has no implementation of {name!r} in this benchmark; it has {', '.join(builders)}")
@@ -139,6 +144,33 @@ def _imagereward(files: dict, device: torch.device) -> nn.Module:
         scorer = module.ImageReward()  # 447M parameters: no random init, every tensor comes from the checkpoint
     _load_strict(scorer, read_checkpoint(paths["checkpoint"], reward="imscore imagereward"), str(paths["checkpoint"]),
                  assign=True)
+    return scorer
+
+
+def _mps(files: dict, device: torch.device) -> nn.Module:
+    import imscore.mps.model as module
+    from transformers import CLIPConfig, CLIPTokenizer
+
+    from rewards import mps
+
+    paths = files["extra"]["mps_imscore"]
+    state = read_checkpoint(paths["checkpoint"], reward="imscore mps")
+    config = CLIPConfig.from_json_file(str(paths["config"]))
+    tokenizer = CLIPTokenizer.from_pretrained(str(paths["tokenizer"]))
+    tokenizer.model_max_length = mps.CONTEXT_LENGTH  # the LAION tokenizer_config.json's value
+    ours = mps.branch_sizes(mps.convert_checkpoint(state, source=str(paths["checkpoint"]))[0])
+    sizes = {"dim": ours["dim"], "layer_num": ours["layers"], "heads": ours["heads"], "dim_head": ours["head_dim"],
+             "ff_mult": ours["ff_dim"] // ours["dim"]}
+    xclip, cross = module.XCLIPModel, module.CrossModel
+    replacements = {
+        "XCLIPModel": mock.Mock(from_pretrained=lambda _repo_id: xclip(config)),
+        "CrossModel": lambda **_hard_coded: cross(**sizes),
+        "AutoTokenizer": mock.Mock(from_pretrained=lambda *args, **kwargs: tokenizer),
+    }
+    with mock.patch.multiple(module, **replacements), torch.device("meta"):
+        scorer = module.MPS()  # no random init: every tensor comes from the file
+    scorer.load_state_dict(state, strict=True, assign=True)
+    mps.restore_position_ids(scorer)
     return scorer
 
 

@@ -23,10 +23,11 @@ import torch
 
 import rewards
 from benchmarks import checkpoints as ck
+from benchmarks import checkpoints_mps as ck_mps
 
-MODEL_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip")
+MODEL_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip", "mps")
 REWARDS = MODEL_REWARDS + ("symmetry", "sharpness")
-FILES_VERSION = 1  # bump when a writer changes: cached files of another version are rewritten
+FILES_VERSION = 2  # bump when a writer changes: cached files of another version are rewritten
 
 PROMPTS = [
     "a photo of a cat sitting on a wooden table",
@@ -121,6 +122,7 @@ def _write(folder: Path, tiny: bool) -> dict:
     torch.save(openai, backbone)
     hf_vision = ck.write_hf_clip_vision(folder / "clip-vit-large-patch14", openai, "ViT-L-14")
     del openai
+    mps = ck_mps.write_mps(folder / "mps", ck_mps.MPS_SMALL if tiny else ck_mps.MPS_CONFIG, seed=0)
     sources = {
         "hpsv2.1": {"checkpoint": ck.write_hps(folder / "hps" / ck.HPS_FILE, "ViT-H-14", seed=0)},
         "pickscore": {
@@ -132,8 +134,11 @@ def _write(folder: Path, tiny: bool) -> dict:
         "clip": {"checkpoint": backbone},  # ViT-L-14 with the openai tag's preprocessing and QuickGELU
         "symmetry": {},
         "sharpness": {},
+        "mps": {"checkpoint": mps["pickle"], "tokenizer": mps["tokenizer"]},  # the official whole-model pickle
     }
-    return {"sources": sources, "extra": {"hf_clip_vision": hf_vision, "clip_tokenizer": tokenizer}}
+    mps_imscore = {"checkpoint": mps["safetensors"], "config": mps["config"], "tokenizer": mps["tokenizer"]}
+    return {"sources": sources, "extra": {"hf_clip_vision": hf_vision, "clip_tokenizer": tokenizer,
+                                          "mps_imscore": mps_imscore}}
 
 
 def _strings(files: dict) -> dict:
@@ -142,7 +147,9 @@ def _strings(files: dict) -> dict:
 
 def _paths(files: dict) -> dict:
     sources = {name: {k: Path(v) for k, v in src.items()} for name, src in files["sources"].items()}
-    return {"sources": sources, "extra": {k: Path(v) for k, v in files["extra"].items()}}
+    extra = {k: {role: Path(p) for role, p in v.items()} if isinstance(v, dict) else Path(v)
+             for k, v in files["extra"].items()}
+    return {"sources": sources, "extra": extra}
 
 
 def load_ours(

@@ -81,7 +81,9 @@ def compiled_blocks(reward: Reward) -> list[nn.Module]:
     layers = _hf_vision_layers(reward)
     if layers is not None:
         blocks += list(layers)
-    for owner, attr in (("vision", "blocks"), ("text", "encoder.layer")):  # ImageReward: ViT and cross-attending BERT
+    # ImageReward: ViT and cross-attending BERT; MPS: its CLIP image tower (every token is read) and condition branch
+    for owner, attr in (("vision", "blocks"), ("text", "encoder.layer"), ("clip", "vision_model.encoder.layers"),
+                        ("branch", "layers")):
         module = getattr(reward, owner, None)
         for name in attr.split("."):
             module = getattr(module, name, None)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_REWARDS = {"hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip"}
+MODEL_REWARDS = {"hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip", "mps"}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,9 @@ def test_imscore_scores_our_weights(run):
     """Same weights, near-identical preprocessing: imscore's scores sit next to ours (a wrong load would not)."""
     for row in run["data"]["rows"]:
         if row["impl"] == "imscore":
-            limit = 0.05 if row["dtype"] == "bf16" else 0.01
+            # MPS: imscore keeps prompt tokens at 0.01 of the batch's best condition match, the eval script (ours) at
+            # 0.3 of each image's own (tests/test_mps.py measures both)
+            limit = 0.05 if row["dtype"] == "bf16" or row["reward"] == "mps" else 0.01
             assert row["score_rel_diff_vs_ours_eager"] < limit, row
 
 
