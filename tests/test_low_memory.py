@@ -200,7 +200,7 @@ def test_low_memory_run_end_to_end_matches_the_default_run(tmp_path, monkeypatch
     cfg = load_config(low_dir / "config.yaml")
     sampler = PromptSampler(load_prompt_sets(cfg.prompts)[0], 2, grad_accum=2)
     drawn = {p for step in range(3) for micro in range(2) for p in sampler.batch(step, micro)}
-    assert encoded == [2, len(drawn)]  # the eval prompts, then once every prompt the run draws, in one chunk
+    assert encoded == [2] + [1] * len(drawn)  # the eval prompts, then once every prompt the run draws, one by one
     encoded.clear()
     default, default_dir = _run(tmp_path, "default", *common)
     assert encoded == [2] + [2] * 6  # the default mode encodes each micro-batch when drawn
