@@ -251,7 +251,7 @@ class VQAScore(Reward):
         """Cached per prompt (CPU tensors): encodes only prompts not seen before, least recently used dropped."""
         cache = self._text_cache
         missing = list(dict.fromkeys(p for p in prompts if p not in cache))
-        for prompt, ids in zip(missing, self.encode_text(missing)):
+        for prompt, ids in zip(missing, self.encode_text(missing) if missing else []):
             cache[prompt] = ids
         for prompt in dict.fromkeys(prompts):
             cache.move_to_end(prompt)
