@@ -110,7 +110,7 @@ def run_parity(workdir: Path) -> tuple[dict, rewards.Reward, dict]:
     paths = {k: Path(v) for k, v in official["paths"].items()}
 
     t0 = time.perf_counter()
-    reward = rewards.load("vqascore", **sources(paths))
+    reward = rewards.load("vqascore", dtype=torch.float32, **sources(paths))
     load_s = time.perf_counter() - t0
     images = [to_tensor(a) for a in arrays]
     t0 = time.perf_counter()
@@ -259,7 +259,8 @@ def test_checkpoint_without_vision_tower_reads_clip_weights(parity, tmp_path):
     folder.mkdir()
     shutil.copy(paths["model"] / "config.json", folder)
     save_file(state, str(folder / "model.safetensors"))
-    other = rewards.load("vqascore", checkpoint=folder, tokenizer=paths["tokenizer"], vision=paths["vision"])
+    other = rewards.load("vqascore", dtype=torch.float32, checkpoint=folder, tokenizer=paths["tokenizer"],
+                         vision=paths["vision"])
     clip = load_file(str(paths["vision"] / "model.safetensors"))
     key = "vision_model.encoder.layers.0.mlp.fc1.weight"
     assert torch.equal(dict(other.named_parameters())["vision." + key.removeprefix("vision_model.")], clip[key])
@@ -321,9 +322,9 @@ def test_gradients_reach_the_pixels_and_are_the_float_paths(parity, monkeypatch)
     assert cosine > 0.99, cosine  # the network evaluated at float instead of 8-bit pixels
 
 
-def test_bfloat16_by_the_float32_model(parity):
+def test_bfloat16_by_default_near_float32(parity):
     _, reward, paths = parity
-    half = rewards.load("vqascore", dtype=torch.bfloat16, **sources(paths))
+    half = rewards.load("vqascore", **sources(paths))  # bf16 unless asked otherwise: 11B parameters
     assert half.t5.lm_head.weight.dtype == half.vision.pre_layrnorm.weight.dtype == torch.bfloat16
     x = to_tensor(_images()[1])
     with torch.no_grad():
@@ -381,3 +382,22 @@ def test_foreign_and_missing_keys_are_named(tmp_path, parity):
                "lm_head.weight": torch.zeros(3, 64)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(rewards.CheckpointMismatchError, match=r"itm_head\.weight.*lm_head\.weight: 3 rows"):
         rewards.load("vqascore", checkpoint=tmp_path, **{k: v for k, v in sources(paths).items() if k != "checkpoint"})
+
+
+def test_mixture_and_cli(parity, tmp_path):
+    _, reward, paths = parity
+    mix = rewards.combine({"vqascore": 1.0, "sharpness": 0.05}, dtype=torch.float32,
+                          sources={"vqascore": sources(paths)})
+    x = to_tensor(_images()[4])
+    with torch.no_grad():
+        expected = reward(x, ["a cat"]) + 0.05 * rewards.load("sharpness")(x)
+        torch.testing.assert_close(mix(x, ["a cat"]), expected)
+    from rewards.cli import main
+
+    out = tmp_path / "scores.csv"
+    image = paths["model"].parent / "image4.png"
+    argv = ["score", "--reward", "vqascore", "--prompt", "a cat", "--device", "cpu", "--dtype", "float32",
+            "--out", str(out), str(image)] + [f"--source=vqascore.{k}={v}" for k, v in sources(paths).items()]
+    assert main(argv) == 0
+    row = out.read_text().splitlines()[1].split(",")
+    assert float(row[-1]) == pytest.approx(float(expected[0] - 0.05 * rewards.load("sharpness")(x)[0]), rel=1e-5)
