@@ -22,9 +22,18 @@ from typing import Callable, Iterator
 import torch
 
 from benchmarks import imscore_models
-from benchmarks.reward_models import MODEL_REWARDS, REWARDS, load_ours, prompts_for, tiny_architectures, write_files
+from benchmarks.reward_models import (
+    MAX_BATCH,
+    MODEL_REWARDS,
+    REWARDS,
+    load_ours,
+    prompts_for,
+    tiny_architectures,
+    write_files,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+EAGER_ONLY = ("vqascore",)  # rewards.speed has no fast path for these: only eager and the preprocess component
 
 
 @dataclass(frozen=True)
@@ -136,11 +145,12 @@ def plan(settings: Settings) -> list[Case]:
     imscore = "imscore" in settings.impls  # without imscore installed, its cases fail and say how to install it
     cases = []
     for dtype, reward in itertools.product(settings.dtypes, settings.rewards):
-        for batch in settings.batches if ours else ():
+        batches = [b for b in settings.batches if b <= MAX_BATCH.get(reward, b)]
+        for batch in batches if ours else ():
             variants = [v for v in settings.variants if v == "eager" or _runs(settings, v, reward, dtype, batch)]
             cases += [Case(reward, "ours", v, dtype, batch) for v in variants]
         if imscore and reward in imscore_models.IMSCORE_REWARDS:
-            cases += [Case(reward, "imscore", "eager", dtype, batch) for batch in settings.batches]
+            cases += [Case(reward, "imscore", "eager", dtype, batch) for batch in batches]
     return cases
 
 
@@ -148,7 +158,7 @@ def _runs(settings: Settings, name: str, reward: str, dtype: str, batch: int) ->
     v = VARIANTS[name]
     if name == "eager" or dtype not in v.dtypes or (v.cuda_only and settings.device != "cuda"):
         return False
-    if not _model(reward):
+    if not _model(reward) or (reward in EAGER_ONLY and not v.component):
         return False
     return settings.everywhere or v.default(reward, dtype, 32 if settings.smoke else batch)  # smoke: as at batch 32
 
@@ -166,7 +176,7 @@ class Suite:
             self._stack.enter_context(tiny_architectures())
         if settings.smoke and self.device.type == "cpu":
             torch.set_num_threads(1)  # tiny models: one thread is faster, and steady on a busy machine
-        self.files = write_files(settings.weights, tiny=settings.smoke)
+        self.files = write_files(settings.weights, tiny=settings.smoke, rewards=settings.rewards)
         self.group: tuple[str, str, str] | None = None  # (reward, dtype, impl) whose models are loaded
         self.models: dict[tuple, object] = {}
         self.inputs_cache: dict[tuple, tuple] = {}
