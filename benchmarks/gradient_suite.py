@@ -23,7 +23,7 @@ import torch
 
 from benchmarks import imscore_models
 from benchmarks.reward_models import (
-    MAX_BATCH,
+    BATCHES,
     MODEL_REWARDS,
     REWARDS,
     load_ours,
@@ -145,13 +145,24 @@ def plan(settings: Settings) -> list[Case]:
     imscore = "imscore" in settings.impls  # without imscore installed, its cases fail and say how to install it
     cases = []
     for dtype, reward in itertools.product(settings.dtypes, settings.rewards):
-        batches = [b for b in settings.batches if b <= MAX_BATCH.get(reward, b)]
+        batches = _batches(settings, reward)
         for batch in batches if ours else ():
             variants = [v for v in settings.variants if v == "eager" or _runs(settings, v, reward, dtype, batch)]
             cases += [Case(reward, "ours", v, dtype, batch) for v in variants]
         if imscore and reward in imscore_models.IMSCORE_REWARDS:
             cases += [Case(reward, "imscore", "eager", dtype, batch) for batch in batches]
     return cases
+
+
+def _batches(settings: Settings, reward: str) -> tuple[int, ...]:
+    """The run's batch sizes for `reward`: its own list (BATCHES) in a default full run, else those of the run that
+    its largest batch admits."""
+    own = BATCHES.get(reward)
+    if own is None or settings.smoke:
+        return settings.batches
+    if settings.batches == Settings().batches:
+        return own
+    return tuple(b for b in settings.batches if b <= max(own))
 
 
 def _runs(settings: Settings, name: str, reward: str, dtype: str, batch: int) -> bool:

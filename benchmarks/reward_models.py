@@ -85,7 +85,9 @@ TINY_CLIP_336 = {**CLIP_L_336, "hidden_size": 32, "intermediate_size": 64, "num_
 TINY_FLANT5 = {**ck.FLANT5_XXL, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 1, "num_decoder_layers": 1,
                "num_heads": 4}
 LAZY_REWARDS = ("vqascore",)  # their files are written only when the run selects them
-MAX_BATCH = {"vqascore": 8}  # 22.6 GB of weights and ~4 GB of activations per image at 1024 px
+# Batch sizes of the full suite for rewards that cannot run its default (32, 8, 1): VQAScore holds 22.6 GB of bf16
+# weights and saves ~15 GB of activations per image for the backward (T5-XXL's eager attention over ~660 tokens).
+BATCHES = {"vqascore": (4, 2, 1)}
 TINY_MED = {"num_hidden_layers": 1}
 
 

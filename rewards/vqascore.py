@@ -274,19 +274,22 @@ class VQAScore(Reward):
         return self.projector(hidden[:, 1:])
 
     # -- score -----------------------------------------------------------------------------------------------
-    def encoder_inputs(self, image_tokens: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings [B, L, d] of system message, image tokens and question, right-padded, and their mask."""
+    def encoder_inputs(self, image_tokens: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings [B, L, d] of system message, image tokens and question, right-padded, and their mask (None
+        when no row is padded: the mask is built from lengths known on the host, so no device sync)."""
         embed = self.t5.shared
         device = image_tokens.device
         head = embed(torch.tensor(self.head_ids, device=device))
         tails = [embed(ids.to(device)) for ids in self.question_tokens(prompts)]
         rows = [torch.cat([head, img.to(head.dtype), tail]) for img, tail in zip(image_tokens, tails)]
-        lengths = torch.tensor([len(r) for r in rows], device=device)
+        lengths = [len(r) for r in rows]
         embeds = nn.utils.rnn.pad_sequence(rows, batch_first=True)
-        mask = torch.arange(embeds.shape[1], device=device)[None] < lengths[:, None]
-        return embeds, mask.long()
+        if min(lengths) == max(lengths):
+            return embeds, None
+        mask = torch.arange(embeds.shape[1])[None] < torch.tensor(lengths)[:, None]
+        return embeds, mask.long().to(device)
 
-    def answer_log_probs(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def answer_log_probs(self, embeds: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """log p of each answer token [B, 2] (teacher forcing, softmax over the tokenizer's vocabulary, float32)."""
         labels = torch.tensor(self.answer_ids, device=embeds.device).expand(len(embeds), -1)
         start = torch.full_like(labels[:, :1], self.decoder_start)
