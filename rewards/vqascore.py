@@ -25,7 +25,6 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import Reward
@@ -56,7 +55,7 @@ CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24
                   image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768)
 PAD_LEVELS = tuple(int(m * 255) for m in OPENAI_CLIP_MEAN)  # expand2square's fill: (122, 116, 104)
 
-VISION_PREFIX = "vision_tower.vision_tower."  # CLIPT5ForConditionalGeneration.vision_tower (CLIPVisionTower).vision_tower
+VISION_PREFIX = "vision_tower.vision_tower."  # CLIPT5's vision_tower (CLIPVisionTower) and its CLIPVisionModel
 EMBEDDING_ALIASES = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
                      "embed_tokens.weight")  # one tensor under four names (T5's shared, CLIPT5's embed_tokens)
 VOCAB_ROWS = ("t5.shared.weight", "t5.lm_head.weight")  # cut to the tokenizer's size
@@ -112,27 +111,35 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def weight_files(checkpoint: str | os.PathLike | None, config_path: Path) -> list[Path]:
-    """The checkpoint's weight files (shards in order): a single file or index next to config.json, or from the hub."""
-    folder = Path(checkpoint) if checkpoint is not None else None
-    if folder is not None and folder.is_file() and folder.name != CONFIG_FILE:
-        return [folder]
+    """The checkpoint's weight files, shards in order: the given file (or index), else the first of WEIGHT_FILES found
+    beside config.json (a local folder) or in the hub repo."""
+    given = Path(checkpoint) if checkpoint is not None else None
+    if given is not None and given.is_file() and given.name != CONFIG_FILE:
+        return _shards(given, given.parent) if given.name.endswith(".index.json") else [given]
+    folder = None if given is None else config_path.parent
+    errors = []
     for name in WEIGHT_FILES:
         try:
-            found = resolve_file(folder if folder is None else config_path.parent, reward=NAME, role="checkpoint",
-                                 repo_id=REPO_ID, filename=name)
-        except MissingFileError:
+            found = resolve_file(folder, reward=NAME, role="checkpoint", repo_id=REPO_ID, filename=name)
+        except MissingFileError as err:
+            errors.append(str(err))
             continue
-        if not name.endswith(".index.json"):
-            return [found]
-        shards = sorted(set(read_json(found, "weight index").get("weight_map", {}).values()))
-        return [resolve_file(folder if folder is None else found.parent, reward=NAME, role="checkpoint",
-                             repo_id=REPO_ID, filename=s) for s in shards]
-    where = config_path.parent if folder is not None else f"the Hugging Face repo {REPO_ID}"
+        return _shards(found, folder) if name.endswith(".index.json") else [found]
+    where = folder if folder is not None else f"the Hugging Face repo {REPO_ID} ({errors[-1]})"
     raise MissingFileError(
         f"{NAME}: no weights found in {where} (looked for {', '.join(WEIGHT_FILES)}). "
         f"Download them with `hf download {REPO_ID}`, or pass checkpoint='/path/to/clip-flant5-xxl' to "
         f"rewards.load({NAME!r}, ...)."
     )
+
+
+def _shards(index: Path, folder: Path | None) -> list[Path]:
+    """The shard files an index's weight_map names, from `folder` (the index's own) or the hub."""
+    names = sorted(set(read_json(index, "weight index").get("weight_map", {}).values()))
+    if not names:
+        raise CorruptCheckpointError(f"{NAME}: {index} maps no weights; download it again.")
+    where = None if folder is None else index.parent
+    return [resolve_file(where, reward=NAME, role="checkpoint", repo_id=REPO_ID, filename=n) for n in names]
 
 
 def question(prompt: str) -> str:
@@ -228,7 +235,7 @@ class VQAScore(Reward):
         self.normalize = Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         self.pad_id, self.eos_id = tokenizer.token_to_id("<pad>"), tokenizer.token_to_id("</s>")
         self.decoder_start = config.get("decoder_start_token_id", config.get("pad_token_id", self.pad_id))
-        self.head_ids = self.encode(question("").split(IMAGE_TOKEN)[0])  # the system message: the same for every prompt
+        self.head_ids = self.encode(question("").split(IMAGE_TOKEN)[0])  # the system message: one for all prompts
         self.answer_ids = self.encode(ANSWER)  # [Yes, </s>]
 
     # -- text ------------------------------------------------------------------------------------------------
@@ -274,7 +281,8 @@ class VQAScore(Reward):
         return self.projector(hidden[:, 1:])
 
     # -- score -----------------------------------------------------------------------------------------------
-    def encoder_inputs(self, image_tokens: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encoder_inputs(self, image_tokens: torch.Tensor, prompts: list[str]
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings [B, L, d] of system message, image tokens and question, right-padded, and their mask (None
         when no row is padded: the mask is built from lengths known on the host, so no device sync)."""
         embed = self.t5.shared
@@ -354,7 +362,7 @@ def load_vqascore(
     model.normalize.reset()
     ids = model.vision.embeddings.position_ids
     ids.copy_(torch.arange(ids.shape[-1], device=device).expand_as(ids))
-    loader = _Loader(model, vcfg)
+    loader = _Loader(model)
     for path in files:
         loader.load(read_checkpoint(path, reward=NAME), str(path), convert_key)
     if not loader.has_vision:
@@ -381,8 +389,8 @@ def _vision_weights(vision: str | os.PathLike | None) -> list[Path]:
 class _Loader:
     """Copies converted tensors into the model shard by shard; every parameter must be set exactly once."""
 
-    def __init__(self, model: VQAScore, vcfg) -> None:
-        self.model, self.layers = model, model.vision.config.num_hidden_layers
+    def __init__(self, model: VQAScore) -> None:
+        self.layers = model.vision.config.num_hidden_layers
         self.targets = dict(model.named_parameters())
         self.loaded: dict[str, str] = {}  # our name -> the original key it came from
         self.unknown: list[str] = []

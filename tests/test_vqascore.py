@@ -2,9 +2,9 @@
 mapping from the original checkpoint, gradients, the prompt cache, and the errors a user can act on.
 
 The official package builds a tiny CLIP-FlanT5 (CLIP vision at 336 px, 3 layers; FlanT5 2+2 layers, 64 wide) with
-its own classes, saves it as the release is saved (config.json + pickled shards and their index), trains a small SentencePiece
-tokenizer with T5's special tokens and scores real photographs with its own forward; ours loads the same files
-through rewards.load and scores the same PNGs.
+its own classes, saves it as the release is saved (config.json + pickled shards and their index), trains a small
+SentencePiece tokenizer with T5's special tokens and scores real photographs with its own forward; ours loads the
+same files through rewards.load and scores the same PNGs.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def run_parity(workdir: Path) -> tuple[dict, rewards.Reward, dict]:
     for i, arr in enumerate(arrays):
         pngs.append(workdir / f"image{i}.png")
         Image.fromarray(arr).save(pngs[-1])
-    job = {"seed": SEED, "folder": str(workdir), "t5": T5, "vision": VISION, "gains": GAINS, "answer_gain": ANSWER_GAIN, "answer_lean": ANSWER_LEAN, "corpus": _corpus(),
+    job = {"seed": SEED, "folder": str(workdir), "t5": T5, "vision": VISION, "gains": GAINS, "answer_gain": ANSWER_GAIN,
+           "answer_lean": ANSWER_LEAN, "corpus": _corpus(),
            "vocab_size": 200, "extra_rows": 28, "shard_size": "100KB", "images": [str(p) for p in pngs],
            "prompts": PROMPTS, "out": str(workdir / "official.pt")}
     (workdir / "job.json").write_text(json.dumps(job))
@@ -401,3 +402,11 @@ def test_mixture_and_cli(parity, tmp_path):
     assert main(argv) == 0
     row = out.read_text().splitlines()[1].split(",")
     assert float(row[-1]) == pytest.approx(float(expected[0] - 0.05 * rewards.load("sharpness")(x)[0]), rel=1e-5)
+
+
+def test_weights_found_from_an_index_or_a_file(parity):
+    _, _, paths = parity
+    index = paths["model"] / "pytorch_model.bin.index.json"
+    shards = vq.weight_files(paths["model"], paths["model"] / "config.json")
+    assert shards == vq.weight_files(index, paths["model"] / "config.json") and len(shards) > 1
+    assert vq.weight_files(shards[0], paths["model"] / "config.json") == [shards[0]]

@@ -1,15 +1,17 @@
 """Runs INSIDE the shared oracle environment (see build.py): the official `t2v-metrics` 3.0 package builds a tiny
 CLIP-FlanT5 (its own CLIPT5ForConditionalGeneration: a CLIP vision tower at 336 px, the MLP projector, a FlanT5),
-saves it as the release is saved (save_pretrained: config.json + pytorch_model-*.bin shards and their index), and scores PNG images with its
-own `CLIPT5Model.forward(images, texts)`, the function behind `t2v_metrics.VQAScore('clip-flant5-xxl')`.
+saves it as the release is saved (save_pretrained: config.json + pytorch_model-*.bin shards and their index), and
+scores PNG images with its own `CLIPT5Model.forward(images, texts)`, the function behind
+`t2v_metrics.VQAScore('clip-flant5-xxl')`.
 
     <oracle python> run_vqascore.py job.json
 
-job.json: {"seed", "folder" (files are written here: tokenizer/, clip-vit-large-patch14-336/, clip-flant5-xxl/),
+job.json: {"seed", "folder" (files are written here: flan-t5-xxl/, clip-vit-large-patch14-336/, clip-flant5-xxl/),
 "t5" (tiny T5 config fields), "vision" (tiny CLIPVisionConfig fields), "corpus" (texts the tokenizer is trained on),
-"gains" (init scales), "answer_gain", "answer_lean" (the answer
-tokens' lm_head rows: their scale, and a lean towards the decoder input at their step), "images": [png], "prompts": [str], "out" (a torch file with scores [N], the preprocessed
-pixels [N,3,336,336] and the projected image tokens)}.
+"vocab_size", "extra_rows" (embedding rows beyond the tokenizer, as FlanT5's 32,128 for 32,100 tokens), "shard_size",
+"gains" (init scales), "answer_gain", "answer_lean" (the answer tokens' lm_head rows: their scale, and a lean towards
+the decoder input at their step), "images": [png], "prompts": [str], "out" (a torch file with scores [N], the
+preprocessed pixels [N,3,336,336], the projected image tokens and the written folders)}.
 
 The hub names the package hard-codes (google/flan-t5-xxl, zhiqiulin/clip-flant5-xxl,
 openai/clip-vit-large-patch14-336) are redirected to the local folders. The model is run in float32: the package
