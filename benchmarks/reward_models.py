@@ -86,8 +86,8 @@ TINY_FLANT5 = {**ck.FLANT5_XXL, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_lay
                "num_heads": 4}
 LAZY_REWARDS = ("vqascore",)  # their files are written only when the run selects them
 # Batch sizes of the full suite for rewards that cannot run its default (32, 8, 1): VQAScore holds 22.6 GB of bf16
-# weights and saves ~15 GB of activations per image for the backward (T5-XXL's eager attention over ~660 tokens).
-BATCHES = {"vqascore": (4, 2, 1)}
+# weights and saves ~6.3 GB of activations per image for the backward (docs/rewards.md, vqascore card: Memory).
+BATCHES = {"vqascore": (8, 4, 1)}
 TINY_MED = {"num_hidden_layers": 1}
 
 
