@@ -23,6 +23,7 @@ Every load is strict (a missing, unexpected or mis-shaped key is an error), so b
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Callable, Iterator
 from unittest import mock
@@ -152,8 +153,6 @@ def _vqascore(files: dict, device: torch.device) -> nn.Module:
     configs, its tokenizer the written FlanT5 tokenizer; the checkpoint's keys are then mapped onto imscore's (t5.*,
     v.*, mm_projector.*; embedding and lm_head rows cut to the 32,100 tokens imscore resizes to) and loaded strictly.
     imscore's projector is fixed at Linear(1024, 4096), GELU, Linear(4096, 4096): smoke runs re-size it."""
-    import json
-
     import imscore.vqascore.model as module
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, T5Config, T5ForConditionalGeneration
     from transformers import T5Tokenizer
@@ -186,32 +185,34 @@ def _on_meta(cls: type, config) -> nn.Module:
 
 
 def _imscore_vqa_state(scorer: nn.Module, folder: Path) -> dict:
-    """The checkpoint's shards under imscore's keys, one tensor for the shared embedding's names."""
-    import json
+    """The checkpoint's shards under imscore's keys (t5.*, v.*, mm_projector.*): vocabulary rows cut to imscore's
+    size, one tensor for all names of the shared embedding. Keys imscore lacks are left out; the strict load then
+    checks that every tensor of imscore's model was given."""
+    from rewards.vqascore import EMBEDDING_ALIASES, VISION_PREFIX
 
     index = json.loads((Path(folder) / "pytorch_model.bin.index.json").read_text())
     own = scorer.state_dict()
-    vision_keys = {k.removeprefix("v.").removeprefix("vision_model.") for k in own if k.startswith("v.")}
-    vision_prefix = "v.vision_model." if any(k.startswith("v.vision_model.") for k in own) else "v."
+    tower = "v.vision_model." if any(k.startswith("v.vision_model.") for k in own) else "v."  # transformers 4 / 5
     state = {}
     for shard in sorted(set(index["weight_map"].values())):
         for key, value in read_checkpoint(Path(folder) / shard, reward="imscore vqascore").items():
-            if key.startswith("vision_tower.vision_tower.vision_model."):
-                rest = key.removeprefix("vision_tower.vision_tower.vision_model.")
-                if rest in vision_keys:
-                    state[vision_prefix + rest] = value
+            if key.startswith(VISION_PREFIX + "vision_model."):
+                target = tower + key.removeprefix(VISION_PREFIX + "vision_model.")
             elif key.startswith("mm_projector."):
-                state[key] = value
-            elif key not in ("embed_tokens.weight",):
+                target = key
+            elif key in EMBEDDING_ALIASES:
+                target = "t5.shared.weight"
+            else:
                 target = "t5." + key
-                if target in own:
-                    state[target] = value[: own[target].shape[0]] if key in ("shared.weight", "lm_head.weight",
-                                          "encoder.embed_tokens.weight", "decoder.embed_tokens.weight") else value
-    shared = state["t5.shared.weight"]
+            if target in own:
+                state[target] = value[: own[target].shape[0]] if target in VOCAB_ROWS else value
     for alias in ("t5.encoder.embed_tokens.weight", "t5.decoder.embed_tokens.weight"):
         if alias in own:
-            state[alias] = shared
+            state[alias] = state["t5.shared.weight"]
     return state
+
+
+VOCAB_ROWS = ("t5.shared.weight", "t5.lm_head.weight")  # imscore resizes FlanT5's 32,128 rows to 32,100
 
 
 def _blip_tokenizer(cls: type, folder: Path):

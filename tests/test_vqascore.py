@@ -410,3 +410,29 @@ def test_weights_found_from_an_index_or_a_file(parity):
     shards = vq.weight_files(paths["model"], paths["model"] / "config.json")
     assert shards == vq.weight_files(index, paths["model"] / "config.json") and len(shards) > 1
     assert vq.weight_files(shards[0], paths["model"] / "config.json") == [shards[0]]
+
+
+def test_benchmark_peer_loads_the_same_weights(tmp_path):
+    """imscore's VQAScore on the benchmark's files: on a 336 px 8-bit image (no pad, no resize) it equals ours
+    exactly once the class token it passes on as a 577th image token is dropped (the official drops it)."""
+    pytest.importorskip("imscore")
+    from benchmarks import imscore_models
+    from benchmarks import reward_models as rm
+
+    with rm.tiny_architectures():
+        files = rm.write_files(tmp_path, tiny=True, rewards=("vqascore",))
+        ours = rm.load_ours("vqascore", files, device="cpu", dtype=torch.float32)
+        theirs = imscore_models.load("vqascore", files, device="cpu", dtype=torch.float32)
+    x = quantize_8bit(torch.rand(1, 3, 336, 336, generator=torch.Generator().manual_seed(0)))
+    prompt = [rm.PROMPTS[0]]
+    with torch.no_grad():
+        mine, peer = ours(x, prompt), imscore_models.score(theirs, x, prompt)
+        theirs.mm_projector.insert(0, _DropClassToken())
+        peer_patch_tokens = imscore_models.score(theirs, x, prompt)
+    assert not torch.equal(mine, peer)
+    torch.testing.assert_close(peer_patch_tokens, mine, rtol=1e-6, atol=0)
+
+
+class _DropClassToken(torch.nn.Module):
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 1:]
