@@ -436,3 +436,12 @@ def test_benchmark_peer_loads_the_same_weights(tmp_path):
 class _DropClassToken(torch.nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens[:, 1:]
+
+
+def test_tuner_accepts_vqascore(capsys):
+    from tuner.run import main
+
+    assert main(["--check", "reward=vqascore"]) == 0
+    assert main(["--check", "reward={vqascore: 1.0, sharpness: 0.05}"]) == 0
+    assert main(["--check", "reward=vqascor"]) == 2  # the check does read reward names
+    assert "Did you mean 'vqascore'" in capsys.readouterr().err
