@@ -356,7 +356,8 @@ def load_vqascore(
     vcfg = vision_config(vision_path)
     with torch.device("meta"):  # no random init of 11B parameters: every tensor comes from the checkpoint
         model = VQAScore(config, vcfg, tok, pil_8bit=pil_8bit)
-    model.to(dtype)
+    for part in (model.vision, model.projector, model.t5):  # the normalisation constants stay float32
+        part.to(dtype)
     model.to_empty(device=device)
     model.t5.set_input_embeddings(model.t5.shared)  # to_empty unties shared params: encoder/decoder embed shared again
     model.normalize.reset()

@@ -327,6 +327,9 @@ def test_bfloat16_by_default_near_float32(parity):
     _, reward, paths = parity
     half = rewards.load("vqascore", **sources(paths))  # bf16 unless asked otherwise: 11B parameters
     assert half.t5.lm_head.weight.dtype == half.vision.pre_layrnorm.weight.dtype == torch.bfloat16
+    assert half.normalize.mean.dtype == torch.float32  # bf16 would move the CLIP mean by ~1e-3
+    x8 = quantize_8bit(torch.rand(1, 3, 40, 50, generator=torch.Generator().manual_seed(2)))
+    torch.testing.assert_close(half.preprocess(x8), reward.preprocess(x8), rtol=0, atol=0)
     x = to_tensor(_images()[1])
     with torch.no_grad():
         low, full = half(x, ["a cup"]), reward(x, ["a cup"])
