@@ -393,3 +393,109 @@ def write_imagereward(folder: Path, prompts: list[str], seed: int = 0, med_confi
     torch.save(random_imagereward_state(med_config, seed), folder / ir.CHECKPOINT_FILE)
     return {"checkpoint": folder / ir.CHECKPOINT_FILE, "config": folder / ir.CONFIG_FILE,
             "tokenizer": folder / ir.VOCAB_FILE}
+
+
+# -- VQAScore: CLIP-FlanT5-XXL (t2v_metrics) ----------------------------------------------------------------------
+FLANT5_XXL = dict(  # google/flan-t5-xxl's config.json, as zhiqiulin/clip-flant5-xxl's T5 fields
+    d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24, num_heads=64, vocab_size=32128,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False, layer_norm_epsilon=1e-6, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0,
+    eos_token_id=1)
+CLIP_MM = dict(mm_vision_tower="openai/clip-vit-large-patch14-336", mm_projector_type="mlp2x_gelu",
+               mm_vision_select_layer=-2, mm_vision_select_feature="patch", use_mm_proj=True, model_type="clip_t5",
+               architectures=["CLIPT5ForConditionalGeneration"])
+T5_PIECES = 32000  # FlanT5's SentencePiece vocabulary; 100 sentinel tokens follow (32,100 tokens in all)
+
+
+def write_t5_tokenizer(folder: Path, prompts: list[str]) -> Path:
+    """A FlanT5-shaped tokenizer (T5's special ids, 32,000 unigram pieces covering `prompts` and the VQAScore
+    question, 100 sentinels) saved as tokenizer.json, which VQAScore reads."""
+    from transformers import T5Tokenizer
+
+    from rewards import vqascore as vq
+
+    words = sorted({w for p in prompts + [vq.question(""), "Yes"] for w in re.findall(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]",
+                                                                                        p)})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(f"▁{w}", -5.0) for w in words] + [(w, -6.0) for w in words]
+    chars = [chr(c) for c in range(33, 127)]
+    pieces += [(c, -8.0) for c in chars if (c, -6.0) not in pieces]
+    pieces += [(f"▁filler{i}", -12.0) for i in range(T5_PIECES - len(pieces))]
+    pieces += [(f"<extra_id_{i}>", 0.0) for i in range(99, -1, -1)]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=100)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def clip_t5_state_shapes(t5: dict, vision: dict) -> dict[str, torch.Size]:
+    """Shapes of every tensor of zhiqiulin/clip-flant5-xxl's checkpoint under its ORIGINAL keys (CLIPT5's vision
+    tower with all its layers, mm_projector.{0,2}, T5's keys and the four names of the shared embedding)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, T5Config, T5ForConditionalGeneration
+
+    with torch.device("meta"):
+        tower = CLIPVisionModel(CLIPVisionConfig(**vision)).state_dict()
+        text = T5ForConditionalGeneration(T5Config(**t5)).state_dict()
+    shapes = {"vision_tower.vision_tower.vision_model." + k.removeprefix("vision_model."): v.shape
+              for k, v in tower.items() if not k.endswith("position_ids")}
+    width = t5["d_model"]
+    shapes.update({"mm_projector.0.weight": torch.Size([width, vision["hidden_size"]]),
+                   "mm_projector.0.bias": torch.Size([width]), "mm_projector.2.weight": torch.Size([width, width]),
+                   "mm_projector.2.bias": torch.Size([width])})
+    shapes.update({k: v.shape for k, v in text.items()})
+    shapes["embed_tokens.weight"] = shapes["shared.weight"]
+    return shapes
+
+
+def write_clip_flant5(folder: Path, t5: dict, vision: dict, seed: int = 0, shard_bytes: int = 5 << 30) -> Path:
+    """A zhiqiulin/clip-flant5-xxl-style folder: config.json + pytorch_model-XXXXX-of-YYYYY.bin shards (bfloat16,
+    the shared embedding stored once under its four names) + pytorch_model.bin.index.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = clip_t5_state_shapes(t5, vision)
+    config = {**t5, **CLIP_MM, "mm_hidden_size": vision["hidden_size"]}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    randn = pool_sampler(max(s.numel() for s in shapes.values()), torch.Generator().manual_seed(seed))
+    aliases = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "embed_tokens.weight")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, shape in shapes.items():
+        if key in aliases:
+            continue
+        value = _clip_t5_value(key, shape, randn).bfloat16()
+        if size and size + value.numel() * 2 > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.numel() * 2
+        if key == "shared.weight":
+            shards[-1].update({alias: value for alias in aliases})
+    names = [f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        torch.save(shard, folder / name)
+        weight_map.update({key: name for key in shard})
+    index = {"metadata": {"total_size": sum(2 * s.numel() for k, s in shapes.items() if k not in aliases)},
+             "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def _clip_t5_value(key: str, shape: torch.Size, randn) -> torch.Tensor:
+    if "norm" in key.lower():  # LayerNorms (CLIP) and T5's RMSNorms: weights near 1
+        return 1.0 + 0.1 * randn(shape) if key.endswith("weight") else 0.1 * randn(shape)
+    if key.endswith("bias"):
+        return 0.02 * randn(shape)
+    if "embed" in key or "shared" in key or "relative_attention_bias" in key:
+        return randn(shape)
+    return randn(shape) * shape[1:].numel() ** -0.5  # linears (out, in) and the patch conv: fan-in
+
+
+def write_vqascore(folder: Path, prompts: list[str], t5: dict, vision: dict, seed: int = 0) -> dict:
+    """VQAScore's three sources: the CLIP-FlanT5 folder, FlanT5's tokenizer, and the CLIP folder's config.json."""
+    from transformers import CLIPVisionConfig
+
+    clip = folder / "clip-vit-large-patch14-336"
+    clip.mkdir(parents=True, exist_ok=True)
+    CLIPVisionConfig(**vision).to_json_file(str(clip / "config.json"))
+    return {"checkpoint": write_clip_flant5(folder / "clip-flant5-xxl", t5, vision, seed),
+            "tokenizer": write_t5_tokenizer(folder / "flan-t5-xxl", prompts), "vision": clip}

@@ -22,9 +22,18 @@ from typing import Callable, Iterator
 import torch
 
 from benchmarks import imscore_models
-from benchmarks.reward_models import MODEL_REWARDS, REWARDS, load_ours, prompts_for, tiny_architectures, write_files
+from benchmarks.reward_models import (
+    BATCHES,
+    MODEL_REWARDS,
+    REWARDS,
+    load_ours,
+    prompts_for,
+    tiny_architectures,
+    write_files,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+EAGER_ONLY = ("vqascore",)  # rewards.speed has no fast path for these: only eager and the preprocess component
 
 
 @dataclass(frozen=True)
@@ -137,19 +146,31 @@ def plan(settings: Settings) -> list[Case]:
     imscore = "imscore" in settings.impls  # without imscore installed, its cases fail and say how to install it
     cases = []
     for dtype, reward in itertools.product(settings.dtypes, settings.rewards):
-        for batch in settings.batches if ours else ():
+        batches = _batches(settings, reward)
+        for batch in batches if ours else ():
             variants = [v for v in settings.variants if v == "eager" or _runs(settings, v, reward, dtype, batch)]
             cases += [Case(reward, "ours", v, dtype, batch) for v in variants]
         if imscore and reward in imscore_models.IMSCORE_REWARDS:
-            cases += [Case(reward, "imscore", "eager", dtype, batch) for batch in settings.batches]
+            cases += [Case(reward, "imscore", "eager", dtype, batch) for batch in batches]
     return cases
+
+
+def _batches(settings: Settings, reward: str) -> tuple[int, ...]:
+    """The run's batch sizes for `reward`: its own list (BATCHES) in a default full run, else those of the run that
+    its largest batch admits."""
+    own = BATCHES.get(reward)
+    if own is None or settings.smoke:
+        return settings.batches
+    if settings.batches == Settings().batches:
+        return own
+    return tuple(b for b in settings.batches if b <= max(own))
 
 
 def _runs(settings: Settings, name: str, reward: str, dtype: str, batch: int) -> bool:
     v = VARIANTS[name]
     if name == "eager" or dtype not in v.dtypes or (v.cuda_only and settings.device != "cuda"):
         return False
-    if not _model(reward):
+    if not _model(reward) or (reward in EAGER_ONLY and not v.component):
         return False
     return settings.everywhere or v.default(reward, dtype, 32 if settings.smoke else batch)  # smoke: as at batch 32
 
@@ -167,7 +188,7 @@ class Suite:
             self._stack.enter_context(tiny_architectures())
         if settings.smoke and self.device.type == "cpu":
             torch.set_num_threads(1)  # tiny models: one thread is faster, and steady on a busy machine
-        self.files = write_files(settings.weights, tiny=settings.smoke)
+        self.files = write_files(settings.weights, tiny=settings.smoke, rewards=settings.rewards)
         self.group: tuple[str, str, str] | None = None  # (reward, dtype, impl) whose models are loaded
         self.models: dict[tuple, object] = {}
         self.inputs_cache: dict[tuple, tuple] = {}

@@ -28,6 +28,7 @@ Every load is strict (a missing, unexpected or mis-shaped key is an error), so b
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Callable, Iterator
 from unittest import mock
@@ -37,7 +38,7 @@ from torch import nn
 
 from rewards.checkpoint import read_checkpoint
 
-IMSCORE_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "mps")
+IMSCORE_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "mps", "vqascore")
 
 
 def available() -> bool:
@@ -65,6 +66,7 @@ def load(name: str, files: dict, *, device: str | torch.device, dtype: torch.dty
         raise ImportError("the imscore comparison needs imscore 0.0.11: pip install imscore==0.0.11")
     builders: dict[str, Callable[..., nn.Module]] = {
         "hpsv2.1": _hps, "pickscore": _pickscore, "aesthetic": _aesthetic, "imagereward": _imagereward, "mps": _mps,
+        "vqascore": _vqascore,
     }
     if name not in builders:
         raise KeyError(f"imscore has no implementation of {name!r} in this benchmark; it has {', '.join(builders)}")
@@ -73,8 +75,11 @@ def load(name: str, files: dict, *, device: str | torch.device, dtype: torch.dty
 
 
 def score(model: nn.Module, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """imscore's documented call, `model.score(pixels, prompts)`, as one score per image."""
-    return model.score(images, prompts).reshape(-1)
+    """imscore's documented call, `model.score(pixels, prompts)`, as one score per image. imscore's VQAScore returns
+    exp(-loss) with the loss averaged over the whole batch: one number per batch, repeated for each image here (the
+    work timed is the batch's forward and backward all the same)."""
+    out = model.score(images, prompts).reshape(-1)
+    return out.expand(len(images)) if out.numel() == 1 else out
 
 
 # -- builders -------------------------------------------------------------------------------------------------------
@@ -172,6 +177,74 @@ def _mps(files: dict, device: torch.device) -> nn.Module:
     scorer.load_state_dict(state, strict=True, assign=True)
     mps.restore_position_ids(scorer)
     return scorer
+
+
+def _vqascore(files: dict, device: torch.device) -> nn.Module:
+    """imscore's VQAScore with the CLIP-FlanT5 checkpoint's tensors. Its constructor's hub loads (google/flan-t5-xxl,
+    openai/clip-vit-large-patch14-336) become the same architectures built on the meta device from the written
+    configs, its tokenizer the written FlanT5 tokenizer; the checkpoint's keys are then mapped onto imscore's (t5.*,
+    v.*, mm_projector.*; embedding and lm_head rows cut to the 32,100 tokens imscore resizes to) and loaded strictly.
+    imscore's projector is fixed at Linear(1024, 4096), GELU, Linear(4096, 4096): smoke runs re-size it."""
+    import imscore.vqascore.model as module
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, T5Config, T5ForConditionalGeneration
+    from transformers import T5Tokenizer
+
+    paths = files["sources"]["vqascore"]
+    config = json.loads((Path(paths["checkpoint"]) / "config.json").read_text())
+    t5 = T5Config(**{k: v for k, v in config.items() if not k.startswith("mm_") and k not in ("model_type",
+                                                                                               "architectures")})
+    vision = CLIPVisionConfig.from_pretrained(str(paths["vision"]))
+    replacements = {
+        "T5ForConditionalGeneration": mock.Mock(from_pretrained=lambda _: _on_meta(T5ForConditionalGeneration, t5)),
+        "T5Tokenizer": mock.Mock(from_pretrained=lambda _: T5Tokenizer.from_pretrained(str(paths["tokenizer"]))),
+        "CLIPVisionModel": mock.Mock(from_pretrained=lambda _: CLIPVisionModel(vision)),
+        "CLIPImageProcessor": mock.Mock(from_pretrained=lambda _: CLIPImageProcessor()),
+    }
+    with mock.patch.multiple(module, **replacements):
+        scorer = module.VQAScore()  # the 11B T5 on the meta device; CLIP and the projector (0.3B) on the CPU
+    width = config["d_model"]
+    if scorer.mm_projector[0].weight.shape != (width, vision.hidden_size):
+        scorer.mm_projector = nn.Sequential(nn.Linear(vision.hidden_size, width), nn.GELU(), nn.Linear(width, width))
+    state = _imscore_vqa_state(scorer, paths["checkpoint"])
+    _load_strict(scorer, state, str(paths["checkpoint"]), assign=True)
+    scorer.t5.set_input_embeddings(scorer.t5.shared)
+    return scorer
+
+
+def _on_meta(cls: type, config) -> nn.Module:
+    with torch.device("meta"):
+        return cls(config)
+
+
+def _imscore_vqa_state(scorer: nn.Module, folder: Path) -> dict:
+    """The checkpoint's shards under imscore's keys (t5.*, v.*, mm_projector.*): vocabulary rows cut to imscore's
+    size, one tensor for all names of the shared embedding. Keys imscore lacks are left out; the strict load then
+    checks that every tensor of imscore's model was given."""
+    from rewards.vqascore import EMBEDDING_ALIASES, VISION_PREFIX
+
+    index = json.loads((Path(folder) / "pytorch_model.bin.index.json").read_text())
+    own = scorer.state_dict()
+    tower = "v.vision_model." if any(k.startswith("v.vision_model.") for k in own) else "v."  # transformers 4 / 5
+    state = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        for key, value in read_checkpoint(Path(folder) / shard, reward="imscore vqascore").items():
+            if key.startswith(VISION_PREFIX + "vision_model."):
+                target = tower + key.removeprefix(VISION_PREFIX + "vision_model.")
+            elif key.startswith("mm_projector."):
+                target = key
+            elif key in EMBEDDING_ALIASES:
+                target = "t5.shared.weight"
+            else:
+                target = "t5." + key
+            if target in own:
+                state[target] = value[: own[target].shape[0]] if target in VOCAB_ROWS else value
+    for alias in ("t5.encoder.embed_tokens.weight", "t5.decoder.embed_tokens.weight"):
+        if alias in own:
+            state[alias] = state["t5.shared.weight"]
+    return state
+
+
+VOCAB_ROWS = ("t5.shared.weight", "t5.lm_head.weight")  # imscore resizes FlanT5's 32,128 rows to 32,100
 
 
 def _blip_tokenizer(cls: type, folder: Path):

@@ -25,7 +25,7 @@ import rewards
 from benchmarks import checkpoints as ck
 from benchmarks import checkpoints_mps as ck_mps
 
-MODEL_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip", "mps")
+MODEL_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip", "mps", "vqascore")
 REWARDS = MODEL_REWARDS + ("symmetry", "sharpness")
 FILES_VERSION = 2  # bump when a writer changes: cached files of another version are rewritten
 
@@ -77,6 +77,18 @@ TINY_OPENAI = {  # embed_dim 768: the aesthetic head reads 768-wide embeddings
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
 }
 TINY_IR_VISION = {"embed_dim": 64, "depth": 1, "num_heads": 4}
+# VQAScore: CLIP ViT-L/14-336 + FlanT5-XXL (11.3B parameters, 22.6 GB of bf16 files, written only when selected);
+# smoke runs keep 336 px and the 32,100-token vocabulary (imscore hard-codes it) with tiny widths and depths.
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768)
+TINY_CLIP_336 = {**CLIP_L_336, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 2, "projection_dim": 16}
+TINY_FLANT5 = {**ck.FLANT5_XXL, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 1, "num_decoder_layers": 1,
+               "num_heads": 4}
+LAZY_REWARDS = ("vqascore",)  # their files are written only when the run selects them
+# Batch sizes of the full suite for rewards that cannot run its default (32, 8, 1): VQAScore holds 22.6 GB of bf16
+# weights and saves ~6.3 GB of activations per image for the backward (docs/rewards.md, vqascore card: Memory).
+BATCHES = {"vqascore": (8, 4, 1)}
 TINY_MED = {"num_hidden_layers": 1}
 
 
@@ -97,19 +109,33 @@ def tiny_architectures() -> Iterator[None]:
         yield
 
 
-def write_files(root: Path, *, tiny: bool) -> dict:
-    """Write (or reuse) every reward's files under root/{full,tiny}: {"sources": {reward: {...}}, "extra": {...}}."""
+def write_files(root: Path, *, tiny: bool, rewards: tuple[str, ...] = REWARDS) -> dict:
+    """Write (or reuse) every reward's files under root/{full,tiny}: {"sources": {reward: {...}}, "extra": {...}};
+    those of LAZY_REWARDS only if `rewards` names them."""
     folder = Path(root) / ("tiny" if tiny else "full")
-    marker = folder / "files.json"
+    files = _cached(folder / "files.json", tiny, lambda: _write(folder, tiny))
+    if "vqascore" in rewards:
+        vqa = _cached(folder / "vqascore" / "files.json", tiny, lambda: _write_vqascore(folder / "vqascore", tiny))
+        files["sources"]["vqascore"] = vqa["sources"]["vqascore"]
+    return files
+
+
+def _cached(marker: Path, tiny: bool, write) -> dict:
     if marker.is_file():
         saved = json.loads(marker.read_text())
         if saved.get("version") == FILES_VERSION and saved.get("tiny") == tiny:
             return _paths(saved["files"])
     start = time.perf_counter()
-    files = _write(folder, tiny)
+    files = write()
     record = {"version": FILES_VERSION, "tiny": tiny, "seconds": round(time.perf_counter() - start, 1)}
+    marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({**record, "files": _strings(files)}, indent=2))
     return files
+
+
+def _write_vqascore(folder: Path, tiny: bool) -> dict:
+    t5, vision = (TINY_FLANT5, TINY_CLIP_336) if tiny else (ck.FLANT5_XXL, CLIP_L_336)
+    return {"sources": {"vqascore": ck.write_vqascore(folder, PROMPTS, t5, vision, seed=0)}, "extra": {}}
 
 
 def _write(folder: Path, tiny: bool) -> dict:

@@ -22,6 +22,7 @@ MODULES = {
     "aesthetic": "tests.test_aesthetic",
     "imagereward": "tests.test_imagereward",
     "mps": "tests.test_mps",
+    "vqascore": "tests.test_vqascore",
 }
 
 

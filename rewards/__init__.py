@@ -8,6 +8,8 @@ Every reward loads the ORIGINAL checkpoint (a local path, or the official Huggin
 huggingface_hub) and matches the official implementation's score; see docs/rewards.md.
 """
 
+import torch
+
 from .base import Reward
 from .errors import (
     CheckpointMismatchError,
@@ -31,6 +33,7 @@ register("symmetry", "rewards.lowlevel:load_symmetry", needs_prompt=False)
 register("sharpness", "rewards.lowlevel:load_sharpness", needs_prompt=False)
 register("shapes-clip", "rewards.clip_score:load_shapes_clip", needs_prompt=True)
 register("mps", "rewards.mps:load_mps", needs_prompt=True)
+register("vqascore", "rewards.vqascore:load_vqascore", needs_prompt=True, dtype=torch.bfloat16)  # 11B parameters
 
 __all__ = [
     "Reward",

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     score.add_argument("--out", type=Path, help="write rows to a .csv or .json file (default: CSV on stdout)")
     score.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    score.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default float32)")
+    score.add_argument("--dtype", choices=list(DTYPES), default=None,
+                       help="model dtype (default: the reward's, bfloat16 for vqascore, float32 for the others)")
     score.add_argument(
         "--source",
         action="append",
@@ -357,7 +358,8 @@ def run_score(args: argparse.Namespace) -> int:
 
     from .registry import load
 
-    models = {name: load(name, device=device, dtype=DTYPES[args.dtype], **sources[name]) for name in names}
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    models = {name: load(name, device=device, dtype=dtype, **sources[name]) for name in names}
     results = score_images(models, images, prompts, args.batch_size, device)
     summary = summarize(results)
     write_rows(results, args.out, summary)

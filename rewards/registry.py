@@ -20,14 +20,16 @@ class Entry:
     target: str  # "module:function"
     needs_prompt: bool  # known without importing the factory (the CLI checks prompts before loading)
     kwargs: tuple[tuple[str, object], ...] = ()
+    dtype: torch.dtype | None = None  # the weights' dtype when load() is given none (float32 if unset)
 
 
 _REGISTRY: dict[str, Entry] = {}
 
 
-def register(name: str, target: str, *, needs_prompt: bool, **kwargs) -> None:
-    """Register factory `target` ("rewards.module:function") under `name`, with fixed keyword arguments."""
-    _REGISTRY[name] = Entry(target, needs_prompt, tuple(kwargs.items()))
+def register(name: str, target: str, *, needs_prompt: bool, dtype: torch.dtype | None = None, **kwargs) -> None:
+    """Register factory `target` ("rewards.module:function") under `name`, with fixed keyword arguments and the
+    default weight dtype (float32 if None)."""
+    _REGISTRY[name] = Entry(target, needs_prompt, tuple(kwargs.items()), dtype)
 
 
 def needs_prompt(name: str) -> bool:
@@ -57,7 +59,7 @@ def load(
     factory = getattr(importlib.import_module(module_name), func_name)
     _check_sources(name, factory, sources, fixed=dict(entry.kwargs))
     device = torch.device(device) if device is not None else torch.device("cpu")
-    reward = factory(device=device, dtype=dtype or torch.float32, **dict(entry.kwargs), **sources)
+    reward = factory(device=device, dtype=dtype or entry.dtype or torch.float32, **dict(entry.kwargs), **sources)
     if reward.needs_prompt != entry.needs_prompt:
         raise RuntimeError(f"reward {name!r} is registered with needs_prompt={entry.needs_prompt} but is {reward.needs_prompt}")
     reward.eval().requires_grad_(False)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_REWARDS = {"hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip", "mps"}
+MODEL_REWARDS = {"hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip", "mps", "vqascore"}
+EAGER_ONLY = {"vqascore"}  # no fast or compiled variants
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def test_every_reward_and_implementation_is_measured(run):
         for reward in MODEL_REWARDS - {"clip"}:
             assert (reward, "imscore", "eager", dtype) in seen
         for reward in MODEL_REWARDS:
-            assert (reward, "ours", "compile", "bf16") in seen and (reward, "ours", "preprocess", "bf16") in seen
+            assert (reward, "ours", "preprocess", "bf16") in seen
+            assert reward in EAGER_ONLY or (reward, "ours", "compile", "bf16") in seen
     assert {"fast", "tf32", "compile-tf32", "channels-last"} <= {r["variant"] for r in rows}
 
 
@@ -56,7 +58,7 @@ def test_figures_are_positive_and_flops_counted(run):
 def test_imscore_scores_our_weights(run):
     """Same weights, near-identical preprocessing: imscore's scores sit next to ours (a wrong load would not)."""
     for row in run["data"]["rows"]:
-        if row["impl"] == "imscore":
+        if row["impl"] == "imscore" and row["reward"] != "vqascore":  # imscore's VQAScore is one number per batch
             # MPS: imscore keeps prompt tokens at 0.01 of the batch's best condition match, the eval script (ours) at
             # 0.3 of each image's own (tests/test_mps.py measures both)
             limit = 0.05 if row["dtype"] == "bf16" or row["reward"] == "mps" else 0.01

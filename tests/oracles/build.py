@@ -30,6 +30,8 @@ PINS = (
     "huggingface_hub==0.36.0",
     "timm==0.6.13",
     "fairscale==0.4.13",
+    "t2v-metrics==3.0",  # VQAScore; its CLIP-FlanT5 path also needs the slow T5 tokenizer's sentencepiece
+    "sentencepiece==0.2.0",
 )
 ENV_VAR = "DRTUNE_ORACLE_ENV"
 PTH_NAME = "zz_drtune_main_env.pth"  # sorts last, after the pinned packages' own .pth files
