@@ -30,6 +30,7 @@ register("clip", "rewards.clip_score:load_clip", needs_prompt=True)
 register("symmetry", "rewards.lowlevel:load_symmetry", needs_prompt=False)
 register("sharpness", "rewards.lowlevel:load_sharpness", needs_prompt=False)
 register("shapes-clip", "rewards.clip_score:load_shapes_clip", needs_prompt=True)
+register("hpsv3", "rewards.hpsv3:load_hpsv3", needs_prompt=True)
 
 __all__ = [
     "Reward",
