@@ -103,9 +103,10 @@ def tiny_qwen2vl(vocab_size: int, initializer_range: float = 0.02) -> dict:
     return config
 
 
-def write_tokenizer(folder: Path, corpus: list[str], merges: int = 400) -> int:
+def write_tokenizer(folder: Path, corpus: list[str], merges: int = 400, vocab_size: int | None = None) -> int:
     """A byte-level BPE (256 bytes + `merges` learned on `corpus`) with Qwen2-VL's special tokens; returns the
-    tokenizer's length (the id the official package then gives <|Reward|>)."""
+    tokenizer's length (the id the official package then gives <|Reward|>). `vocab_size` pads the BPE vocabulary
+    with tokens no merge produces, so that the special tokens get their real ids (QWEN2VL_VOCAB onwards)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -116,6 +117,11 @@ def write_tokenizer(folder: Path, corpus: list[str], merges: int = 400) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     tok.model.save(str(folder))  # vocab.json + merges.txt
     base = tok.get_vocab_size()
+    if vocab_size is not None and vocab_size > base:
+        vocab = json.loads((folder / "vocab.json").read_text())
+        vocab.update({f"<unused_{i}>": i for i in range(base, vocab_size)})
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+        base = vocab_size
     added = {str(base + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                              "single_word": False, "special": True} for i, t in enumerate(SPECIAL_TOKENS)}
     config = {
@@ -129,10 +135,10 @@ def write_tokenizer(folder: Path, corpus: list[str], merges: int = 400) -> int:
 
 
 def write_qwen2vl_base(folder: Path, config: dict | None, corpus: list[str], merges: int = 400) -> dict:
-    """Qwen2-VL-7B-Instruct's non-weight files in `folder`; `config` None writes the 7B config with the small
-    tokenizer's special-token ids. Returns the config written (its vocab_size is the real model's or the given)."""
+    """Qwen2-VL-7B-Instruct's non-weight files in `folder`; `config` None writes the 7B config and a tokenizer whose
+    special tokens have the real ids. Returns the config written, plus the tokenizer's length."""
     folder = Path(folder)
-    length = write_tokenizer(folder, corpus, merges)
+    length = write_tokenizer(folder, corpus, merges, vocab_size=None if config else QWEN2VL_VOCAB)
     config = json.loads(json.dumps(config or QWEN2VL_7B))
     base = length - len(SPECIAL_TOKENS)
     config.update({key: base + i for key, i in TOKEN_ID_KEYS.items()})
@@ -181,3 +187,26 @@ def write_hpsv3(path: Path, config: dict, vocab_rows: int, seed: int = 0, dtype:
 
     save_file({k: v.contiguous() for k, v in random_hpsv3_state(config, vocab_rows, seed, dtype).items()}, str(path))
     return Path(path)
+
+
+def write_benchmark_files(folder: Path, prompts: list[str], *, tiny: bool) -> dict[str, Path]:
+    """The benchmark's HPSv3 sources {checkpoint, base} under `folder`, reused when already written: at full size
+    the 7B config, a tokenizer with the real special-token ids and about the real token count of the instruction
+    (1000 merges), and HPSv3.safetensors in bf16 (16 GB); tiny: `tiny_qwen2vl`."""
+    from rewards.hpsv3 import INSTRUCTION, REQUEST
+
+    folder = Path(folder)
+    marker = folder / "files.json"
+    sources = {"checkpoint": folder / HPSV3_FILE, "base": folder / "base"}
+    if marker.is_file() and json.loads(marker.read_text()).get("tiny") == tiny:
+        return sources
+    corpus = [INSTRUCTION + REQUEST, *prompts]
+    if tiny:
+        length = write_tokenizer(sources["base"], corpus, merges=1000)
+        config = write_qwen2vl_base(sources["base"], tiny_qwen2vl(length + 32), corpus, merges=1000)
+    else:
+        config = write_qwen2vl_base(sources["base"], None, corpus, merges=1000)
+    rows = config.pop("tokenizer_length") + 1  # + <|Reward|>
+    write_hpsv3(sources["checkpoint"], config, rows, dtype=torch.float32 if tiny else torch.bfloat16)
+    marker.write_text(json.dumps({"tiny": tiny, "vocab_rows": rows}))
+    return sources

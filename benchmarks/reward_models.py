@@ -24,7 +24,7 @@ import torch
 import rewards
 from benchmarks import checkpoints as ck
 
-MODEL_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip")
+MODEL_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip", "hpsv3")
 REWARDS = MODEL_REWARDS + ("symmetry", "sharpness")
 FILES_VERSION = 1  # bump when a writer changes: cached files of another version are rewritten
 
@@ -103,11 +103,19 @@ def write_files(root: Path, *, tiny: bool) -> dict:
     if marker.is_file():
         saved = json.loads(marker.read_text())
         if saved.get("version") == FILES_VERSION and saved.get("tiny") == tiny:
-            return _paths(saved["files"])
+            return _with_hpsv3(_paths(saved["files"]), folder, tiny)
     start = time.perf_counter()
     files = _write(folder, tiny)
     record = {"version": FILES_VERSION, "tiny": tiny, "seconds": round(time.perf_counter() - start, 1)}
     marker.write_text(json.dumps({**record, "files": _strings(files)}, indent=2))
+    return _with_hpsv3(files, folder, tiny)
+
+
+def _with_hpsv3(files: dict, folder: Path, tiny: bool) -> dict:
+    """HPSv3's files (16 GB at full size), written once under folder/hpsv3 with their own marker."""
+    from benchmarks import hpsv3_files
+
+    files["sources"]["hpsv3"] = hpsv3_files.write_benchmark_files(folder / "hpsv3", PROMPTS, tiny=tiny)
     return files
 
 

@@ -269,12 +269,16 @@ class HPSv3(Reward):
         return ids, mask, where
 
     # -- image ------------------------------------------------------------------------------------------------
-    def preprocess(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """Patches (rows, columns) of the official grid for images of this size."""
+        h, w = smart_resize(*images.shape[-2:], factor=self.patch * self.merge)
+        return h // self.patch, w // self.patch
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels to the official grid (8-bit PIL bicubic by default), normalised, as patches [B*h*w, 3*2*14*14]."""
-        size = smart_resize(*images.shape[-2:], factor=self.patch * self.merge)
+        gh, gw = self.grid(images)
         resize = resize_pil_8bit if self.pil_8bit else resize_bicubic
-        pixels = self.normalize(resize(images.float(), size))
-        return self.patchify(pixels), (size[0] // self.patch, size[1] // self.patch)
+        return self.patchify(self.normalize(resize(images.float(), (gh * self.patch, gw * self.patch))))
 
     def patchify(self, pixels: torch.Tensor) -> torch.Tensor:
         """Qwen2-VL's patch rows: the frame repeated over time, patches in 2 x 2 merge order, (C, t, y, x) inside."""
@@ -287,7 +291,7 @@ class HPSv3(Reward):
 
     def image_embeds(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Merged image tokens [B*n, D] in the model dtype and n, the tokens per image."""
-        patches, (gh, gw) = self.preprocess(images)
+        (gh, gw), patches = self.grid(images), self.preprocess(images)
         grid = torch.tensor([[1, gh, gw]] * images.shape[0], device=patches.device)
         out = self.vision(patches.to(self.vision.get_dtype()), grid_thw=grid)
         out = out.pooler_output if hasattr(out, "pooler_output") else out

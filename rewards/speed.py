@@ -81,7 +81,8 @@ def compiled_blocks(reward: Reward) -> list[nn.Module]:
     layers = _hf_vision_layers(reward)
     if layers is not None:
         blocks += list(layers)
-    for owner, attr in (("vision", "blocks"), ("text", "encoder.layer")):  # ImageReward: ViT and cross-attending BERT
+    # ImageReward: ViT and cross-attending BERT; HPSv3: Qwen2-VL's vision blocks and decoder layers
+    for owner, attr in (("vision", "blocks"), ("text", "encoder.layer"), ("text", "layers")):
         module = getattr(reward, owner, None)
         for name in attr.split("."):
             module = getattr(module, name, None)

@@ -143,7 +143,7 @@ def run_parity(workdir: Path) -> tuple[dict, rewards.Reward, dict]:
 
 def _inputs(reward, images: torch.Tensor, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The token ids and pixel patches our model sees for one image."""
-    patches, (gh, gw) = reward.preprocess(images)
+    patches, (gh, gw) = reward.preprocess(images), reward.grid(images)
     ids, _, _ = reward._sequence(reward.text_features([prompt]), gh * gw // 4)
     return ids[0], patches
 
