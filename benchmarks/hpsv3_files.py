@@ -185,7 +185,8 @@ def write_hpsv3(path: Path, config: dict, vocab_rows: int, seed: int = 0, dtype:
     """HPSv3.safetensors with random weights in the official layout."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in random_hpsv3_state(config, vocab_rows, seed, dtype).items()}, str(path))
+    state = random_hpsv3_state(config, vocab_rows, seed, dtype)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
     return Path(path)
 
 
