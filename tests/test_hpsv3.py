@@ -330,5 +330,49 @@ def test_checkpoint_with_foreign_and_missing_keys_names_them(parity, tmp_path):
         rewards.load("hpsv3", checkpoint=tmp_path / "missing.safetensors", base=paths["base"])
 
 
+
+# -- the command line, mixtures, the tuner ---------------------------------------------------------------------------
+def test_cli_scores_files_as_the_official_package(parity, tmp_path, capsys):
+    """`python -m rewards score --reward hpsv3` on the parity PNGs gives the official scores."""
+    import csv
+
+    from rewards import cli
+
+    m, _, paths = parity
+    pngs = sorted(Path(paths["checkpoint"]).parent.glob("image*.png"))
+    table = tmp_path / "prompts.csv"
+    with table.open("w", newline="") as f:
+        csv.writer(f).writerows([("path", "prompt"), *((str(p), PROMPTS[int(p.stem[5:])]) for p in pngs)])
+    out = tmp_path / "scores.csv"
+    code = cli.main(["score", *map(str, pngs), "--reward", "hpsv3", "--prompts", str(table), "--out", str(out),
+                     "--device", "cpu", "--source", f"hpsv3.checkpoint={paths['checkpoint']}",
+                     "--source", f"hpsv3.base={paths['base']}"])
+    capsys.readouterr()
+    assert code == 0
+    scores = {Path(r["path"]).name: float(r["hpsv3"]) for r in csv.DictReader(out.open())}
+    ours = torch.tensor([scores[f"image{i}.png"] for i in range(len(PROMPTS))], dtype=torch.float64)
+    official = torch.tensor(m["official_scores"], dtype=torch.float64)
+    assert (ours - official).abs().mean() <= TARGET_MEAN_DIFF_OVER_STD * official.std(), (ours, official)
+
+
+def test_mixture_adds_the_weighted_score(parity):
+    _, reward, paths = parity
+    mix = rewards.combine({"hpsv3": 0.5, "symmetry": 1.0}, sources={"hpsv3": paths})
+    x = _to_tensor(_images()[5])
+    with torch.no_grad():
+        expected = 0.5 * reward(x, ["a cat"]) + rewards.load("symmetry")(x)
+        torch.testing.assert_close(mix(x, ["a cat"]), expected, atol=1e-5, rtol=0)
+
+
+def test_tuner_configs_with_hpsv3_validate():
+    from tuner import config as C
+
+    cfg = C.validate(C.load_config(C.CONFIG_DIR / "sdxl_hpsv3.yaml"))
+    assert cfg.reward == "hpsv3" and cfg.method == "drtune"
+    assert cfg == C.from_dict(C.to_dict(cfg))
+    mixed = C.validate(C.load_config(C.CONFIG_DIR / "sdxl_hpsv3.yaml", ["reward={hpsv3: 1.0, sharpness: 0.05}"]))
+    assert mixed.reward == {"hpsv3": 1.0, "sharpness": 0.05}
+
+
 if __name__ == "__main__":
     print(json.dumps(measure_parity(), indent=1))
