@@ -21,6 +21,7 @@ MODULES = {
     "pickscore": "tests.test_pickscore",
     "aesthetic": "tests.test_aesthetic",
     "imagereward": "tests.test_imagereward",
+    "hpsv3": "tests.test_hpsv3",
 }
 
 
