@@ -302,6 +302,8 @@ class HPSv3(Reward):
         """(mu, sigma) per image, float32 [B, 2]."""
         embeds, n_image = self.image_embeds(images)
         ids, mask, where = self._sequence(self.text_features(prompts), n_image)
+        end = int(where.max()) + 1  # causal: the ~10 tokens after <|Reward|> cannot change its state; not computed
+        ids, mask = ids[:, :end], mask[:, :end]
         inputs = self.text.embed_tokens(ids)
         inputs = inputs.masked_scatter((ids == self.image_token_id)[..., None], embeds.to(inputs.dtype))
         positions = torch.arange(ids.shape[1], device=ids.device).expand(3, *ids.shape)  # 1-D, as the official
