@@ -5,7 +5,7 @@ The package (1.0.0) cannot run on transformers 5: its trainer module imports nam
 transformers 4 module layout (`self.model.embed_tokens`, `self.visual`), which transformers 5 moved under
 `model.language_model` / `model.visual`. So it runs where the parity tests run it: in the shared oracle environment
 (tests/oracles/build.py: transformers 4.49.0 over the project's own torch), as a subprocess, on the SAME files our
-case loads (benchmarks.reward_models.write_files), and times the same thing: d(sum of mu)/d(pixels) of a batch of
+case loads (benchmarks.reward_models.hpsv3_sources), and times the same thing: d(sum of mu)/d(pixels) of a batch of
 random images in [0, 1] (multiplied by 255, the range that path expects), preprocessing included.
 
     python -m benchmarks.hpsv3_official --jsonl RUN.jsonl --batches 8,1 --dtypes bf16     # on the GPU machine
@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jsonl", type=Path, default=None)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE.parents[1]))
-    from benchmarks.reward_models import prompts_for, write_files
+    from benchmarks.reward_models import hpsv3_sources, prompts_for
     from tests.oracles.build import build
 
-    files = write_files(args.weights, tiny=args.smoke)["sources"]["hpsv3"]
+    files = hpsv3_sources(args.weights, tiny=args.smoke)
     job = {
         "checkpoint": str(files["checkpoint"]), "base": str(files["base"]),
         "device": args.device or ("cpu" if args.smoke else "cuda"), "size": args.size or (64 if args.smoke else 1024),

@@ -112,11 +112,16 @@ def write_files(root: Path, *, tiny: bool) -> dict:
 
 
 def _with_hpsv3(files: dict, folder: Path, tiny: bool) -> dict:
-    """HPSv3's files (16 GB at full size), written once under folder/hpsv3 with their own marker."""
+    files["sources"]["hpsv3"] = hpsv3_sources(folder.parent, tiny=tiny)
+    return files
+
+
+def hpsv3_sources(root: Path, *, tiny: bool) -> dict[str, Path]:
+    """HPSv3's files (16 GB at full size) under root/{full,tiny}/hpsv3, written once with their own marker."""
     from benchmarks import hpsv3_files
 
-    files["sources"]["hpsv3"] = hpsv3_files.write_benchmark_files(folder / "hpsv3", PROMPTS, tiny=tiny)
-    return files
+    folder = Path(root) / ("tiny" if tiny else "full") / "hpsv3"
+    return hpsv3_files.write_benchmark_files(folder, PROMPTS, tiny=tiny)
 
 
 def _write(folder: Path, tiny: bool) -> dict:

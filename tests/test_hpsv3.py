@@ -374,5 +374,31 @@ def test_tuner_configs_with_hpsv3_validate():
     assert mixed.reward == {"hpsv3": 1.0, "sharpness": 0.05}
 
 
+
+def test_benchmark_peer_runs_the_official_differentiable_path(tmp_path):
+    """`python -m benchmarks.hpsv3_official --smoke`: the official package's differentiable path on the benchmark's
+    files, in the oracle environment; its scores sit next to ours on the same images (a wrong load would not)."""
+    import sys
+
+    from benchmarks.reward_models import hpsv3_sources, prompts_for
+
+    jsonl = tmp_path / "official.jsonl"
+    cmd = [sys.executable, "-m", "benchmarks.hpsv3_official", "--smoke", "--weights", str(tmp_path / "weights"),
+           "--jsonl", str(jsonl)]
+    proc = subprocess.run(cmd, cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (record,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    info = record["extra_info"]
+    assert (info["impl"], info["variant"], info["dtype"], info["batch"]) == ("official", "differentiable", "fp32", 2)
+    assert record["stats"]["median"] > 0
+    sources = hpsv3_sources(tmp_path / "weights", tiny=True)
+    reward = rewards.load("hpsv3", **sources)
+    gen = torch.Generator().manual_seed(2)  # the peer's images: batch 2, 64 x 64, seeded by the batch size
+    images = torch.rand(2, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        ours = reward(images, prompts_for(2)).mean().item()
+    assert abs(ours - info["score_mean"]) < 0.01 * abs(ours), (ours, info["score_mean"])
+
+
 if __name__ == "__main__":
     print(json.dumps(measure_parity(), indent=1))

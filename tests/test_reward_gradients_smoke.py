@@ -41,6 +41,7 @@ def test_every_reward_and_implementation_is_measured(run):
             assert (reward, "imscore", "eager", dtype) in seen
         for reward in MODEL_REWARDS:
             assert (reward, "ours", "compile", "bf16") in seen and (reward, "ours", "preprocess", "bf16") in seen
+        assert ("hpsv3", "ours", "eager", dtype) in seen  # its peer runs apart: benchmarks.hpsv3_official
     assert {"fast", "tf32", "compile-tf32", "channels-last"} <= {r["variant"] for r in rows}
 
 
