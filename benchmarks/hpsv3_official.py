@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(files["checkpoint"]), "base": str(files["base"]),
         "device": args.device or ("cpu" if args.smoke else "cuda"), "size": args.size or (64 if args.smoke else 1024),
         "batches": [int(b) for b in (args.batches or ("2" if args.smoke else "8,1")).split(",")],
-        "dtypes": (args.dtypes or ("fp32" if args.smoke else "bf16")).split(","), "rounds": args.rounds or (1 if args.smoke else 5), "prompts": prompts_for(64),
+        "dtypes": (args.dtypes or ("fp32" if args.smoke else "bf16")).split(","),
+        "rounds": args.rounds or (1 if args.smoke else 5), "prompts": prompts_for(64),
     }
     with tempfile.TemporaryDirectory() as tmp:
         job_path, out = Path(tmp) / "job.json", Path(tmp) / "records.jsonl"

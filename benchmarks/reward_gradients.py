@@ -367,7 +367,8 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
 def _bars(ax, rows: list[dict], dtype: str) -> None:
     keys = sorted({(r["reward"], r["batch"]) for r in rows}, key=lambda k: (k[0], -k[1]))
     series = {"ours (eager)": lambda g: _pick(g, "ours", "eager"), "ours (best variant)": lambda g: _best(g),
-              "imscore (HPSv3: official)": lambda g: _pick(g, "imscore", "eager") or _pick(g, "official", "differentiable")}
+              "imscore (HPSv3: official)": lambda g: _pick(g, "imscore", "eager")
+              or _pick(g, "official", "differentiable")}
     width = 0.8 / len(series)
     for i, (label, choose) in enumerate(series.items()):
         values = [choose([r for r in rows if (r["reward"], r["batch"]) == k]) for k in keys]

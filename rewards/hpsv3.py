@@ -218,7 +218,7 @@ class HPSv3(Reward):
 
     # -- text -------------------------------------------------------------------------------------------------
     def _template_parts(self, chat_template: str) -> tuple[str, str]:
-        """The rendered chat text before and after the image's `<|image_pad|>` run; PROMPT_MARK stands for the prompt."""
+        """The chat text before and after the image's `<|image_pad|>` run; PROMPT_MARK stands for the prompt."""
         marker = PROMPT_MARK
         message = [{"role": "user", "content": [
             {"type": "image", "image": "image"},
@@ -356,10 +356,11 @@ def load_hpsv3(
         model = HPSv3(text_config, vision_config, tokenizer, template, mean, std, pil_8bit=pil_8bit)
     load_state_dict_strict(model, state, reward=NAME, source=f"{ckpt} ({RENAMED})", assign=True)  # one copy
     del state
+    _restore_buffers(model)
+    # Cast as the official package casts (model.to(bfloat16)): the rotary frequencies too, which it computes with.
     model.vision.to(dtype)
     model.text.to(dtype)
     model.head.float()  # the official head always runs in float32
-    _restore_buffers(model, device)
     return model.to(device)
 
 
@@ -371,7 +372,9 @@ def _chat_template(base, tokenizer_config: Path) -> str:
     except MissingFileError:
         template = read_json(tokenizer_config, "tokenizer config").get("chat_template")
     if not isinstance(template, str):
-        raise CorruptCheckpointError(f"{NAME}: neither {CHAT_TEMPLATE_FILE} nor {tokenizer_config} holds a chat template")
+        raise CorruptCheckpointError(
+            f"{NAME}: neither {CHAT_TEMPLATE_FILE} nor {tokenizer_config} holds a chat template"
+        )
     return template
 
 
@@ -388,15 +391,33 @@ def _vocab_rows(state: dict, tokenizer, ckpt: Path) -> int:
     return rows.shape[0]
 
 
-def _restore_buffers(model: HPSv3, device: torch.device) -> None:
+def _restore_buffers(model: HPSv3) -> None:
     """Rebuild the non-persistent buffers (rotary frequencies, normalisation constants) that a checkpoint lacks."""
     model._anchor = torch.empty(0)
     model.normalize.to_empty(device="cpu")
     model.normalize.reset()
-    for rotary in (model.vision.rotary_pos_emb, model.text.rotary_emb):
-        fresh = type(rotary)(rotary.config)
-        for name, buffer in fresh.named_buffers():
-            setattr(rotary, name, buffer)
+    model.vision.rotary_pos_emb = vision_rotary(model.vision.rotary_pos_emb.config)
+    rotary = model.text.rotary_emb
+    for name, buffer in type(rotary)(rotary.config).named_buffers():
+        setattr(rotary, name, buffer)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"{NAME}: tensors {left[:5]} were not loaded; this transformers version adds state we miss")
+
+
+def vision_rotary(config) -> nn.Module:
+    """transformers' vision rotary embedding, computing in the dtype of its frequencies as transformers 4.45-4.49 did.
+
+    The official model is cast whole to bf16, frequencies included, and its transformers computed the vision angles
+    `outer(arange, inv_freq)` and their cos/sin in that dtype (bf16-rounded angles; it was trained so). transformers 5
+    computes them in float32. In float32 both are the same."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionRotaryEmbedding
+
+    class VisionRotary(Qwen2VLVisionRotaryEmbedding):
+        def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.inv_freq.dtype == torch.float32:
+                return super().forward(x, position_ids)
+            angles = position_ids[..., None].to(self.inv_freq.dtype) * self.inv_freq
+            return self.recomposition_frequencies(angles.cos()), self.recomposition_frequencies(angles.sin())
+
+    return VisionRotary(config)

@@ -132,7 +132,9 @@ def run_parity(workdir: Path) -> tuple[dict, rewards.Reward, dict]:
         **_differences(float_path, official["mu"], "float_path_"),
         **_differences(official["diff_mu"], official["mu"], "official_differentiable_"),
         "official_differentiable_grad_norms": official["diff_grad_norm"].tolist(),
+        **_differences(official["mu_bf16"], official["mu"], "official_bf16_vs_float32_"),
         "official_scores": official["mu"].tolist(),
+        "official_bf16_scores": official["mu_bf16"].tolist(),
         "ours_scores": outputs[:, 0].tolist(),
         "seconds": {"oracle_total": oracle_s, "oracle_build": official["build_s"], "oracle_score": official["score_s"],
                     "ours_load": load_s, "ours_score": score_s},
@@ -267,16 +269,30 @@ def test_8bit_gradient_is_the_float_resize_gradient(parity, monkeypatch):
     assert all(p.grad is None for p in reward.parameters())
 
 
-def test_bfloat16_model_keeps_the_head_in_float32(parity):
-    _, reward, paths = parity
+def test_bfloat16_matches_the_official_bfloat16_scorer(parity):
+    """In bf16 the official model casts everything but its head, rotary frequencies included, and (transformers 4)
+    computes the vision rotary angles in bf16: ours does the same and lands on its scores; with transformers 5's
+    float32 rotary it would be 10x further off."""
+    m, _, paths = parity
     half = rewards.load("hpsv3", dtype=torch.bfloat16, **paths)
     assert half.text.embed_tokens.weight.dtype == half.vision.get_dtype() == torch.bfloat16
-    assert half.head[0].weight.dtype == torch.float32
-    x = _to_tensor(_images()[1])
-    with torch.no_grad():
-        low, full = half(x, ["a cat"]), reward(x, ["a cat"])
-    assert low.dtype == torch.float32 and torch.isfinite(low).all()
-    assert (low - full).abs().max() < 0.1 * parity[0]["official_score_std"], (low, full)
+    assert half.head[0].weight.dtype == torch.float32 and half.text.rotary_emb.inv_freq.dtype == torch.bfloat16
+    images = [_to_tensor(a) for a in _images()]
+
+    def scores() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([half(x, [p]) for x, p in zip(images, PROMPTS)]).double()
+
+    official = torch.tensor(m["official_bf16_scores"], dtype=torch.float64)
+    spread = official.std()
+    ours = scores()
+    assert ours.dtype == torch.float64 and torch.isfinite(ours).all()
+    diff = (ours - official).abs().mean() / spread
+    for rotary in (half.vision.rotary_pos_emb, half.text.rotary_emb):
+        for name, buffer in rotary.named_buffers():
+            setattr(rotary, name, buffer.float())
+    float_rotary = (scores() - official).abs().mean() / spread
+    assert diff <= TARGET_MEAN_DIFF_OVER_STD and float_rotary > 10 * diff, (diff, float_rotary)
 
 
 def test_prompt_cache_tokenises_each_prompt_once(parity, monkeypatch):

@@ -7,7 +7,7 @@ PNG images with `HPSv3RewardInferencer.reward` (the official path, PIL) and with
 job.json: {"seed", "base" (folder with config.json, tokenizer, chat template, preprocessor config; the random base
 weights are written there), "checkpoint" (written here), "yaml" (written here), "head_gain", "images": [png],
 "prompts": [str], "out" (a torch file: mu [N], sigma [N], the input ids and pixel patches the model saw, the
-differentiable path's mu and pixel-gradient norms)}. Only the standard library, torch, PIL, numpy and the official
+differentiable path's mu and pixel-gradient norms, mu of the scorer in bf16)}. Only the standard library, torch, PIL, numpy and the official
 package (with its pinned transformers) are used, so nothing from the project under test leaks into the oracle.
 """
 
@@ -39,18 +39,19 @@ def install_stubs():
     sys.modules["trl"] = trl
 
 
-def write_yaml(job):
-    """The package's own HPSv3_7B.yaml with the base model, dtype float32 and no DeepSpeed/flash-attention."""
+def write_yaml(job, path, dtype="float32"):
+    """The package's own HPSv3_7B.yaml with the base model, `dtype` (the official file's bf16, or float32) and no
+    DeepSpeed/flash-attention."""
     from pathlib import Path
 
     import hpsv3
     from omegaconf import OmegaConf
 
     config = OmegaConf.to_container(OmegaConf.load(Path(hpsv3.__file__).parent / "config" / "HPSv3_7B.yaml"))
-    config.update(model_name_or_path=job["base"], torch_dtype="float32", bf16=False, disable_flash_attn2=True,
-                  output_dir=str(Path(job["yaml"]).parent / "out"), report_to="none", gradient_checkpointing=False)
+    config.update(model_name_or_path=job["base"], torch_dtype=dtype, bf16=dtype == "bfloat16", disable_flash_attn2=True,
+                  output_dir=str(Path(path).parent / "out"), report_to="none", gradient_checkpointing=False)
     config.pop("deepspeed", None)
-    Path(job["yaml"]).write_text(json.dumps(config))  # JSON is YAML
+    Path(path).write_text(json.dumps(config))  # JSON is YAML
 
 
 def write_base_weights(base, seed):
@@ -81,7 +82,8 @@ def write_checkpoint(job):
     with torch.no_grad():
         for layer in model.rm_head:
             if isinstance(layer, torch.nn.Linear):
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * job["head_gain"] / layer.in_features**0.5)
+                gain = job["head_gain"] / layer.in_features**0.5
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * gain)
                 layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen) * 0.1)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, job["checkpoint"])
 
@@ -103,6 +105,22 @@ def score_official(inferencer, job):
             grids.append(seen["image_grid_thw"][0].clone())
     return {"mu": torch.tensor(mu, dtype=torch.float64), "sigma": torch.tensor(sigma, dtype=torch.float64),
             "input_ids": ids, "pixel_values": pixels, "image_grid_thw": grids}
+
+
+def score_bf16(job):
+    """The official scorer in its own precision (the whole model in bf16, the head in float32). On CUDA a float32
+    autocast hands the head float32 states; on this CPU a pre-hook does that cast, the head being its only user."""
+    import torch
+
+    from hpsv3 import HPSv3RewardInferencer
+
+    yaml = job["yaml"].replace(".yaml", "_bf16.yaml")
+    write_yaml(job, yaml, "bfloat16")
+    inferencer = HPSv3RewardInferencer(config_path=yaml, checkpoint_path=job["checkpoint"], device="cpu")
+    inferencer.model.rm_head.register_forward_pre_hook(lambda module, args: (args[0].float(),))
+    with torch.no_grad():
+        mu = [inferencer.reward([p], [t])[0, 0].item() for p, t in zip(job["images"], job["prompts"])]
+    return {"mu_bf16": torch.tensor(mu, dtype=torch.float64)}
 
 
 def score_differentiable(inferencer, job):
@@ -131,7 +149,7 @@ def main(job_path):
     from hpsv3 import HPSv3RewardInferencer
 
     t0 = time.perf_counter()
-    write_yaml(job)
+    write_yaml(job, job["yaml"])
     write_base_weights(job["base"], job["seed"])
     write_checkpoint(job)
     inferencer = HPSv3RewardInferencer(config_path=job["yaml"], checkpoint_path=job["checkpoint"], device="cpu")
@@ -144,6 +162,8 @@ def main(job_path):
         config_path=job["yaml"], checkpoint_path=job["checkpoint"], device="cpu", differentiable=True
     )
     result.update(score_differentiable(differentiable, job))
+    del differentiable
+    result.update(score_bf16(job))
     result.update(build_s=build_s, score_s=score_s,
                   versions={"torch": str(torch.__version__), "transformers": str(transformers.__version__)})
     torch.save(result, job["out"])
