@@ -17,7 +17,9 @@ What decides the number, as the official `hpsv3` 1.0.0 package computes it (`HPS
   gets the plain 1-D position 0, 1, 2, ... in all three M-RoPE sections (no 3-D image positions). The model was
   trained that way; `get_rope_index` would give other numbers;
 - the head: Linear(3584, 1024), ReLU, Dropout, Linear(1024, 16), ReLU, Linear(16, 2) in float32 on the final-norm
-  hidden state at the `<|Reward|>` token; the score is output[0] (mu), output[1] is sigma.
+  hidden state at the `<|Reward|>` token; the score is output[0] (mu), output[1] is sigma;
+- dtypes: the official scorer casts the whole model to bf16 (rotary frequency buffers included) but the head; its
+  transformers computed the vision rotary angles in that dtype (`vision_rotary` does the same).
 
 Caching: the token ids of the text around the image are cached per prompt (`encode_text`). Nothing after them can
 be: the decoder runs over image and text jointly, and the instruction and prompt come AFTER the image, so their
