@@ -149,9 +149,9 @@ def write_qwen2vl_base(folder: Path, config: dict | None, corpus: list[str], mer
     return {**config, "tokenizer_length": length}
 
 
-def random_hpsv3_state(config: dict, vocab_rows: int, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                       head_gain: float = 2.0) -> dict[str, torch.Tensor]:
-    """A random state dict with the official Qwen2VLRewardModelBT's keys and shapes (`vocab_rows` embeddings)."""
+def official_shapes(config: dict, vocab_rows: int) -> dict[str, torch.Size]:
+    """Keys and shapes of the official Qwen2VLRewardModelBT's state dict (transformers 4 names: visual.*, model.*,
+    lm_head.*, rm_head.{0,3,5}.*) for a base config and `vocab_rows` embeddings."""
     from rewards.hpsv3 import HEAD_INDICES, build_configs
     from transformers.models.qwen2_vl.modeling_qwen2_vl import (
         Qwen2VisionTransformerPretrainedModel,
@@ -162,14 +162,24 @@ def random_hpsv3_state(config: dict, vocab_rows: int, seed: int = 0, dtype: torc
     with torch.device("meta"):
         shapes = {f"visual.{k}": v.shape for k, v in Qwen2VisionTransformerPretrainedModel(vision).state_dict().items()}
         shapes.update({f"model.{k}": v.shape for k, v in Qwen2VLTextModel(text).state_dict().items()})
+    shapes["lm_head.weight"] = torch.Size((vocab_rows, text.hidden_size))
+    widths = (text.hidden_size, 1024, 16, 2)
+    for index, (a, b) in zip(HEAD_INDICES, zip(widths[:-1], widths[1:])):
+        shapes[f"rm_head.{index}.weight"], shapes[f"rm_head.{index}.bias"] = torch.Size((b, a)), torch.Size((b,))
+    return shapes
+
+
+def random_hpsv3_state(config: dict, vocab_rows: int, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                       head_gain: float = 2.0) -> dict[str, torch.Tensor]:
+    """A random state dict with the official keys and shapes; the head in float32 with gain `head_gain`."""
     gen = torch.Generator().manual_seed(seed)
     std = config.get("initializer_range", 0.02)
-    state = {key: _random(key, shape, gen, std).to(dtype) for key, shape in shapes.items()}
-    state["lm_head.weight"] = (torch.randn(vocab_rows, text.hidden_size, generator=gen) * std).to(dtype)
-    widths = (text.hidden_size, 1024, 16, 2)
-    for index, (a, b) in zip(HEAD_INDICES, zip(widths[:-1], widths[1:])):  # the head stays float32, as saved
-        state[f"rm_head.{index}.weight"] = torch.randn(b, a, generator=gen) * head_gain / a**0.5
-        state[f"rm_head.{index}.bias"] = torch.randn(b, generator=gen) * 0.1
+    state = {}
+    for key, shape in official_shapes(config, vocab_rows).items():
+        if key.startswith("rm_head."):  # the head stays float32, as the official model saves it
+            state[key] = torch.randn(shape, generator=gen) * (head_gain / shape[-1] ** 0.5 if len(shape) == 2 else 0.1)
+        else:
+            state[key] = _random(key, shape, gen, std).to(dtype)
     return state
 
 

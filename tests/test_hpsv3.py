@@ -416,5 +416,27 @@ def test_benchmark_peer_runs_the_official_differentiable_path(tmp_path):
     assert abs(ours - info["score_mean"]) < 0.01 * abs(ours), (ours, info["score_mean"])
 
 
+
+def test_full_size_benchmark_files_fit_the_model(tmp_path):
+    """The benchmark's 7B layout (no weights written): the base files give Qwen2-VL's special-token ids, and the
+    official key set and shapes convert onto our full-size model exactly."""
+    from benchmarks.reward_models import PROMPTS as BENCH_PROMPTS
+
+    config = files.write_qwen2vl_base(tmp_path, None, [h3.INSTRUCTION + h3.REQUEST, *BENCH_PROMPTS], merges=50)
+    assert config.pop("tokenizer_length") + 1 == files.HPSV3_VOCAB_ROWS
+    tokenizer = h3.load_tokenizer(tmp_path)
+    assert tokenizer.convert_tokens_to_ids([h3.REWARD_TOKEN, h3.IMAGE_PAD]) == [151657, config["image_token_id"]]
+    assert config["image_token_id"] == files.QWEN2VL_7B["image_token_id"] == 151655
+    shapes = files.official_shapes(config, files.HPSV3_VOCAB_ROWS)
+    ours = h3.convert_checkpoint({k: torch.empty(0) for k in shapes})
+    text, vision = h3.build_configs(config, files.HPSV3_VOCAB_ROWS)
+    with torch.device("meta"):
+        model = h3.HPSv3(text, vision, tokenizer, files.CHAT_TEMPLATE, (0.5,) * 3, (0.5,) * 3)
+    own = {k: v.shape for k, v in model.state_dict().items()}
+    assert sorted(ours) == sorted(own)
+    assert all(own[h3.convert_key(k)] == s for k, s in shapes.items() if k not in h3.UNUSED_KEYS)
+    assert sum(s.numel() for s in own.values()) == 7_748_610_610  # vision 0.68B + decoder 7.07B + head 3.7M
+
+
 if __name__ == "__main__":
     print(json.dumps(measure_parity(), indent=1))
