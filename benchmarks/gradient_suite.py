@@ -228,7 +228,7 @@ class Suite:
             return (lambda x, p: imscore_models.score(model, x, p)), model
         reward = self._ours(case, variant.load)
         if variant.component == "preprocess":
-            return (lambda x, p: reward.preprocess(x).float().flatten(1).sum(1)), reward
+            return (lambda x, p: reward.preprocess(x).float().reshape(len(x), -1).sum(1)), reward  # HPSv3: patch rows
         return reward, reward
 
     def _model(self, key: tuple, build: Callable[[], object]):

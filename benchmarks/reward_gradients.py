@@ -26,6 +26,7 @@ SUITE = ROOT / "benchmarks" / "test_reward_gradients.py"
 NOTE = "random weights, full-size architectures: random weights cost exactly what trained ones cost"
 SMOKE_NOTE = "SMOKE RUN: tiny architectures with random weights on the CPU; checks the suite, the figures mean nothing"
 GOAL_SPEEDUP, GOAL_PEAK_SHARE = 2.0, 0.58  # issue 8: 2x imscore's images/s at no more memory; HPSv2.1 at 58% of peak
+PEERS = ("imscore", "official")  # the implementation each reward is compared with (HPSv3: benchmarks.hpsv3_official)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +183,7 @@ def _row(info: dict, stats: dict) -> dict:
         "reward": info["reward"], "impl": info["impl"], "variant": info["variant"], "dtype": info["dtype"],
         "batch": batch, "size": info["size"], "median_s": median, "min_s": stats["min"], "rounds": stats["rounds"],
         "ms_per_image": 1e3 * median / batch, "images_per_s": batch / median,
-        "gflop_per_image": info["flops"] / batch / 1e9,
+        "gflop_per_image": info["flops"] / batch / 1e9 if info["flops"] else None,  # None: a peer run uncounted
         "tflops": info["flops"] / median / 1e12 if info["flops"] else None,
         "peak_gib": gib(info.get("peak_bytes")), "base_gib": gib(info.get("base_bytes")),
         "weights_gib": gib(info.get("weights_bytes")), "input_gib": gib(info.get("input_bytes")),
@@ -194,7 +195,7 @@ def _row(info: dict, stats: dict) -> dict:
 
 def _compare(rows: list[dict]) -> None:
     """Speed-up and memory ratio of every row against imscore's row of the same reward, precision and batch."""
-    theirs = {(r["reward"], r["dtype"], r["batch"]): r for r in rows if r["impl"] == "imscore"}
+    theirs = {(r["reward"], r["dtype"], r["batch"]): r for r in rows if r["impl"] in PEERS}
     for row in rows:
         ref = None if row["component"] else theirs.get((row["reward"], row["dtype"], row["batch"]))
         row["speedup_vs_imscore"] = row["images_per_s"] / ref["images_per_s"] if ref else None
@@ -207,7 +208,7 @@ def goals(rows: list[dict], peak: float | None) -> list[dict]:
     out = []
     for (reward, dtype), group in _groups(rows).items():
         batch = max(r["batch"] for r in group)
-        ref = next((r for r in group if r["impl"] == "imscore" and r["batch"] == batch), None)
+        ref = next((r for r in group if r["impl"] in PEERS and r["batch"] == batch), None)
         ours = [r for r in group if r["impl"] == "ours" and r["batch"] == batch and not r["component"]]
         if not ours:
             continue
@@ -366,7 +367,8 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
 def _bars(ax, rows: list[dict], dtype: str) -> None:
     keys = sorted({(r["reward"], r["batch"]) for r in rows}, key=lambda k: (k[0], -k[1]))
     series = {"ours (eager)": lambda g: _pick(g, "ours", "eager"), "ours (best variant)": lambda g: _best(g),
-              "imscore": lambda g: _pick(g, "imscore", "eager")}
+              "imscore (HPSv3: official)": lambda g: _pick(g, "imscore", "eager")
+              or _pick(g, "official", "differentiable")}
     width = 0.8 / len(series)
     for i, (label, choose) in enumerate(series.items()):
         values = [choose([r for r in rows if (r["reward"], r["batch"]) == k]) for k in keys]

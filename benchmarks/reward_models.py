@@ -25,7 +25,7 @@ import rewards
 from benchmarks import checkpoints as ck
 from benchmarks import checkpoints_mps as ck_mps
 
-MODEL_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip", "mps", "vqascore")
+MODEL_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip", "mps", "vqascore", "hpsv3")
 REWARDS = MODEL_REWARDS + ("symmetry", "sharpness")
 FILES_VERSION = 2  # bump when a writer changes: cached files of another version are rewritten
 
@@ -85,7 +85,7 @@ TINY_CLIP_336 = {**CLIP_L_336, "hidden_size": 32, "intermediate_size": 64, "num_
                  "num_attention_heads": 2, "projection_dim": 16}
 TINY_FLANT5 = {**ck.FLANT5_XXL, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 1, "num_decoder_layers": 1,
                "num_heads": 4}
-LAZY_REWARDS = ("vqascore",)  # their files are written only when the run selects them
+LAZY_REWARDS = ("vqascore", "hpsv3")  # their files (23 GB, 16 GB at full size) are written only when selected
 # Batch sizes of the full suite for rewards that cannot run its default (32, 8, 1): VQAScore holds 22.6 GB of bf16
 # weights and saves ~6.3 GB of activations per image for the backward (docs/rewards.md, vqascore card: Memory).
 BATCHES = {"vqascore": (8, 4, 1)}
@@ -117,6 +117,8 @@ def write_files(root: Path, *, tiny: bool, rewards: tuple[str, ...] = REWARDS) -
     if "vqascore" in rewards:
         vqa = _cached(folder / "vqascore" / "files.json", tiny, lambda: _write_vqascore(folder / "vqascore", tiny))
         files["sources"]["vqascore"] = vqa["sources"]["vqascore"]
+    if "hpsv3" in rewards:
+        files["sources"]["hpsv3"] = hpsv3_sources(root, tiny=tiny)
     return files
 
 
@@ -136,6 +138,14 @@ def _cached(marker: Path, tiny: bool, write) -> dict:
 def _write_vqascore(folder: Path, tiny: bool) -> dict:
     t5, vision = (TINY_FLANT5, TINY_CLIP_336) if tiny else (ck.FLANT5_XXL, CLIP_L_336)
     return {"sources": {"vqascore": ck.write_vqascore(folder, PROMPTS, t5, vision, seed=0)}, "extra": {}}
+
+
+def hpsv3_sources(root: Path, *, tiny: bool) -> dict[str, Path]:
+    """HPSv3's files (16 GB at full size) under root/{full,tiny}/hpsv3, written once with their own marker."""
+    from benchmarks import hpsv3_files
+
+    folder = Path(root) / ("tiny" if tiny else "full") / "hpsv3"
+    return hpsv3_files.write_benchmark_files(folder, PROMPTS, tiny=tiny)
 
 
 def _write(folder: Path, tiny: bool) -> dict:

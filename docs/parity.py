@@ -23,6 +23,7 @@ MODULES = {
     "imagereward": "tests.test_imagereward",
     "mps": "tests.test_mps",
     "vqascore": "tests.test_vqascore",
+    "hpsv3": "tests.test_hpsv3",
 }
 
 

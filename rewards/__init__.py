@@ -34,6 +34,7 @@ register("sharpness", "rewards.lowlevel:load_sharpness", needs_prompt=False)
 register("shapes-clip", "rewards.clip_score:load_shapes_clip", needs_prompt=True)
 register("mps", "rewards.mps:load_mps", needs_prompt=True)
 register("vqascore", "rewards.vqascore:load_vqascore", needs_prompt=True, dtype=torch.bfloat16)  # 11B parameters
+register("hpsv3", "rewards.hpsv3:load_hpsv3", needs_prompt=True)
 
 __all__ = [
     "Reward",

@@ -81,9 +81,10 @@ def compiled_blocks(reward: Reward) -> list[nn.Module]:
     layers = _hf_vision_layers(reward)
     if layers is not None:
         blocks += list(layers)
-    # ImageReward: ViT and cross-attending BERT; MPS: its CLIP image tower (every token is read) and condition branch
+    # ImageReward: ViT and cross-attending BERT; MPS: its CLIP image tower (every token is read) and condition branch;
+    # HPSv3: Qwen2-VL's vision blocks and decoder layers
     for owner, attr in (("vision", "blocks"), ("text", "encoder.layer"), ("clip", "vision_model.encoder.layers"),
-                        ("branch", "layers")):
+                        ("branch", "layers"), ("text", "layers")):
         module = getattr(reward, owner, None)
         for name in attr.split("."):
             module = getattr(module, name, None)

@@ -85,7 +85,7 @@ def test_structural_refusals(override, pattern):
 @pytest.mark.parametrize("override, pattern", [
     ("method=drtun", r"'method': 'drtun' is not known. Allowed: .*drtune.*Did you mean 'drtune'"),
     ("method_options.k=3", r"'method_options' for method 'drtune'.*no option 'k'"),
-    ("reward=hpsv3", r"'reward': 'hpsv3' is not known. Allowed: .*hpsv2.1"),
+    ("reward=hpsv4", r"'reward': 'hpsv4' is not known. Allowed: .*hpsv2.1"),  # hpsv3 exists now
     ("reward={symmetry: 1.0, nope: 2.0}", r"'nope' is not known"),
     ("reward_sources.pickscore.model=/x", r"'reward_sources.pickscore'.*not one of the rewards in use"),
     ("sampling.scheduler=ddpm", r"'sampling.scheduler': 'ddpm' is not known. Allowed: .*ddim"),

@@ -43,6 +43,7 @@ def test_every_reward_and_implementation_is_measured(run):
         for reward in MODEL_REWARDS:
             assert (reward, "ours", "preprocess", "bf16") in seen
             assert reward in EAGER_ONLY or (reward, "ours", "compile", "bf16") in seen
+        assert ("hpsv3", "ours", "eager", dtype) in seen  # its peer runs apart: benchmarks.hpsv3_official
     assert {"fast", "tf32", "compile-tf32", "channels-last"} <= {r["variant"] for r in rows}
 
 

@@ -32,6 +32,9 @@ PINS = (
     "fairscale==0.4.13",
     "t2v-metrics==3.0",  # VQAScore; its CLIP-FlanT5 path also needs the slow T5 tokenizer's sentencepiece
     "sentencepiece==0.2.0",
+    "hpsv3==1.0.0",  # HPSv3's official inferencer; it pins transformers 4.45.2, runs on the 4.49.0 above
+    "omegaconf==2.3.0",  # hpsv3 reads its model config through OmegaConf
+    "antlr4-python3-runtime==4.9.3",  # omegaconf's parser runtime
 )
 ENV_VAR = "DRTUNE_ORACLE_ENV"
 PTH_NAME = "zz_drtune_main_env.pth"  # sorts last, after the pinned packages' own .pth files
