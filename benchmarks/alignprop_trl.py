@@ -266,7 +266,7 @@ def checkpointed_chain(adapter: Adapter, plan: Plan, cond, reward, prompts: list
     sched.set_timesteps(plan.num_steps, device=adapter.device)
     x = adapter.initial_latents(len(prompts), size, size, generator)
     for i, t in enumerate(sched.timesteps):
-        eps = checkpoint(adapter.eps, x, t, cond, guidance, use_reentrant=False)
+        eps = checkpoint(adapter.denoise, x, t, cond, guidance, use_reentrant=False)
         eps = eps if i in trained else eps.detach()
         x = sched.step(eps, t, x, eta=eta, generator=generator, return_dict=False)[0]
     loss = -reward(adapter.decode(x, checkpoint=False), prompts).mean()
