@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (the model's default)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1], help="DRTune rows at these batch sizes")
     ap.add_argument("--compare-batch", type=int, default=None, help="engine against plain autograd at this batch")
+    ap.add_argument("--compare-plans", nargs="+", default=None, help="compare only these plans (default: all three)")
     ap.add_argument("--iters", type=int, default=1, help="timed steps per row, after one warm-up step")
     ap.add_argument("--lora-rank", type=int, default=64)
     ap.add_argument("--flops", action="store_true", help="count one DRTune step's FLOPs at batch 1 (the floor)")
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     cases = plans(args.steps)
     jobs = [("engine", "drtune K=5", b) for b in args.batches]
     if args.compare_batch:
-        jobs += [(kind, name, args.compare_batch) for name in cases for kind in ("engine", "naive")
+        compared = args.compare_plans or list(cases)
+        jobs += [(kind, name, args.compare_batch) for name in compared for kind in ("engine", "naive")
                  if (kind, name, args.compare_batch) not in jobs]
     if args.flops:
         meta["tflop_drtune_step_per_image"] = count_flops(step("engine", cases["drtune K=5"], 1)) / 1e12
