@@ -82,3 +82,91 @@ def test_penalty_of_a_full_finetune_uses_a_frozen_copy():
             p.sub_(0.01)
         base = adapter.denoise(x, t, cond, GUIDANCE)
     assert float(value.detach()) == pytest.approx(float(((out - base) ** 2).mean().detach()), rel=1e-9) and value > 0
+
+
+# -- 6. LoRA strength and mixing ----------------------------------------------------------------------------------
+def _saved_lora(family: str, rank: int, alpha: float, seed: int, folder):
+    """A tiny float32 adapter's LoRA, away from zero, saved as the run would save it."""
+    from tuner.lora import save_lora
+
+    adapter = tiny_adapter(family, dtype=torch.float32)
+    params = add_lora(adapter.denoiser, rank=rank, alpha=alpha, target_modules=list(adapter.lora_targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return save_lora(adapter.denoiser, folder, adapter.pipeline_class)
+
+
+def _file_deltas(path):
+    """Effective updates (alpha / r) B A read straight from a LoRA file, independently of tuner.mix."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = {k.split(".", 1)[1]: v for k, v in json.loads(f.metadata()["lora_adapter_metadata"]).items()}
+        t = {k: f.get_tensor(k).double() for k in f.keys()}
+    down = [k for k in t if k.endswith(("lora.down.weight", "lora_A.weight"))]
+    up = {k: k.replace("lora.down", "lora.up").replace("lora_A", "lora_B") for k in down}
+    ranks = {t[k].shape[0] for k in down}
+    return {k: meta["lora_alpha"] / meta["r"] * t[up[k]] @ t[k] for k in down}, ranks
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_mix_is_the_weighted_sum_of_updates(family, tmp_path):
+    from tuner.mix import main
+
+    first = _saved_lora(family, 2, 4.0, 1, tmp_path / "a")
+    second = _saved_lora(family, 3, 1.5, 2, tmp_path / "b")
+    d1, _ = _file_deltas(first)
+    d2, _ = _file_deltas(second)
+    cases = {"half": (0.5, 0.5), "first": (1.0, 0.0), "second": (0.0, 1.0), "scaled": (0.7, None)}
+    for name, (w1, w2) in cases.items():
+        loras = ["--lora", str(tmp_path / "a")] + (["--lora", str(tmp_path / "b")] if w2 is not None else [])
+        weights = [str(w1)] + ([str(w2)] if w2 is not None else [])
+        assert main([*loras, "--weights", *weights, "--out", str(tmp_path / name)]) == 0
+        got, ranks = _file_deltas(tmp_path / name / "pytorch_lora_weights.safetensors")
+        assert ranks == ({5} if w2 is not None else {2})  # stacked factors, not interpolated ones
+        for k in d1:
+            want = w1 * d1[k] + (w2 * d2[k] if w2 is not None else 0)
+            assert torch.allclose(got[k], want, rtol=1e-6, atol=1e-7), (name, k)
+    assert max(float((d1[k] - d2[k]).abs().max()) for k in d1) > 1e-2  # the endpoints are told apart
+
+
+def test_stock_pipeline_loads_the_mix_and_computes_the_summed_update(tmp_path):
+    from tuner.mix import main
+    from tuner.pipelines import TINY_PIPELINES
+
+    _saved_lora("sd15", 2, 4.0, 1, tmp_path / "a")
+    _saved_lora("sd15", 3, 1.5, 2, tmp_path / "b")
+    assert main(["--lora", str(tmp_path / "a"), "--lora", str(tmp_path / "b"), "--out", str(tmp_path / "mix")]) == 0
+    d1, _ = _file_deltas(tmp_path / "a" / "pytorch_lora_weights.safetensors")
+    d2, _ = _file_deltas(tmp_path / "b" / "pytorch_lora_weights.safetensors")
+    loaded, folded = TINY_PIPELINES["tiny-sd15"](0), TINY_PIPELINES["tiny-sd15"](0)
+    loaded.load_lora_weights(str(tmp_path / "mix"))  # stock diffusers loading
+    weights = dict(folded.unet.named_parameters())
+    with torch.no_grad():
+        for key in d1:  # fold 0.5 dW1 + 0.5 dW2 into the plain UNet's weights by hand
+            name = key.removeprefix("unet.").replace(".lora.down.weight", "").replace(".processor", "")
+            weights[name + ".weight"] += (0.5 * d1[key] + 0.5 * d2[key]).float()
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, loaded.unet.config.cross_attention_dim,
+                                                               generator=g)
+    plain = TINY_PIPELINES["tiny-sd15"](0).unet(x, 500, encoder_hidden_states=ctx).sample
+    want = folded.unet(x, 500, encoder_hidden_states=ctx).sample
+    got = loaded.unet(x, 500, encoder_hidden_states=ctx).sample
+    assert (want - plain).abs().max() > 1e-3
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_mix_gallery_across_strengths(tmp_path):
+    from PIL import Image
+
+    from tuner.mix import main
+
+    _saved_lora("sd15", 2, 4.0, 1, tmp_path / "a")
+    assert main(["--lora", str(tmp_path / "a"), "--weights", "0.5", "--out", str(tmp_path / "half"), "--gallery",
+                 "--model", "tiny-sd15", "--prompts", "a cat", "a dog", "--strengths", "0", "1", "--steps", "2"]) == 0
+    image = Image.open(tmp_path / "half" / "gallery.png")
+    assert image.width > 2 * 128 and image.height > 2 * 128
