@@ -170,3 +170,84 @@ def test_mix_gallery_across_strengths(tmp_path):
                  "--model", "tiny-sd15", "--prompts", "a cat", "a dog", "--strengths", "0", "1", "--steps", "2"]) == 0
     image = Image.open(tmp_path / "half" / "gallery.png")
     assert image.width > 2 * 128 and image.height > 2 * 128
+
+
+# -- 4. Differentiable augmentations -----------------------------------------------------------------------------
+def _by_hand(images, seed, crop, shift, noise):
+    """crop -> flip -> shift -> noise written with plain torch (slicing, interpolate, flip, gather), the parameters
+    drawn from a generator seeded `seed` in the documented order."""
+    import math
+
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for img in images.split(1):
+        H, W = img.shape[-2:]
+        h = int(torch.randint(math.ceil(crop * H), H + 1, (), generator=g))
+        w = max(1, round(h * W / H))
+        top, left = int(torch.randint(0, H - h + 1, (), generator=g)), int(torch.randint(0, W - w + 1, (), generator=g))
+        flip = float(torch.rand((), generator=g)) < 0.5
+        m = round(shift * min(H, W))
+        dy, dx = int(torch.randint(-m, m + 1, (), generator=g)), int(torch.randint(-m, m + 1, (), generator=g))
+        eps = noise * torch.randn(3, H, W, generator=g, dtype=torch.float64)
+        x = F.interpolate(img[..., top:top + h, left:left + w], size=(H, W), mode="bilinear", align_corners=True)
+        x = x.flip(-1) if flip else x
+        rows = (torch.arange(H) - dy).clamp(0, H - 1)
+        cols = (torch.arange(W) - dx).clamp(0, W - 1)
+        x = x[..., rows, :][..., cols] + eps
+        out.append(x + (x.clamp(0, 1) - x).detach())
+    return torch.cat(out)
+
+
+def test_augmented_reward_gradient_equals_the_explicit_composition():
+    from tuner.guards.augment import Augment
+    from tuner.guards.normalize import GuardedReward
+
+    images = torch.rand(4, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    images.requires_grad_(True)
+    reward = ToyReward(batch=4)
+    guarded = GuardedReward(reward, augment=Augment(["crop", "flip", "shift", "noise"], crop=0.6, shift=0.15,
+                                                    noise=0.05, seed=7))
+    got = torch.autograd.grad(guarded(images, None).sum(), images)[0]
+    want = torch.autograd.grad(reward(_by_hand(images, 7, 0.6, 0.15, 0.05), None).sum(), images)[0]
+    plain = torch.autograd.grad(reward(images, None).sum(), images)[0]
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+    assert (got - plain).abs().max() > 1e-3  # the augmentation changed the gradient
+
+
+def test_augmentations_batched_and_one_at_a_time_agree():
+    from tuner.guards.augment import Augment
+
+    images = torch.rand(3, 3, 16, 24, dtype=torch.float64)
+    batched = Augment(["crop", "flip", "shift", "noise"], seed=2)(images)
+    one = Augment(["crop", "flip", "shift", "noise"], seed=2)
+    assert torch.equal(batched, torch.cat([one(images[i:i + 1]) for i in range(3)]))
+    with pytest.raises(ValueError, match="unknown augmentation.*rotate"):
+        Augment(["rotate"])
+
+
+# -- 3. Reward normalisation -------------------------------------------------------------------------------------
+def test_normalisation_of_the_total_and_of_each_part():
+    import rewards
+    from tuner.guards.normalize import GuardedReward, statistics
+
+    mixture = rewards.combine({"symmetry": 2.0, "sharpness": 0.5})
+    base = torch.rand(6, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    stats = statistics(mixture(base.float(), None), mixture.last_parts)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    total = mixture(images, None)
+    parts = dict(mixture.last_parts)
+    sym, sharp = mixture.last_parts["symmetry"], mixture.last_parts["sharpness"]
+    base_total = mixture(base.float(), None).double()
+    want_total = (total.double() - base_total.mean()) / base_total.std()
+    got_total = GuardedReward(mixture, stats=stats, mode="total")(images, None)
+    assert torch.allclose(got_total.double(), want_total, rtol=1e-5)
+    base_parts = {k: mixture.part(k)(base.float(), None).double() for k in ("symmetry", "sharpness")}
+    want_parts = sum(w * (parts[k].double() - base_parts[k].mean()) / base_parts[k].std()
+                     for k, w in (("symmetry", 2.0), ("sharpness", 0.5)))
+    guarded = GuardedReward(mixture, stats=stats, mode="parts")
+    assert torch.allclose(guarded(images, None).double(), want_parts, rtol=1e-5)
+    assert torch.equal(guarded.last_parts["symmetry"], sym) and torch.equal(guarded.last_parts["sharpness"], sharp)
+    with pytest.raises(ValueError, match="no spread"):
+        statistics(torch.ones(4), {})
