@@ -251,3 +251,70 @@ def test_normalisation_of_the_total_and_of_each_part():
     assert torch.equal(guarded.last_parts["symmetry"], sym) and torch.equal(guarded.last_parts["sharpness"], sharp)
     with pytest.raises(ValueError, match="no spread"):
         statistics(torch.ones(4), {})
+
+
+# -- 2. The pretraining (denoising) loss -------------------------------------------------------------------------
+def _imagefolder(folder, n=3, size=SIZE):
+    """A tiny dataset in the diffusers imagefolder layout."""
+    import json
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(4)
+    rows, arrays = [], []
+    for i in range(n):
+        array = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8)
+        Image.fromarray(array.numpy()).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"caption {i}"}))
+        arrays.append(array.permute(2, 0, 1).float() / 255)
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return torch.stack(arrays)
+
+
+def test_pair_sources_read_an_imagefolder_and_the_shapes_generator(tmp_path):
+    from tuner.guards.pretrain import PairSource
+    from tuner.shapes.data import ShapesData
+
+    pixels = _imagefolder(tmp_path / "data")
+    source = PairSource(str(tmp_path / "data"), batch_size=2, height=SIZE, width=SIZE, seed=1)
+    seen = []
+    for step in range(3):  # one epoch and a half: every image once before any repeats
+        images, captions = source.batch(step)
+        for image, caption in zip(images, captions):
+            assert torch.equal(image, pixels[int(caption.split()[1])])
+            seen.append(caption)
+    assert sorted(seen[:3]) == ["caption 0", "caption 1", "caption 2"]
+    images, captions = PairSource("shapes", batch_size=2, height=SIZE, width=SIZE).batch(1)
+    want, want_captions = ShapesData(0).batch(2, 2)
+    assert torch.equal(images, want) and captions == want_captions
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_denoising_loss_equals_a_hand_computation(family, tmp_path):
+    from tuner.guards.pretrain import denoising_loss
+
+    adapter = perturbed_lora_adapter(family)
+    images = _imagefolder(tmp_path / "data", n=2).double()
+    captions = ["caption 0", "caption 1"]
+    got = denoising_loss(adapter, images, captions, num_steps=T, generator=torch.Generator().manual_seed(9),
+                         height=SIZE, width=SIZE)
+    g = torch.Generator().manual_seed(9)
+    index = int(torch.randint(0, T, (), generator=g))
+    vae = adapter.vae
+    z = vae.encode(images * 2 - 1).latent_dist.mean
+    x0 = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    adapter.set_timesteps(T, SIZE, SIZE)
+    sched = adapter.scheduler
+    t = sched.timesteps[index]
+    if family == "flux":
+        s = sched.sigmas[index].double()
+        x_t, want_out = (1 - s) * x0 + s * noise, noise - x0
+    else:
+        abar = sched.alphas_cumprod[int(t)].double()
+        x_t, want_out = abar.sqrt() * x0 + (1 - abar).sqrt() * noise, noise
+    cond = adapter.encode_prompts(captions, None if family == "flux" else ["", ""])
+    with torch.no_grad():
+        want = ((_guided(adapter, x_t, t, cond, 1.0) - want_out) ** 2).mean()
+    assert got.requires_grad and float(got.detach()) == pytest.approx(float(want), rel=1e-9)
