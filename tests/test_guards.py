@@ -318,3 +318,115 @@ def test_denoising_loss_equals_a_hand_computation(family, tmp_path):
     with torch.no_grad():
         want = ((_guided(adapter, x_t, t, cond, 1.0) - want_out) ** 2).mean()
     assert got.requires_grad and float(got.detach()) == pytest.approx(float(want), rel=1e-9)
+
+
+# -- the guards in the training loop -----------------------------------------------------------------------------
+JUDGED = []
+
+
+def stand_in_judge(images, captions):
+    """A stand-in for tuner.shapes.judge.judge: scores 0.5, 0.9, 0.1, 0.2, ... in call order (best: the 2nd call)."""
+    JUDGED.append(len(captions))
+    return {"pass": [0.5, 0.9, 0.1, 0.2, 0.3][len(JUDGED) - 1], "other": 0.0}
+
+
+def _run(tmp_path, name, *overrides, **kwargs):
+    from tuner.config import load_config, validate
+    from tuner.train import train
+
+    fast = ["sampling.num_steps=4", "method_options={num_trained: 2, early_stop_range: 2}", "log.progress=false",
+            "prompts.num_eval=2", "log.tensorboard=false", "sampling.height=64", "sampling.width=64",
+            "reward=symmetry", "train.lr=1e-3", "sampling.scheduler=auto", "train.batch_size=1", "train.warmup_steps=0"]
+    cfg = validate(load_config(None, [f"output_dir={tmp_path}", f"name={name}", *fast, *overrides]))
+    return train(cfg, **kwargs)
+
+ALL_GUARDS = ["guards.kl_weight=1.0", "guards.pretrain_weight=0.5", "guards.pretrain_data=shapes",
+              "guards.augment=[crop,flip,shift,noise]", "guards.normalize_samples=3"]
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_every_guard_at_once_and_keep_best_with_a_stand_in_judge(family, tmp_path):
+    from safetensors.torch import load_file
+
+    from tuner import checkpoint as ckpt
+    from tuner.logging import read_metrics
+
+    JUDGED.clear()
+    summary = _run(tmp_path, "all", f"model=tiny-{family}", "train.steps=5", *ALL_GUARDS, "guards.normalize=total",
+                   "guards.select_every=1", "guards.select_metric=tests.test_guards:stand_in_judge",
+                   "guards.select_key=pass", "guards.keep_best=true", "guards.early_stop_patience=2",
+                   "guards.select_num=2", "checkpoint.every=1", "checkpoint.keep=10", "log.eval_every=100")
+    run = tmp_path / "all"
+    assert JUDGED == [2, 2, 2, 2]  # the base model, then steps 1, 2, 3; stopped there (2 evaluations without a best)
+    assert summary["selection"] == {"best_step": 1, "best_score": 0.9, "stopped_early_at": 3,
+                                    "final_weights_from_step": 1}
+    rows = read_metrics(run / "metrics.jsonl")
+    train_rows = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert all(r["pretrain_loss"] > 0 and "kl_penalty" in r and "reward/unnormalized" in r for r in train_rows)
+    assert train_rows[-1]["kl_penalty"] > 0  # the LoRA has moved away from the base
+    assert [r["select/score"] for r in rows if "select/score" in r] == [0.5, 0.9, 0.1, 0.2]
+    assert (run / "reward_stats.safetensors").is_file()
+    # the final LoRA holds the step-1 weights, not the last ones
+    best = ckpt.read_tensors(ckpt.latest(run / "best"), "trainable.safetensors")
+    step1 = ckpt.read_tensors(ckpt.step_dir(run / "checkpoints", 1), "trainable.safetensors")
+    step3 = ckpt.read_tensors(ckpt.step_dir(run / "checkpoints", 3), "trainable.safetensors")
+    assert all(torch.equal(best[k], step1[k]) for k in step1)
+    assert any(not torch.equal(step3[k], step1[k]) for k in step1)
+    final = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
+
+    def norms(state):
+        return sorted(round(v.double().square().sum().item(), 9) for v in state.values())
+
+    assert norms(final) == norms(step1) != norms(step3)
+
+
+def test_resume_restores_the_normalisation_statistics_bit_for_bit(tmp_path, monkeypatch):
+    from tests.test_train import Brightness
+    from tuner import checkpoint as ckpt
+    from tuner.guards import normalize
+
+    common = ["model=tiny-sd15", "train.steps=4", "checkpoint.every=2", "checkpoint.keep=5", "log.eval_every=100",
+              *ALL_GUARDS, "guards.normalize=total"]
+    _run(tmp_path, "whole", *common, reward_fn=Brightness())
+    with pytest.raises(KeyboardInterrupt):  # killed during step 3, after the checkpoint of step 2
+        _run(tmp_path, "cut", *common, reward_fn=Brightness(crash_at=3))
+    stats_file = tmp_path / "cut" / normalize.STATS_FILE
+    before = stats_file.read_bytes()
+    sampled = []
+    monkeypatch.setattr(normalize, "statistics", lambda *a: sampled.append(a))
+    _run(tmp_path, "cut", *common, "resume=latest", reward_fn=Brightness())
+    assert sampled == [] and stats_file.read_bytes() == before  # read back, not sampled again
+    assert before == (tmp_path / "whole" / normalize.STATS_FILE).read_bytes()
+    stats = normalize.load_stats(tmp_path / "cut")
+    assert stats["std/total"] > 0 and stats["mean/total"].dtype == torch.float64
+    a, b = (ckpt.latest(tmp_path / n / "checkpoints") for n in ("whole", "cut"))
+    wa, wb = ckpt.read_tensors(a, "trainable.safetensors"), ckpt.read_tensors(b, "trainable.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the resumed run used the same statistics and augmentations
+
+
+def test_guard_options_are_checked_before_a_model_loads(tmp_path):
+    from tuner.config import ConfigError, load_config, validate
+
+    def check(*overrides):
+        return validate(load_config(None, ["model=tiny-sd15", *overrides]))
+
+    with pytest.raises(ConfigError, match="pretrain_data"):
+        check("guards.pretrain_weight=1")
+    with pytest.raises(ConfigError, match="metadata.jsonl"):
+        check("guards.pretrain_weight=1", f"guards.pretrain_data={tmp_path}")
+    with pytest.raises(ConfigError, match="select_metric"):
+        check("guards.keep_best=true")
+    with pytest.raises(ConfigError, match="shapes.judge.*lacks"):
+        check("guards.select_every=5", "guards.select_metric=shapes-judge")
+    with pytest.raises(ConfigError, match="overlap the evaluation seeds"):
+        check("guards.select_every=5", "guards.select_metric=symmetry", "guards.select_seed=1235")
+    with pytest.raises(ConfigError, match="guards.augment.*rotate"):
+        check("guards.augment=[rotate]")
+    (tmp_path / "select.txt").write_text("a cat\n")
+    (tmp_path / "train.txt").write_text("a cat\na dog\na cow\na fox\na owl\na bee\n")
+    with pytest.raises(ConfigError, match="disjoint from the (training|evaluation)"):
+        check("guards.select_every=5", "guards.select_metric=symmetry", f"prompts.file={tmp_path / 'train.txt'}",
+              "prompts.num_eval=2", f"guards.select_prompts={tmp_path / 'select.txt'}")
+    check("guards.select_every=5", "guards.select_metric=symmetry", f"prompts.file={tmp_path / 'train.txt'}",
+          "prompts.num_eval=2", "guards.select_num=2")  # held out of the training prompts: disjoint by construction
