@@ -63,6 +63,17 @@ def test_penalty_gradient_equals_autograd_at_a_perturbed_lora(family, method):
     assert relative_error(denoiser_grads(adapter), want) > 1e-3
 
 
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_penalty_keeps_one_denoiser_graph_at_a_time(family):
+    from tests.test_engine_exact import GraphCounter
+
+    adapter, plan = perturbed_lora_adapter(family), PLANS["draft"]
+    counter = GraphCounter(adapter.denoiser)
+    reward_backward(adapter, plan, adapter.encode_prompts(PROMPTS), ToyReward(), PROMPTS, height=SIZE, width=SIZE,
+                    guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(SEED), step_term=BasePenalty(1.0))
+    assert counter.calls == len(plan.trained) and counter.peak == 1 and not counter.live
+
+
 def test_penalty_of_a_full_finetune_uses_a_frozen_copy():
     adapter = tiny_adapter("sd15")
     penalty = BasePenalty.for_denoiser(1.0, adapter.denoiser, full_finetune=True)
@@ -430,3 +441,22 @@ def test_guard_options_are_checked_before_a_model_loads(tmp_path):
               "prompts.num_eval=2", f"guards.select_prompts={tmp_path / 'select.txt'}")
     check("guards.select_every=5", "guards.select_metric=symmetry", f"prompts.file={tmp_path / 'train.txt'}",
           "prompts.num_eval=2", "guards.select_num=2")  # held out of the training prompts: disjoint by construction
+
+
+def test_guards_give_the_same_gradient_in_low_memory_mode():
+    from tuner.guards.augment import Augment
+    from tuner.guards.normalize import GuardedReward
+
+    adapter, plan = perturbed_lora_adapter("sd15"), PLANS["drtune"]
+    cond = adapter.encode_prompts(PROMPTS)
+    stats = {"mean/total": torch.tensor(0.3, dtype=torch.float64), "std/total": torch.tensor(0.2, dtype=torch.float64)}
+    grads = []
+    for low in (False, True):
+        adapter.low_memory = low
+        reward = GuardedReward(ToyReward(batch=1), augment=Augment(["crop", "flip", "shift", "noise"], seed=3),
+                               stats=stats, mode="total")
+        reward_backward(adapter, plan, cond, reward, PROMPTS, height=SIZE, width=SIZE, guidance_scale=GUIDANCE,
+                        generator=torch.Generator().manual_seed(SEED), step_term=BasePenalty(2.0))
+        grads.append(denoiser_grads(adapter))
+        adapter.denoiser.zero_grad(set_to_none=True)
+    assert relative_error(grads[1], grads[0]) < 1e-10

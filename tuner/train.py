@@ -514,12 +514,13 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     adapter = build_adapter(cfg, device, weight_dtype, pipeline)
     denoiser = adapter.denoiser
     params = add_trainable(denoiser, cfg, adapter.lora_targets)
+    g = cfg.guards  # a full fine-tune's KL penalty copies the denoiser here, before it is compiled or wrapped
+    penalty = BasePenalty.for_denoiser(g.kl_weight, denoiser, t.full_finetune) if g.kl_weight > 0 else None
     if t.compile:
         adapter.compile()  # after the LoRA exists: its layers are part of the compiled blocks
     step_hook = make_step_hook(params) if make_step_hook is not None else None
     reward = reward_fn if reward_fn is not None else build_reward(cfg, device)
     train_prompts, eval_prompts = load_prompt_sets(cfg.prompts)
-    g = cfg.guards
     if g.select_every:
         train_prompts, select_prompts = select.split_prompts(train_prompts, eval_prompts, file=g.select_prompts,
                                                              num=g.select_num, seed=g.select_seed)
@@ -533,7 +534,6 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     if scaler is not None:
         scaler.scale(torch.ones((), device=device))  # creates the scale; the engine applies it through loss_scale
     ema = EMA(lora.trainable_parameters(denoiser), t.ema_decay) if t.ema_decay > 0 else None
-    penalty = BasePenalty.for_denoiser(g.kl_weight, denoiser, t.full_finetune) if g.kl_weight > 0 else None
     adapter.denoiser = prepare_denoiser(accelerator, denoiser)
     gen = rank_generator(t.seed, rank)
     generators = {"train": gen}
