@@ -301,7 +301,7 @@ def test_pair_sources_read_an_imagefolder_and_the_shapes_generator(tmp_path):
     assert torch.equal(images, want) and captions == want_captions
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
 def test_denoising_loss_equals_a_hand_computation(family, tmp_path):
     from tuner.guards.pretrain import denoising_loss
 
@@ -319,7 +319,7 @@ def test_denoising_loss_equals_a_hand_computation(family, tmp_path):
     adapter.set_timesteps(T, SIZE, SIZE)
     sched = adapter.scheduler
     t = sched.timesteps[index]
-    if family == "flux":
+    if family in ("sd3", "flux"):
         s = sched.sigmas[index].double()
         x_t, want_out = (1 - s) * x0 + s * noise, noise - x0
     else:
@@ -369,8 +369,10 @@ def test_every_guard_at_once_and_keep_best_with_a_stand_in_judge(family, tmp_pat
                    "guards.select_num=2", "checkpoint.every=1", "checkpoint.keep=10", "log.eval_every=100")
     run = tmp_path / "all"
     assert JUDGED == [2, 2, 2, 2]  # the base model, then steps 1, 2, 3; stopped there (2 evaluations without a best)
+    final_eval = summary["selection"].pop("eval_reward_of_final_weights")
     assert summary["selection"] == {"best_step": 1, "best_score": 0.9, "stopped_early_at": 3,
                                     "final_weights_from_step": 1}
+    assert 0 < final_eval <= 1 and final_eval != summary["eval_reward_after"]  # the best weights, not the last
     rows = read_metrics(run / "metrics.jsonl")
     train_rows = [r for r in rows if "reward" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3]
@@ -390,6 +392,16 @@ def test_every_guard_at_once_and_keep_best_with_a_stand_in_judge(family, tmp_pat
         return sorted(round(v.double().square().sum().item(), 9) for v in state.values())
 
     assert norms(final) == norms(step1) != norms(step3)
+
+
+def test_full_finetune_with_the_penalty_and_the_pretraining_loss(tmp_path):
+    summary = _run(tmp_path, "full", "model=tiny-sd15", "train.steps=2", "train.full_finetune=true", *ALL_GUARDS,
+                   "guards.normalize=parts", "reward={symmetry: 1.0, sharpness: 0.1}", "train.lr=1e-4")
+    from tuner.logging import read_metrics
+
+    rows = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "reward" in r]
+    assert summary["skipped_steps"] == 0 and rows[-1]["kl_penalty"] > 0 and rows[-1]["pretrain_loss"] > 0
+    assert {"reward/symmetry", "reward/sharpness", "reward/unnormalized"} <= set(rows[-1])
 
 
 def test_resume_restores_the_normalisation_statistics_bit_for_bit(tmp_path, monkeypatch):

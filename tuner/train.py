@@ -650,6 +650,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     if main:
         if best is not None:  # the best selection-scored weights become the final ones (EMA already applied)
             load_trained(denoiser, best)
+            _, final_rewards, _ = evaluate(adapter, denoiser, eval_conds, eval_prompts, reward, cfg, autocast)
         with _model_weights(denoiser, ema if best is None else None):
             if t.full_finetune:
                 final = _save_denoiser(denoiser, run_dir / ("unet" if hasattr(adapter.pipe, "unet") else "transformer"))
@@ -661,7 +662,8 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
         if g.select_every:
             summary["selection"] = {"best_step": selection.best_step, "best_score": selection.best,
                                     "stopped_early_at": stopped_at,
-                                    "final_weights_from_step": ckpt.read_meta(best)["step"] if best else None}
+                                    "final_weights_from_step": ckpt.read_meta(best)["step"] if best else None,
+                                    "eval_reward_of_final_weights": final_rewards.mean().item() if best else None}
         write_summary(run_dir, summary)
     logger.close()
     accelerator.wait_for_everyone()
