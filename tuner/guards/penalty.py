@@ -39,22 +39,20 @@ class BasePenalty:
 
     @contextlib.contextmanager
     def base_model(self, adapter) -> Iterator[None]:
-        """Inside the block adapter.denoise runs the base model."""
-        if self.base is not None:
-            tuned, adapter.denoiser = adapter.denoiser, self.base
-            try:
-                yield
-            finally:
-                adapter.denoiser = tuned
-            return
-        module = _plain(adapter.denoiser)
-        if not getattr(module, "_hf_peft_config_loaded", False):
+        """Inside the block adapter.denoise runs the base model (a plain module: no DDP hooks on a gradient-free call)."""
+        tuned = adapter.denoiser
+        module = _plain(tuned)
+        if self.base is None and not getattr(module, "_hf_peft_config_loaded", False):
             raise ValueError("the base-model penalty needs a LoRA to switch off, or a frozen copy (full fine-tuning)")
-        module.disable_adapters()
+        adapter.denoiser = module if self.base is None else self.base
+        if self.base is None:
+            module.disable_adapters()
         try:
             yield
         finally:
-            module.enable_adapters()
+            if self.base is None:
+                module.enable_adapters()
+            adapter.denoiser = tuned
 
     def __call__(self, adapter, x: torch.Tensor, t, out: torch.Tensor, cond, guidance_scale: float) -> torch.Tensor:
         with torch.no_grad(), self.base_model(adapter):
