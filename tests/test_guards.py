@@ -472,3 +472,25 @@ def test_guards_give_the_same_gradient_in_low_memory_mode():
         grads.append(denoiser_grads(adapter))
         adapter.denoiser.zero_grad(set_to_none=True)
     assert relative_error(grads[1], grads[0]) < 1e-10
+
+
+def test_stock_flux_pipeline_fuses_the_mix_into_the_summed_update(tmp_path):
+    from tuner.mix import main
+    from tuner.pipelines import TINY_PIPELINES
+
+    _saved_lora("flux", 2, 4.0, 1, tmp_path / "a")
+    _saved_lora("flux", 3, 1.5, 2, tmp_path / "b")
+    assert main(["--lora", str(tmp_path / "a"), "--lora", str(tmp_path / "b"), "--weights", "0.5", "0.5",
+                 "--out", str(tmp_path / "mix")]) == 0
+    d1, _ = _file_deltas(tmp_path / "a" / "pytorch_lora_weights.safetensors")
+    d2, _ = _file_deltas(tmp_path / "b" / "pytorch_lora_weights.safetensors")
+    pipe = TINY_PIPELINES["tiny-flux"](0)
+    base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora_weights(str(tmp_path / "mix"))  # stock diffusers loading, then folding
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = pipe.transformer.state_dict()
+    for key in d1:
+        name = key.removeprefix("transformer.").replace(".lora_A.weight", ".weight")
+        want = base[name].double() + 0.5 * d1[key] + 0.5 * d2[key]
+        assert torch.allclose(fused[name].double(), want, atol=1e-6), name
