@@ -579,7 +579,8 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
             with _model_weights(denoiser, ema):
                 images, _, _ = evaluate(adapter, denoiser, select_conds, select_prompts, reward, cfg, autocast,
                                         seed=g.select_seed)
-            score = metric(images.to(device), select_prompts)
+            with torch.no_grad():
+                score = metric(images.to(device), select_prompts)
             logger.log(done, {"select/score": score})
             if selection.update(done, score) and g.keep_best:
                 save_best(run_dir, done, score, denoiser, ema)
