@@ -27,10 +27,10 @@ WORKER = textwrap.dedent("""
     rank = int(os.environ["RANK"])
     save, batch, seen = T.save_checkpoint, T.PromptSampler.batch, []
 
-    def spy_save(root, step, *, accelerator, unet, **kw):  # every rank dumps its own trained weights
-        state = {k: v.contiguous() for k, v in lora.trainable_state(unet).items()}
+    def spy_save(root, step, *, accelerator, denoiser, **kw):  # every rank dumps its own trained weights
+        state = {k: v.contiguous() for k, v in lora.trainable_state(denoiser).items()}
         save_file(state, out / f"rank{accelerator.process_index}-step{step}.safetensors")
-        return save(root, step, accelerator=accelerator, unet=unet, **kw)
+        return save(root, step, accelerator=accelerator, denoiser=denoiser, **kw)
 
     def spy_batch(self, step, micro=0):
         prompts = batch(self, step, micro)
@@ -56,10 +56,16 @@ def test_two_processes_stay_in_sync_save_and_resume(tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     (tmp_path / "train.txt").write_text("\n".join(f"prompt number {i}" for i in range(5)))  # 5: not divisible by 2 x 2
     (tmp_path / "eval.txt").write_text("an eval prompt\n")
+    (tmp_path / "select.txt").write_text("a selection prompt\n")
     common = [f"output_dir={tmp_path}", "name=ddp", "sampling.num_steps=4", "method_options={num_trained: 2, early_stop_range: 2}",
               "train.batch_size=1", "train.grad_accum=2", "checkpoint.every=1", "checkpoint.keep=10", "log.eval_every=2",
               "log.progress=false", f"prompts.file={tmp_path / 'train.txt'}", f"prompts.eval_file={tmp_path / 'eval.txt'}",
-              "prompts.num_eval=1", "train.lr=1e-2"]
+              "prompts.num_eval=1", "train.lr=1e-2",
+              # the guards on two processes (the prompt draws stay as they are: selection prompts come from a file)
+              "guards.kl_weight=0.5", "guards.pretrain_weight=0.5", "guards.pretrain_data=shapes",
+              "guards.augment=[crop,noise]", "guards.normalize=total", "guards.normalize_samples=2",
+              "guards.select_every=2", "guards.select_metric=symmetry", f"guards.select_prompts={tmp_path / 'select.txt'}",
+              "guards.select_num=1", "guards.keep_best=true"]
     _launch(tmp_path, *common, "train.steps=2")
     _launch(tmp_path, *common, "train.steps=4", "resume=latest")
 
@@ -78,6 +84,8 @@ def test_two_processes_stay_in_sync_save_and_resume(tmp_path):
     assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3, 4]
     assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == 2
     assert json.loads((run / "summary.json").read_text())["processes"] == 2
+    assert [r["step"] for r in rows if "select/score" in r] == [0, 2, 4]
+    assert all("kl_penalty" in r and "pretrain_loss" in r for r in rows if "reward" in r)
     for session in (0, 1):  # same iteration count on both ranks, each rank its own prompts
         p0, p1 = (json.loads((tmp_path / f"prompts-rank{r}-{session}.json").read_text()) for r in (0, 1))
         assert [s[:2] for s in p0] == [s[:2] for s in p1] and len(p0) == 4

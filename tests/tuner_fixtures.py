@@ -137,8 +137,12 @@ def _decode(adapter, latents):
     return y + (y.clamp(0, 1) - y).detach()  # straight-through clamp
 
 
-def naive_backward(adapter, plan: Plan, cond, reward, *, seed: int, guidance_scale: float, eta: float = 0.0) -> float:
+def naive_backward(adapter, plan: Plan, cond, reward, *, seed: int, guidance_scale: float, eta: float = 0.0,
+                   trained_term=None) -> float:
     """Autograd through the whole chain, keeping every graph; accumulates into the denoiser's .grad.
+
+    `trained_term(x_in, t, eps)`, if given, is a scalar added to the loss at each trained call (1/n of it at each
+    of DRaFT-LV's n calls).
 
     Uses the engine's documented draw order from the generator: one seed per step, the initial latents,
     then the DRaFT-LV re-noising noises.
@@ -159,13 +163,16 @@ def naive_backward(adapter, plan: Plan, cond, reward, *, seed: int, guidance_sca
         noise_gen = torch.Generator().manual_seed(seeds[i])
         return sched.step(eps, sched.timesteps[i], x, generator=noise_gen, **kwargs).prev_sample
 
+    terms = 0.0
     for i in range(plan.stop + 1):
         t = sched.timesteps[i]
         on = i >= plan.grad_from and not plan.renoise
         x = x if on else x.detach()
         with torch.set_grad_enabled(on):
             if on and i in plan.trained:
-                eps = _guided(adapter, x.detach() if plan.detach_input else x, t, cond, guidance_scale)
+                x_in = x.detach() if plan.detach_input else x
+                eps = _guided(adapter, x_in, t, cond, guidance_scale)
+                terms = terms + (trained_term(x_in, t, eps) if trained_term is not None else 0.0)
             else:
                 with torch.no_grad():
                     eps = _guided(adapter, x, t, cond, guidance_scale)
@@ -174,7 +181,7 @@ def naive_backward(adapter, plan: Plan, cond, reward, *, seed: int, guidance_sca
                 break
             x = step(i, eps, x)
     if not plan.renoise:
-        loss = -reward(_decode(adapter, x), PROMPTS).mean()
+        loss = -reward(_decode(adapter, x), PROMPTS).mean() + terms
     else:
         last, x0, loss = T - 1, x.detach(), 0.0
         adapter.set_timesteps(T, SIZE, SIZE)  # fresh scheduler state for the re-done last step
@@ -183,7 +190,10 @@ def naive_backward(adapter, plan: Plan, cond, reward, *, seed: int, guidance_sca
             x_t = _noised(sched, last, x0, noise)
             if hasattr(sched, "_step_index"):
                 sched._step_index = last
-            out = step(last, _guided(adapter, x_t, sched.timesteps[last], cond, guidance_scale), x_t)
+            eps = _guided(adapter, x_t, sched.timesteps[last], cond, guidance_scale)
+            if trained_term is not None:
+                loss = loss + trained_term(x_t, sched.timesteps[last], eps) / plan.renoise
+            out = step(last, eps, x_t)
             loss = loss - reward(_decode(adapter, out), PROMPTS).mean() / plan.renoise
     loss.backward()
     return float(loss.detach())

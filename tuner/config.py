@@ -112,6 +112,30 @@ class CheckpointConfig:
 
 
 @dataclass
+class GuardsConfig:
+    kl_weight: float = opt(0.0, "Weight of the KL-style penalty: at each trained denoiser call, the mean squared distance between the tuned and the base model's guided outputs (base: LoRA off; full fine-tuning keeps a frozen copy, one more denoiser in memory); summed over the plan's trained calls. 0 turns it off.")
+    pretrain_weight: float = opt(0.0, "Weight of the pretraining (denoising) loss on image-caption pairs (ReFL): epsilon target for UNets, velocity noise - x0 for flow models, one batch per micro-batch. 0 turns it off.")
+    pretrain_data: Union[str, None] = opt(None, "Image-caption pairs of the pretraining loss: shapes (the shapes generator) or a diffusers imagefolder (images + metadata.jsonl with file_name and text).")
+    pretrain_batch_size: int = opt(1, "Image-caption pairs per micro-batch for the pretraining loss.")
+    normalize: str = opt("none", "Reward normalisation by the base model's score statistics: none, total ((r - mean) / std of the total reward) or parts (each part of a mixture by its own statistics, then weighted).")
+    normalize_samples: int = opt(16, "Base-model images the statistics are sampled from: image i from training prompt i (cycled, file order) with seed normalize_seed + i; stored in the run folder (reward_stats.safetensors) and reused on resume.")
+    normalize_seed: int = opt(90000, "Seed of the first normalisation image.")
+    augment: list[str] = opt([], "Differentiable augmentations before the reward, applied in this order: crop, flip, shift, noise (any subset; empty turns them off).")
+    augment_crop: float = opt(0.8, "Smallest side of a random crop as a fraction of the image (resized back).")
+    augment_shift: float = opt(0.1, "Largest shift as a fraction of the image side (whole pixels, border repeated).")
+    augment_noise: float = opt(0.03, "Standard deviation of the Gaussian pixel noise.")
+    augment_seed: int = opt(0, "Seed of the augmentations' generator (each process derives its own; saved in checkpoints).")
+    select_every: int = opt(0, "Evaluate the guard metric on the selection prompts every this many steps (and on the base model at step 0); 0 turns selection off.")
+    select_metric: Union[str, None] = opt(None, "The guard metric: a reward name, shapes-judge (tuner.shapes.judge:judge, the ground-truth shapes checker) or module:function returning a float, a [B] tensor or a dict of floats; higher is better.")
+    select_key: Union[str, None] = opt(None, "Which entry of a metric's dict to use; null: the mean of its entries.")
+    select_prompts: Union[str, None] = opt(None, "Selection prompts file; null holds select_num prompts out of the training prompts. Must be disjoint from training and evaluation prompts.")
+    select_num: int = opt(4, "Selection prompts used (held out or read from select_prompts).")
+    select_seed: int = opt(4321, "Seed of the selection images (prompt i: select_seed + i); must not overlap the evaluation seeds.")
+    keep_best: bool = opt(False, "Save the best selection-scored weights (run/best) and make them the final LoRA or model.")
+    early_stop_patience: int = opt(0, "Stop after this many selection evaluations without a new best; 0 never stops early.")
+
+
+@dataclass
 class Config:
     name: Union[str, None] = opt(None, "Run name; the run writes to output_dir/name. null: model-method-time.")
     output_dir: str = opt("runs", "Folder that holds the runs.")
@@ -129,6 +153,7 @@ class Config:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -383,6 +408,7 @@ def validate(cfg: Config) -> Config:
     if not t.full_finetune and cfg.lora.target_modules is not None and not cfg.lora.target_modules:
         raise ConfigError("config key 'lora.target_modules': empty; name at least one module (e.g. to_q), leave it null "
                           "for the model's attention projections, or set train.full_finetune=true.")
+    _check_guards(cfg)
     _check_model("model", cfg.model, allow_tiny=True)
     if cfg.vae is not None:
         _check_model("vae", cfg.vae, allow_tiny=False)
@@ -409,8 +435,57 @@ def _check_rewards(cfg: Config) -> None:
             if not math.isfinite(w):
                 raise ConfigError(f"config key 'reward.{name}': the weight must be a finite number, got {w}")
     for name in cfg.reward_sources:
-        if name not in names:
+        if name not in names and name != cfg.guards.select_metric:
             raise ConfigError(f"config key 'reward_sources.{name}': {name!r} is not one of the rewards in use ({', '.join(names)}).")
+
+
+def _check_guards(cfg: Config) -> None:
+    """The guards.* options: values, and what each needs (data, a metric, disjoint selection seeds)."""
+    from tuner.guards import augment, normalize, select
+
+    g = cfg.guards
+    for key in ("kl_weight", "pretrain_weight", "augment_shift", "augment_noise"):
+        _positive(f"guards.{key}", getattr(g, key), zero_ok=True)
+    for key in ("pretrain_batch_size", "select_num"):
+        _positive(f"guards.{key}", getattr(g, key))
+    for key in ("select_every", "early_stop_patience"):
+        _positive(f"guards.{key}", getattr(g, key), zero_ok=True)
+    _one_of("guards.normalize", g.normalize, normalize.MODES)
+    if g.normalize != "none" and g.normalize_samples < 2:
+        raise ConfigError(f"config key 'guards.normalize_samples': needs at least 2 images for a spread, got {g.normalize_samples}")
+    for name in g.augment:
+        _one_of("guards.augment", name, augment.OPS)
+    if not 0 < g.augment_crop <= 1:
+        raise ConfigError(f"config key 'guards.augment_crop': must be in (0, 1], got {g.augment_crop}")
+    if g.pretrain_weight > 0:
+        if g.pretrain_data is None:
+            raise ConfigError("config key 'guards.pretrain_data': guards.pretrain_weight > 0 needs image-caption pairs: "
+                              "shapes, or a diffusers imagefolder (images + metadata.jsonl)")
+        if g.pretrain_data != "shapes" and not (Path(g.pretrain_data).expanduser() / "metadata.jsonl").is_file():
+            raise ConfigError(f"config key 'guards.pretrain_data': {g.pretrain_data} holds no metadata.jsonl (the "
+                              "diffusers imagefolder layout); give such a folder or shapes")
+    selecting = g.select_every > 0 or g.keep_best or g.early_stop_patience > 0
+    if selecting and (g.select_every == 0 or g.select_metric is None):
+        raise ConfigError("config keys 'guards.select_every' and 'guards.select_metric': keep_best and early stopping "
+                          "evaluate a guard metric every guards.select_every steps; set both (e.g. "
+                          "guards.select_every=50 guards.select_metric=clip)")
+    if g.select_metric is not None:
+        try:
+            select.check(g.select_metric)
+        except ValueError as e:
+            raise ConfigError(f"config key 'guards.select_metric': {e}") from None
+    if selecting:
+        from tuner import prompts
+
+        try:
+            train, evaluation = prompts.load_prompt_sets(cfg.prompts)
+            select.split_prompts(train, evaluation, file=g.select_prompts, num=g.select_num, seed=g.select_seed)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"config keys 'guards.select_prompts' / 'guards.select_num': {e}") from None
+        p = cfg.prompts
+        if g.select_seed < p.eval_seed + p.num_eval and p.eval_seed < g.select_seed + g.select_num:
+            raise ConfigError(f"config key 'guards.select_seed': selection seeds {g.select_seed}..{g.select_seed + g.select_num - 1} "
+                              f"overlap the evaluation seeds {p.eval_seed}..{p.eval_seed + p.num_eval - 1}; pick another")
 
 
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")

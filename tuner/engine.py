@@ -15,6 +15,10 @@ Low-memory mode (adapter.low_memory, train.memory=low) changes how, not what: tr
 recompute their activations block by block in backward, and step 2 runs one image at a time (scores are per image,
 so the adjoints are the same).
 
+Extra loss terms (guards, tuner/guards/penalty.py) join at the trained calls: `step_term(adapter, x, t, out, cond,
+guidance)` returns a scalar that depends on that call's output, and the sweep backpropagates it together with the
+sampler update, so it rides on the one denoiser graph already alive.
+
 Randomness comes only from the caller's generator, drawn in this order: one seed per step (torch.randint,
 seeding the step's ancestral / DDIM-eta noise, so a rebuilt step sees the same noise), the initial latents,
 then one noise tensor per DRaFT-LV re-noising.
@@ -182,8 +186,15 @@ def _score_backward(adapter: Adapter, x0: torch.Tensor, reward_fn, prompts, loss
     return torch.cat(adjoints), loss, torch.cat(rewards), torch.cat(images), parts
 
 
+def _trained_call(adapter: Adapter, x: torch.Tensor, t, cond, guidance_scale: float, step_term, scale: float):
+    """A trained step's denoiser call with grad, and the step term (times `scale`) added to the loss at it, if any."""
+    out = adapter.denoise(x, t, cond, guidance_scale)
+    terms = [] if step_term is None else [scale * step_term(adapter, x, t, out, cond, guidance_scale)]
+    return out, terms
+
+
 def _sweep(chain: _Chain, plan: Plan, saved: dict[int, _Saved], adj_x0: torch.Tensor, cond, guidance_scale, no_sync,
-           step_hook=None):
+           step_hook=None, step_term=None, term_scale: float = 1.0):
     """Backpropagate the x0 adjoint through steps stop..first, one denoiser graph at a time."""
     adapter, first, trained = chain.adapter, plan.trained[0], set(plan.trained)
     adj_x, adj_hist = adj_x0, {}  # adj_hist: id(original history tensor) -> adjoint
@@ -193,9 +204,10 @@ def _sweep(chain: _Chain, plan: Plan, saved: dict[int, _Saved], adj_x0: torch.Te
             # At the first trained step nothing upstream needs an adjoint: no input or history leaves.
             leaves = chain.restore(s.state, plan.num_steps if last else first)
             x = s.x.detach().requires_grad_(not last)
-            out = s.model_output
+            out, terms = s.model_output, []
             if i in trained:
-                out = adapter.denoise(x.detach() if plan.detach_input else x, t, cond, guidance_scale)
+                x_in = x.detach() if plan.detach_input else x
+                out, terms = _trained_call(adapter, x_in, t, cond, guidance_scale, step_term, term_scale)
             if plan.predict_x0 and i == plan.stop:
                 outputs, grads = [adapter.predict_x0(x, out, t)], [adj_x]
             else:
@@ -206,6 +218,7 @@ def _sweep(chain: _Chain, plan: Plan, saved: dict[int, _Saved], adj_x0: torch.Te
                     if original in adj_hist:
                         outputs.append(h)
                         grads.append(adj_hist.pop(original))
+            outputs, grads = outputs + terms, grads + [torch.ones_like(v) for v in terms]
             pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
             torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
         if step_hook is not None and i in trained:
@@ -233,6 +246,7 @@ def reward_backward(
     no_sync=contextlib.nullcontext,
     eta: float = 0.0,
     step_hook: Callable[[int], None] | None = None,
+    step_term: Callable | None = None,
 ) -> StepOutput:
     """Sample one batch, score it and accumulate d(-loss_scale * mean reward)/d(params) into param.grad.
 
@@ -241,6 +255,8 @@ def reward_backward(
     `step_hook(i)`, if given, is called right after the backward through trained step i's denoiser call (one
     backward per trained step, last step first; n for DRaFT-LV): parameter-gradient hooks that fire in between
     see exactly that step's contribution (tuner studies measure per-step gradient norms with it).
+    `step_term(adapter, x, t, model_output, cond, guidance_scale)`, if given, is a scalar added to the loss at each
+    trained call (times loss_scale; DRaFT-LV's n calls each count 1/n), e.g. the KL-style penalty of tuner.guards.
     """
     check_scheduler(adapter, eta)
     if len(prompts) != len(cond):
@@ -249,18 +265,18 @@ def reward_backward(
     x = adapter.initial_latents(len(prompts), height, width, generator)
     if plan.renoise:
         return _renoise_backward(
-            chain, plan, cond, reward_fn, prompts, x, guidance_scale, generator, loss_scale, no_sync, step_hook
-        )
+            chain, plan, cond, reward_fn, prompts, x, guidance_scale, generator, loss_scale, no_sync, step_hook,
+            step_term)
     x0, saved = _sample(chain, plan, cond, x, guidance_scale, plan.trained[0])
     with no_sync():
         adj_x0, loss, rewards, images, parts = _score_backward(adapter, x0, reward_fn, prompts, loss_scale)
-    _sweep(chain, plan, saved, adj_x0, cond, guidance_scale, no_sync, step_hook)
+    _sweep(chain, plan, saved, adj_x0, cond, guidance_scale, no_sync, step_hook, step_term, loss_scale)
     chain.reset()
     return StepOutput(rewards, images, parts, loss)
 
 
 def _renoise_backward(chain, plan, cond, reward_fn, prompts, x, guidance_scale, generator, loss_scale, no_sync,
-                      step_hook=None):
+                      step_hook=None, step_term=None):
     """DRaFT-LV: re-noise the final latent n times to the last step's level and backprop through that step."""
     adapter, last = chain.adapter, plan.num_steps - 1
     x0, saved = _sample(chain, plan, cond, x, guidance_scale, last)
@@ -280,7 +296,9 @@ def _renoise_backward(chain, plan, cond, reward_fn, prompts, x, guidance_scale, 
         ctx = contextlib.nullcontext() if r == plan.renoise - 1 else no_sync()
         with ctx, torch.enable_grad():
             chain.restore(saved[last].state, plan.num_steps)
-            chain.step(last, x_t, adapter.denoise(x_t, t, cond, guidance_scale)).backward(adj)
+            out, terms = _trained_call(adapter, x_t, t, cond, guidance_scale, step_term, loss_scale / plan.renoise)
+            latent = chain.step(last, x_t, out)
+            torch.autograd.backward([latent, *terms], [adj.to(latent.dtype), *(torch.ones_like(v) for v in terms)])
         if step_hook is not None:
             step_hook(last)
         total, rewards = total + loss, rewards + got / plan.renoise

@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 from tuner import checkpoint as ckpt
 from tuner import engine, lora
 from tuner.config import Config, ConfigError, to_dict, validate
+from tuner.guards import augment as aug, normalize, pretrain, select
+from tuner.guards.penalty import BasePenalty
 from tuner.logging import RunLogger, gallery, plot_rewards, read_metrics, write_summary
 from tuner.memory import ConditioningCache
 from tuner.methods import get_method
@@ -188,13 +190,14 @@ def _seed(base: int, *parts: int) -> int:
 
 @torch.no_grad()
 def evaluate(adapter, denoiser, conds, prompts: list[str], reward, cfg: Config,
-             autocast) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Images of the evaluation prompts (prompt i seeded eval_seed + i, whatever the batch), their rewards and,
-    for a mixture, the mean of each part, with `denoiser`; train.batch_size prompts per chain."""
+             autocast, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Images of the evaluation prompts (prompt i seeded eval_seed + i, or seed + i, whatever the batch), their
+    rewards and, for a mixture, the mean of each part, with `denoiser`; train.batch_size prompts per chain."""
     s, trained, fp8 = cfg.sampling, adapter.denoiser, adapter.fp8
     adapter.denoiser = denoiser  # the plain module: no collective calls from the main process alone
     adapter.fp8 = False  # fp8 serves training trajectories; evaluation shows the model in the run's precision
-    gens = [torch.Generator().manual_seed(cfg.prompts.eval_seed + i) for i in range(len(prompts))]
+    first = cfg.prompts.eval_seed if seed is None else seed
+    gens = [torch.Generator().manual_seed(first + i) for i in range(len(prompts))]
     try:
         with autocast():
             images = engine.sample_each(adapter, conds, generators=gens, batch_size=cfg.train.batch_size,
@@ -301,6 +304,8 @@ class StepParts:
     autocast: Callable[[], contextlib.AbstractContextManager]
     conditioning: Callable[[list[str]], Any]  # prompts -> Conditioning (prompt_conditioning)
     step_hook: Callable[[int], None] | None = None
+    penalty: BasePenalty | None = None  # guards.kl_weight: the engine's step term
+    pretrain: Callable[[int, int], torch.Tensor] | None = None  # guards.pretrain_weight: (step, micro) -> loss
 
 
 @dataclasses.dataclass
@@ -315,6 +320,7 @@ class StepResult:
     skipped: bool
     nonfinite: bool
     reward_mean: float
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)  # the guards' loss terms (unweighted)
 
 
 def train_step(parts: StepParts, step: int) -> StepResult:
@@ -326,23 +332,33 @@ def train_step(parts: StepParts, step: int) -> StepResult:
     for group in parts.optimizer.param_groups:
         group["lr"] = lr
     loss_scale = (parts.scaler.get_scale() if parts.scaler is not None else 1.0) / t.grad_accum
-    outs, plans = [], []
+    outs, plans, pretrain_sum = [], [], 0.0
     for micro in range(t.grad_accum):
         prompts = parts.sampler.batch(step, micro)
         cond = parts.conditioning(prompts)
         plans.append(parts.method.plan(s.num_steps, gen))
+        if parts.pretrain is not None:  # its own graph, built and freed before the reward's
+            with acc.no_sync(denoiser), parts.autocast():
+                loss = parts.pretrain(step, micro)
+                (loss * (cfg.guards.pretrain_weight * loss_scale)).backward()
+            pretrain_sum += float(loss.detach())
         # earlier micro-batches accumulate locally; the engine syncs on the last backward of the last one
         sync = acc.no_sync(denoiser) if micro < t.grad_accum - 1 else contextlib.nullcontext()
         with sync, parts.autocast():
             outs.append(engine.reward_backward(
                 parts.adapter, plans[-1], cond, parts.reward, prompts, height=s.height, width=s.width,
                 guidance_scale=s.guidance_scale, generator=gen, loss_scale=loss_scale,
-                no_sync=lambda: acc.no_sync(denoiser), eta=s.eta, step_hook=parts.step_hook))
+                no_sync=lambda: acc.no_sync(denoiser), eta=s.eta, step_hook=parts.step_hook, step_term=parts.penalty))
+    extra = {}
+    if parts.penalty is not None:
+        extra["kl_penalty"] = parts.penalty.pop() / t.grad_accum
+    if parts.pretrain is not None:
+        extra["pretrain_loss"] = pretrain_sum / t.grad_accum
     rewards_local = torch.cat([o.rewards.float().reshape(-1) for o in outs]).to(acc.device)
     loss_local = sum(o.loss for o in outs) / len(outs) / loss_scale  # as if unscaled: -(mean reward)
     grad_norm, skipped, nonfinite, reward_mean = optimizer_step(
         acc, parts.optimizer, parts.scaler, parts.params, rewards_local, loss_local, t.max_grad_norm)
-    return StepResult(outs, plans, lr, loss_local, grad_norm, skipped, nonfinite, reward_mean)
+    return StepResult(outs, plans, lr, loss_local, grad_norm, skipped, nonfinite, reward_mean, extra)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -405,6 +421,54 @@ def load_checkpoint(folder: Path, *, rank: int, denoiser, ema: EMA | None, optim
     return meta
 
 
+# ---------------------------------------------------------------- guards (tuner/guards, docs/tuner.md "Reward hacking and its guards")
+
+
+def pretrain_loss(cfg: Config, adapter, rank: int, world: int) -> Callable[[int, int], torch.Tensor] | None:
+    """guards.pretrain_weight: (step, micro) -> the denoising loss of that micro-batch's pairs, a pure function of
+    them (its own generator seeded by (seed, step, rank, micro)), so resuming needs no state; None when off."""
+    g, t, s = cfg.guards, cfg.train, cfg.sampling
+    if g.pretrain_weight <= 0:
+        return None
+    pairs = pretrain.PairSource(g.pretrain_data, batch_size=g.pretrain_batch_size, height=s.height, width=s.width,
+                                grad_accum=t.grad_accum, rank=rank, world_size=world, seed=t.seed)
+
+    def loss(step: int, micro: int) -> torch.Tensor:
+        images, captions = pairs.batch(step, micro)
+        generator = torch.Generator().manual_seed(_seed(t.seed, step, rank, micro, 5))
+        return pretrain.denoising_loss(adapter, images, captions, num_steps=s.num_steps, generator=generator,
+                                       height=s.height, width=s.width)
+
+    return loss
+
+
+def reward_statistics(cfg: Config, run_dir: Path, adapter, denoiser, reward, train_prompts: list[str], autocast,
+                      accelerator: Accelerator, resumed: bool) -> dict[str, torch.Tensor]:
+    """guards.normalize: the base model's score statistics, sampled once by the main process into the run folder
+    (tuner/guards/normalize.py says how) and read from there by every process, also on resume."""
+    g, path = cfg.guards, run_dir / normalize.STATS_FILE
+    if accelerator.is_main_process and not path.is_file():
+        if resumed and cfg.train.full_finetune:
+            raise ConfigError(f"guards.normalize: {path} is missing and a resumed full fine-tune no longer holds the "
+                              "base weights; restart the run, or set guards.normalize=none")
+        prompts = [train_prompts[i % len(train_prompts)] for i in range(g.normalize_samples)]
+        conds = adapter.encode_prompts(prompts, [cfg.sampling.negative_prompt] * len(prompts))
+        with _model_weights(denoiser, None, base=True):
+            _, scores, _ = evaluate(adapter, denoiser, conds, prompts, reward, cfg, autocast, seed=g.normalize_seed)
+        normalize.save_stats(run_dir, normalize.statistics(scores, getattr(reward, "last_parts", {})))
+    accelerator.wait_for_everyone()
+    return normalize.load_stats(run_dir)
+
+
+def save_best(run_dir: Path, step: int, score: float, denoiser, ema: EMA | None) -> None:
+    """guards.keep_best: the weights the run would save now (EMA if any), atomically, as run/best/step-N."""
+    root = run_dir / "best"
+    tmp = ckpt.begin(root, step)
+    with _model_weights(denoiser, ema):
+        ckpt.write_tensors(tmp, "trainable.safetensors", lora.trainable_state(denoiser))
+    ckpt.commit(tmp, {"step": step, "score": score}, keep=1)
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -450,11 +514,16 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     adapter = build_adapter(cfg, device, weight_dtype, pipeline)
     denoiser = adapter.denoiser
     params = add_trainable(denoiser, cfg, adapter.lora_targets)
+    g = cfg.guards  # a full fine-tune's KL penalty copies the denoiser here, before it is compiled or wrapped
+    penalty = BasePenalty.for_denoiser(g.kl_weight, denoiser, t.full_finetune) if g.kl_weight > 0 else None
     if t.compile:
         adapter.compile()  # after the LoRA exists: its layers are part of the compiled blocks
     step_hook = make_step_hook(params) if make_step_hook is not None else None
     reward = reward_fn if reward_fn is not None else build_reward(cfg, device)
     train_prompts, eval_prompts = load_prompt_sets(cfg.prompts)
+    if g.select_every:
+        train_prompts, select_prompts = select.split_prompts(train_prompts, eval_prompts, file=g.select_prompts,
+                                                             num=g.select_num, seed=g.select_seed)
     sampler = PromptSampler(train_prompts, t.batch_size, grad_accum=t.grad_accum, rank=rank, world_size=world, seed=t.seed)
     method = get_method(cfg.method, **cfg.method_options)
     eval_conds = adapter.encode_prompts(eval_prompts, [s.negative_prompt] * len(eval_prompts))
@@ -468,11 +537,17 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     adapter.denoiser = prepare_denoiser(accelerator, denoiser)
     gen = rank_generator(t.seed, rank)
     generators = {"train": gen}
-    start, streak = 0, 0
+    augment = None
+    if g.augment:
+        augment = aug.Augment(g.augment, crop=g.augment_crop, shift=g.augment_shift, noise=g.augment_noise,
+                              seed=_seed(g.augment_seed, rank))
+        generators["augment"] = augment.generator
+    start, streak, selection = 0, 0, select.Selection()
     if resume_from is not None:
         meta = load_checkpoint(resume_from, rank=rank, denoiser=denoiser, ema=ema, optimizer=optimizer, scaler=scaler,
                                generators=generators)
         start, streak = meta["step"], meta["nonfinite_streak"]
+        selection = select.Selection(**meta.get("selection", {}))
     conditioning = prompt_conditioning(adapter, sampler, range(start, t.steps), cfg)
     logger = RunLogger(run_dir, enabled=main, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                        wandb_project=cfg.log.wandb_project, config=to_dict(cfg),
@@ -490,12 +565,41 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
             ckpt.write_tensors(gallery_dir, before_file.name, {"images": before})
             logger.log(0, {"eval/reward": before_rewards.mean(), **parts})
     accelerator.wait_for_everyone()
+    stats = None
+    if g.normalize != "none":
+        stats = reward_statistics(cfg, run_dir, adapter, denoiser, reward, train_prompts, autocast, accelerator,
+                                  resume_from is not None)
+    train_reward = reward
+    if augment is not None or stats is not None:
+        train_reward = normalize.GuardedReward(reward, augment=augment, stats=stats, mode=g.normalize)
+
+    def run_selection(done: int) -> bool:
+        """Score the selection prompts (main process), log, keep the best; whether early stopping ends the run."""
+        if main:
+            with _model_weights(denoiser, ema):
+                images, _, _ = evaluate(adapter, denoiser, select_conds, select_prompts, reward, cfg, autocast,
+                                        seed=g.select_seed)
+            with torch.no_grad():
+                score = metric(images.to(device), select_prompts)
+            logger.log(done, {"select/score": score})
+            if selection.update(done, score) and g.keep_best:
+                save_best(run_dir, done, score, denoiser, ema)
+        stop = [selection.exhausted(g.early_stop_patience)]
+        broadcast_object_list(stop)
+        return stop[0]
+
+    if g.select_every:
+        metric = select.load_metric(g.select_metric, key=g.select_key, device=device,
+                                    sources=cfg.reward_sources.get(g.select_metric, {}))
+        select_conds = adapter.encode_prompts(select_prompts, [s.negative_prompt] * len(select_prompts))
+        if resume_from is None:
+            run_selection(0)  # the base model is a candidate too
 
     # --- the loop
-    step_parts = StepParts(cfg, accelerator, adapter, method, reward, sampler, optimizer, scaler, params, gen,
-                           autocast, conditioning, step_hook)
+    step_parts = StepParts(cfg, accelerator, adapter, method, train_reward, sampler, optimizer, scaler, params, gen,
+                           autocast, conditioning, step_hook, penalty, pretrain_loss(cfg, adapter, rank, world))
     bar = tqdm(total=t.steps, initial=start, disable=not (main and cfg.log.progress), desc=f"{cfg.method}")
-    last, t_start = {}, time.perf_counter()
+    last, t_start, stopped_at = {}, time.perf_counter(), None
     for step in range(start, t.steps):
         tic = time.perf_counter()
         r = train_step(step_parts, step)  # skips a non-finite step on every rank alike; else clip and update
@@ -506,7 +610,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
 
         # log (metrics averaged over ranks), eval gallery, checkpoint
         metrics = {"reward": r.reward_mean, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
-                   "step_time": time.perf_counter() - tic, "skipped": float(r.skipped)}
+                   "step_time": time.perf_counter() - tic, "skipped": float(r.skipped), **r.extra}
         for key in r.outs[0].parts:
             metrics[f"reward/{key}"] = torch.cat([o.parts[key].float().reshape(-1) for o in r.outs]).mean().item()
         if done % cfg.log.every == 0 or r.skipped or done == t.steps:
@@ -521,7 +625,8 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
                 f"{streak} consecutive steps (up to step {done}) had a non-finite reward, loss or gradient; stopped. "
                 f"The last good checkpoint is {kept or 'none (no checkpoint was written yet)'}. Check the reward "
                 f"on these images, lower train.lr, or raise train.max_nonfinite.")
-        if main and (done % cfg.log.eval_every == 0 or done == t.steps):
+        stop = bool(g.select_every) and done % g.select_every == 0 and run_selection(done)
+        if main and (done % cfg.log.eval_every == 0 or done == t.steps or stop):
             with _model_weights(denoiser, ema):
                 now, now_rewards, parts = evaluate(adapter, denoiser, eval_conds, eval_prompts, reward, cfg, autocast)
             path = gallery_dir / f"step-{done:08d}.png"
@@ -529,17 +634,25 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
             logger.image("gallery", path, done)
             logger.log(done, {"eval/reward": now_rewards.mean(), **parts})
             last = {"eval_reward": now_rewards.mean().item()}
-        if done % cfg.checkpoint.every == 0 or done == t.steps:
+        if done % cfg.checkpoint.every == 0 or done == t.steps or stop:
             save_checkpoint(run_dir / "checkpoints", done, accelerator=accelerator, denoiser=denoiser, ema=ema,
                             optimizer=optimizer, scaler=scaler, generators=generators, keep=cfg.checkpoint.keep,
                             meta={"step": done, "nonfinite_streak": streak, "world_size": world, "lr": r.lr,
-                                  "model": cfg.model, "method": cfg.method})
+                                  "model": cfg.model, "method": cfg.method,
+                                  "selection": dataclasses.asdict(selection)})
+        if stop:
+            stopped_at = done
+            break
     bar.close()
 
     # --- final weights, reward curve, summary
     summary = {}
+    best = ckpt.latest(run_dir / "best") if g.keep_best else None
     if main:
-        with _model_weights(denoiser, ema):
+        if best is not None:  # the best selection-scored weights become the final ones (EMA already applied)
+            load_trained(denoiser, best)
+            _, final_rewards, _ = evaluate(adapter, denoiser, eval_conds, eval_prompts, reward, cfg, autocast)
+        with _model_weights(denoiser, ema if best is None else None):
             if t.full_finetune:
                 final = _save_denoiser(denoiser, run_dir / ("unet" if hasattr(adapter.pipe, "unet") else "transformer"))
             else:
@@ -547,6 +660,11 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
         rows = read_metrics(run_dir / "metrics.jsonl")
         plot_rewards(rows, run_dir / "reward_curve.png")
         summary = _summary(cfg, rows, run_dir, final, time.perf_counter() - t_start, start, world, params, last)
+        if g.select_every:
+            summary["selection"] = {"best_step": selection.best_step, "best_score": selection.best,
+                                    "stopped_early_at": stopped_at,
+                                    "final_weights_from_step": ckpt.read_meta(best)["step"] if best else None,
+                                    "eval_reward_of_final_weights": final_rewards.mean().item() if best else None}
         write_summary(run_dir, summary)
     logger.close()
     accelerator.wait_for_everyone()
