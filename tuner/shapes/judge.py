@@ -1,0 +1,250 @@
+"""A ground-truth judge of shapes images that an optimiser cannot flatter: blobs, the place grid, both axes.
+
+`judge(images, captions)` reads only pixels and captions (no scene, no model) and returns per-check pass rates;
+`judge_each` gives the verdicts of each image. The checks:
+
+- colors: each captioned colour forms a blob, a connected set of pixels explained as that colour laid over the
+  captioned background (any tone of its gradient or stripes) with at least half opacity, better than by any other
+  colour of the palette. A blob must be shape-like: big enough for a small shape, no bigger than a large one,
+  clear of the image border (the generator keeps every shape inside), opaque enough at its peak. A striped or
+  gradient background is part of the model of every pixel, so it cannot become a shape; a background band is too
+  long and touches the border, so it cannot either.
+- background: pixels away from the shapes lie on the captioned background's tones (plain colour, or anywhere
+  between the two tones of its gradient or stripes).
+- place (one shape): the blob's centre is nearest to the captioned place among the generator's nine place
+  centres for the captioned size.
+- relation (two shapes): the blob centres are in the captioned order on the relation's axis, and that offset
+  dominates the offset on the other axis.
+- all: every check of the image passes.
+
+`python -m tuner.shapes.judge` samples shapes-sd on held-out captions over several noise seeds and reports each
+rate of the old checkers (tuner.shapes.evaluate) and of this judge, per seed and as mean +- std (docs/shapes.md).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tuner.shapes.data import COLORS, PLACES, RELATIONS, SIZE, SIZES
+
+PALETTE = torch.tensor(list(COLORS.values()))  # [12, 3], the order of COLORS
+OPACITY = 0.5  # a pixel belongs to a colour laid over the background with at least this share
+PEAK_OPACITY = 0.58  # a blob's most opaque pixel; a small ring blurred with sigma 1.6 peaks near 0.63
+RESIDUAL = 0.12  # RGB distance the colour-over-background mixture may miss a pixel by
+PREFERENCE = 0.04  # a captioned colour must explain a pixel within this of the best palette colour
+TONE_STEPS = 17  # points along the background's tone segment tried per pixel
+OPACITY_COST = 0.1  # residual one unit of opacity costs: a pixel on the background's tones is background
+BACKGROUND_TOLERANCE = 0.15  # RGB distance from the background's tones of a background pixel
+BACKGROUND_SHARE = 0.8  # share of the pixels away from shapes that must be background
+MIN_AREA = 12  # pixels: under a third of the smallest small shape
+MAX_EXTENT = 44  # pixels: the widest large shape (a star of 1.1 x 15 px turned) and its blur
+MAX_AREA = 1000  # pixels: a third more than the largest large shape
+CHECKS = ("colors", "background", "place", "relation", "all")
+
+_CAPTION = re.compile(
+    r"^an? (?P<first>.+?) (?P<where>" + "|".join(map(re.escape, [*PLACES, *RELATIONS])) + r")(?: an? (?P<second>.+?))?"
+    r" on an? (?P<background>\w+)(?: (?P<style>gradient|striped))? background$")
+
+
+@dataclass(frozen=True)
+class Noun:
+    """One captioned shape: size word ("" = medium), colour, kind."""
+
+    size: str
+    color: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Caption:
+    """What a caption says: its shapes, their place (one) or relation (two), the background colour and style."""
+
+    shapes: tuple[Noun, ...]
+    where: str
+    background: str
+    style: str
+
+
+def _noun(words: str, caption: str) -> Noun:
+    parts = words.split()
+    size = parts[0] if len(parts) == 3 else ""
+    if len(parts) not in (2, 3) or size not in SIZES or parts[-2] not in COLORS:
+        raise ValueError(f"cannot read the shape {words!r} of caption {caption!r}")
+    return Noun(size, parts[-2], parts[-1])
+
+
+def parse_caption(caption: str) -> Caption:
+    """The facts of a caption of the shapes grammar (tuner/shapes/data.py); ValueError if it is not one."""
+    m = _CAPTION.match(caption.strip())
+    if m is None or m["background"] not in COLORS or (m["second"] is None) != (m["where"] in PLACES):
+        raise ValueError(f"not a caption of the shapes grammar: {caption!r}")
+    nouns = tuple(_noun(w, caption) for w in (m["first"], m["second"]) if w is not None)
+    return Caption(nouns, m["where"], m["background"], m["style"] or "plain")
+
+
+def background_tones(color: str, style: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two tones a background runs between (equal for plain): the colour and a darker (or lighter) one."""
+    base = torch.tensor(COLORS[color])
+    if style == "plain":
+        return base, base
+    return base, base * 0.6 if float(base.mean()) > 0.3 else base + 0.25
+
+
+def place_centre(place: str, size: str) -> tuple[float, float]:
+    """Pixel centre (x, y) of a single shape's place for a size word, as the generator lays out its grid."""
+    r = SIZES[size]
+    low, high = r + 3, SIZE - r - 3
+    fx, fy = PLACES[place]
+    return low + fx * (high - low), low + fy * (high - low)
+
+
+def nearest_place(x: float, y: float, size: str) -> str:
+    """The place whose centre (for this size) lies nearest to (x, y)."""
+    return min(PLACES, key=lambda p: math.dist((x, y), place_centre(p, size)))
+
+
+def unmix(image: torch.Tensor, colors: torch.Tensor, tones: tuple[torch.Tensor, torch.Tensor]
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Opacity and residual [K,H,W] of each pixel as colour k laid over the nearest tone of the background.
+
+    Per colour and tone point b the best opacity is the clamped projection of (pixel - b) on (colour - b); the
+    tone point with the smallest residual wins, opacity counted as a small cost so that a pixel that the
+    background explains stays background even where a colour lies on the line through it (gray beyond the tones
+    of a white gradient). A blurred or anti-aliased shape edge is such a mixture.
+    """
+    t = torch.linspace(0, 1, TONE_STEPS)[:, None]
+    b = tones[0] + t * (tones[1] - tones[0])  # [T,3]
+    offset = image[None] - b[:, :, None, None]  # [T,3,H,W]
+    direction = colors[:, None] - b[None]  # [K,T,3]
+    dot = torch.einsum("tchw,ktc->kthw", offset, direction)
+    length = direction.square().sum(-1)[..., None, None]  # [K,T,1,1]
+    alpha = (dot / length.clamp(min=1e-6)).clamp(0, 1)
+    squared = offset.square().sum(1)[None] - 2 * alpha * dot + alpha.square() * length
+    residual = squared.clamp(min=0).sqrt()  # [K,T,H,W]
+    best = (residual + OPACITY_COST * alpha).argmin(1, keepdim=True)
+    return alpha.gather(1, best)[:, 0], residual.gather(1, best)[:, 0]
+
+
+def components(mask: torch.Tensor) -> torch.Tensor:
+    """8-connected component labels [H,W] of a boolean mask (0 outside; each component one positive label)."""
+    h, w = mask.shape
+    labels = torch.where(mask, torch.arange(1, h * w + 1, dtype=torch.float32).reshape(h, w), 0.0)
+    while True:
+        grown = F.max_pool2d(labels[None, None], 3, stride=1, padding=1)[0, 0] * mask
+        if torch.equal(grown, labels):
+            return labels.long()
+        labels = grown
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A connected set of pixels of one colour: size, opacity-weighted centre, extent, peak opacity, border contact."""
+
+    area: int
+    x: float
+    y: float
+    extent: int
+    peak: float
+    touches_border: bool
+
+    @property
+    def shape_like(self) -> bool:
+        """Whether a shape of the generator could make this blob."""
+        return (MIN_AREA <= self.area <= MAX_AREA and self.extent <= MAX_EXTENT and self.peak >= PEAK_OPACITY
+                and not self.touches_border)
+
+
+def blobs(mask: torch.Tensor, alpha: torch.Tensor) -> list[Blob]:
+    """The blobs of a mask, largest first."""
+    labels = components(mask)
+    out = []
+    for label in labels.unique()[1:].tolist():
+        ys, xs = torch.nonzero(labels == label, as_tuple=True)
+        w = alpha[ys, xs]
+        extent = max(int(xs.max() - xs.min()), int(ys.max() - ys.min())) + 1
+        border = bool((xs.min() == 0) | (ys.min() == 0) | (xs.max() == SIZE - 1) | (ys.max() == SIZE - 1))
+        out.append(Blob(len(xs), float((xs + 0.5) @ w / w.sum()), float((ys + 0.5) @ w / w.sum()), extent,
+                        float(w.max()), border))
+    return sorted(out, key=lambda b: -b.area)
+
+
+def colour_masks(image: torch.Tensor, caption: Caption) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks and opacities [n_shapes,H,W] of the pixels each captioned colour explains (see the module docstring)."""
+    alpha, residual = unmix(image, PALETTE, background_tones(caption.background, caption.style))
+    index = [list(COLORS).index(s.color) for s in caption.shapes]
+    best = residual.amin(0)
+    a, r = alpha[index], residual[index]
+    return (a >= OPACITY) & (r <= RESIDUAL) & (r <= best + PREFERENCE), a
+
+
+def tone_distance(image: torch.Tensor, tones: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RGB distance [H,W] of each pixel of [3,H,W] to the segment between the background's two tones."""
+    pix, (a, b) = image.permute(1, 2, 0), tones
+    t = ((pix - a) @ (b - a) / (b - a).square().sum().clamp(min=1e-6)).clamp(0, 1)
+    return (pix - a - t[..., None] * (b - a)).norm(dim=-1)
+
+
+def _background_ok(image: torch.Tensor, caption: Caption, shapes: torch.Tensor) -> bool:
+    """Whether the pixels away from the shapes (dilated by 2 px) lie on the captioned background's tones."""
+    away = F.max_pool2d(shapes[None, None].float(), 5, stride=1, padding=2)[0, 0] == 0
+    on_tones = tone_distance(image, background_tones(caption.background, caption.style)) <= BACKGROUND_TOLERANCE
+    return bool(away.any()) and float(on_tones[away].float().mean()) >= BACKGROUND_SHARE
+
+
+def _relation_ok(first: Blob, second: Blob, relation: str) -> bool:
+    dx, dy = RELATIONS[relation]
+    sign, along_x = dx + dy, bool(dx)
+    along = (first.x - second.x if along_x else first.y - second.y) * sign
+    across = abs(first.y - second.y if along_x else first.x - second.x)
+    return along > 0 and along > across
+
+
+def judge_image(image: torch.Tensor, caption: str) -> dict[str, bool | None]:
+    """Verdicts of one image [3,H,W] in [0,1] on its caption: colors, background, place or relation (None when
+    not captioned), all."""
+    if image.shape != (3, SIZE, SIZE):
+        raise ValueError(f"the judge reads shapes images [3,{SIZE},{SIZE}]; got {tuple(image.shape)}")
+    facts = parse_caption(caption)
+    masks, alpha = colour_masks(image.detach().float().cpu().clamp(0, 1), facts)
+    found = [[b for b in blobs(m, a) if b.shape_like] for m, a in zip(masks, alpha)]
+    shapes = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    for m, bs in zip(masks, found):
+        if bs:
+            labels = components(m)
+            shapes |= m & torch.isin(labels, labels[m].unique())  # masks of colours with a shape-like blob
+    out: dict[str, bool | None] = {"colors": all(found), "place": None, "relation": None}
+    out["background"] = _background_ok(image.detach().float().cpu().clamp(0, 1), facts, shapes)
+    if len(facts.shapes) == 1:
+        out["place"] = bool(found[0]) and nearest_place(found[0][0].x, found[0][0].y, facts.shapes[0].size) == \
+            facts.where
+    else:
+        out["relation"] = all(found) and _relation_ok(found[0][0], found[1][0], facts.where)
+    out["all"] = all(v for v in out.values() if v is not None)
+    return out
+
+
+def judge_each(images: torch.Tensor, captions: list[str]) -> list[dict[str, bool | None]]:
+    """Verdicts of each image [B,3,H,W] in [0,1] on its caption (see judge_image)."""
+    if len(images) != len(captions):
+        raise ValueError(f"the judge needs one caption per image: {len(captions)} captions for {len(images)} images")
+    return [judge_image(image, caption) for image, caption in zip(images, captions)]
+
+
+def rates(verdicts: list[dict[str, bool | None]]) -> dict[str, float]:
+    """Share of passes of each check over the images it applies to (checks that apply to none are left out)."""
+    out = {}
+    for check in CHECKS:
+        seen = [v[check] for v in verdicts if v.get(check) is not None]
+        if seen:
+            out[check] = sum(seen) / len(seen)
+    return out
+
+
+def judge(images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    """Per-check pass rates of images [B,3,64,64] in [0,1] on their shapes captions: colors, background, place
+    (single shapes), relation (pairs), all; a check that applies to no image is left out."""
+    return rates(judge_each(images, captions))
