@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +33,13 @@ from tuner.shapes.data import COLORS, PLACES, RELATIONS, SIZE, SIZES
 
 PALETTE = torch.tensor(list(COLORS.values()))  # [12, 3], the order of COLORS
 OPACITY = 0.5  # a pixel belongs to a colour laid over the background with at least this share
-PEAK_OPACITY = 0.58  # a blob's most opaque pixel; a small ring blurred with sigma 1.6 peaks near 0.63
+PEAK_OPACITY = 0.8  # a blob's most opaque pixel must reach this (real blurred shapes: 0.94 and up) ...
+THIN_PEAK_OPACITY = {("ring", "small"): 0.58, ("ring", ""): 0.72}  # ... or this for thin shapes (real: 0.62, 0.82)
 RESIDUAL = 0.12  # RGB distance the colour-over-background mixture may miss a pixel by
 PREFERENCE = 0.04  # a captioned colour must explain a pixel within this of the best palette colour
+CORE_OPACITY = 0.9  # a colour's opaque core, whose rim another colour cannot claim
+EDGE_OPACITY = 0.25  # ... as far as the core colour explains the rim pixel with this opacity
+EDGE_REACH = 4  # pixels from a core that count as its rim (a blur of sigma 1.6 spreads an edge this far)
 TONE_STEPS = 17  # points along the background's tone segment tried per pixel
 OPACITY_COST = 0.1  # residual one unit of opacity costs: a pixel on the background's tones is background
 BACKGROUND_TOLERANCE = 0.15  # RGB distance from the background's tones of a background pixel
@@ -140,45 +144,77 @@ def components(mask: torch.Tensor) -> torch.Tensor:
         labels = grown
 
 
+def _dilate(mask: torch.Tensor, reach: int) -> torch.Tensor:
+    """Pixels within `reach` pixels (chessboard distance) of a mask [...,H,W]."""
+    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    return (F.max_pool2d(flat, 2 * reach + 1, stride=1, padding=reach) > 0).reshape(mask.shape)
+
+
 @dataclass(frozen=True)
 class Blob:
-    """A connected set of pixels of one colour: size, opacity-weighted centre, extent, peak opacity, border contact."""
+    """A connected set of pixels of one colour: its pixels, size, opacity-weighted centre, extent, peak opacity,
+    border contact, and whether other colours enclose it (it shows through the hole of a ring)."""
 
+    pixels: torch.Tensor = field(repr=False, compare=False)
     area: int
     x: float
     y: float
     extent: int
     peak: float
     touches_border: bool
+    enclosed: bool
 
-    @property
-    def shape_like(self) -> bool:
-        """Whether a shape of the generator could make this blob."""
-        return (MIN_AREA <= self.area <= MAX_AREA and self.extent <= MAX_EXTENT and self.peak >= PEAK_OPACITY
-                and not self.touches_border)
+    def shape_like(self, noun: Noun) -> bool:
+        """Whether the generator's shape `noun` could make this blob."""
+        peak = THIN_PEAK_OPACITY.get((noun.kind, noun.size), PEAK_OPACITY)
+        return (MIN_AREA <= self.area <= MAX_AREA and self.extent <= MAX_EXTENT and self.peak >= peak
+                and not self.touches_border and not self.enclosed)
 
 
-def blobs(mask: torch.Tensor, alpha: torch.Tensor) -> list[Blob]:
-    """The blobs of a mask, largest first."""
-    labels = components(mask)
+def _outside(walls: torch.Tensor) -> torch.Tensor:
+    """Pixels [H,W] joined to the image border without crossing `walls` (dilated by a pixel to close blurred rims)."""
+    free = ~_dilate(walls, 1)
+    labels = components(free)
+    frame = torch.cat([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    return free & torch.isin(labels, frame[frame > 0])
+
+
+def blobs(mask: torch.Tensor, alpha: torch.Tensor, walls: torch.Tensor) -> list[Blob]:
+    """The blobs of a mask [H,W], largest first; `walls` marks the pixels of other colours."""
+    labels, outside = components(mask), _outside(walls)
     out = []
     for label in labels.unique()[1:].tolist():
-        ys, xs = torch.nonzero(labels == label, as_tuple=True)
+        pixels = labels == label
+        ys, xs = torch.nonzero(pixels, as_tuple=True)
         w = alpha[ys, xs]
         extent = max(int(xs.max() - xs.min()), int(ys.max() - ys.min())) + 1
         border = bool((xs.min() == 0) | (ys.min() == 0) | (xs.max() == SIZE - 1) | (ys.max() == SIZE - 1))
-        out.append(Blob(len(xs), float((xs + 0.5) @ w / w.sum()), float((ys + 0.5) @ w / w.sum()), extent,
-                        float(w.max()), border))
+        enclosed = not bool((pixels & outside).any())
+        out.append(Blob(pixels, len(xs), float((xs + 0.5) @ w / w.sum()), float((ys + 0.5) @ w / w.sum()), extent,
+                        float(w.max()), border, enclosed))
     return sorted(out, key=lambda b: -b.area)
 
 
-def colour_masks(image: torch.Tensor, caption: Caption) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks and opacities [n_shapes,H,W] of the pixels each captioned colour explains (see the module docstring)."""
+def colour_masks(image: torch.Tensor, caption: Caption) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per captioned colour [n_shapes,H,W]: its pixels, their opacity, and the pixels of every other colour that
+    are not its own rim (walls that may enclose it).
+
+    A pixel is colour k when k laid over the background explains it (opacity, residual, within PREFERENCE of the
+    best palette colour), unless another colour explains it as well and that colour's opaque core lies within
+    EDGE_REACH pixels: then it is that shape's anti-aliased or blurred edge (gray at the rim of a black shape on
+    white).
+    """
     alpha, residual = unmix(image, PALETTE, background_tones(caption.background, caption.style))
+    explained = (residual <= RESIDUAL) & (residual <= residual.amin(0) + PREFERENCE)  # [12,H,W]
+    masks = explained & (alpha >= OPACITY)
+    near_core = _dilate(explained & (alpha >= CORE_OPACITY), EDGE_REACH)
+    edge_of = explained & (alpha >= EDGE_OPACITY) & near_core  # [12,H,W]: the rim of each colour's core
     index = [list(COLORS).index(s.color) for s in caption.shapes]
-    best = residual.amin(0)
-    a, r = alpha[index], residual[index]
-    return (a >= OPACITY) & (r <= RESIDUAL) & (r <= best + PREFERENCE), a
+    others = [torch.arange(len(COLORS)) != k for k in index]
+    own = torch.stack([masks[k] & ~edge_of[o].any(0) for k, o in zip(index, others)])
+    mixed = explained & (alpha >= EDGE_OPACITY)  # a colour's own blurred rim, whichever colour it looks like
+    walls = torch.stack([masks[o].any(0) & ~(mixed[k] & _dilate(m, EDGE_REACH)) for k, o, m in zip(index, others, own)])
+    return own, alpha[index], walls
 
 
 def tone_distance(image: torch.Tensor, tones: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -209,15 +245,14 @@ def judge_image(image: torch.Tensor, caption: str) -> dict[str, bool | None]:
     if image.shape != (3, SIZE, SIZE):
         raise ValueError(f"the judge reads shapes images [3,{SIZE},{SIZE}]; got {tuple(image.shape)}")
     facts = parse_caption(caption)
-    masks, alpha = colour_masks(image.detach().float().cpu().clamp(0, 1), facts)
-    found = [[b for b in blobs(m, a) if b.shape_like] for m, a in zip(masks, alpha)]
+    image = image.detach().float().cpu().clamp(0, 1)
+    found = [[b for b in blobs(*planes) if b.shape_like(noun)]
+             for noun, *planes in zip(facts.shapes, *colour_masks(image, facts))]
     shapes = torch.zeros(SIZE, SIZE, dtype=torch.bool)
-    for m, bs in zip(masks, found):
-        if bs:
-            labels = components(m)
-            shapes |= m & torch.isin(labels, labels[m].unique())  # masks of colours with a shape-like blob
-    out: dict[str, bool | None] = {"colors": all(found), "place": None, "relation": None}
-    out["background"] = _background_ok(image.detach().float().cpu().clamp(0, 1), facts, shapes)
+    for blob in (b for bs in found for b in bs):
+        shapes |= blob.pixels
+    out: dict[str, bool | None] = {"colors": all(found), "background": _background_ok(image, facts, shapes),
+                                   "place": None, "relation": None}
     if len(facts.shapes) == 1:
         out["place"] = bool(found[0]) and nearest_place(found[0][0].x, found[0][0].y, facts.shapes[0].size) == \
             facts.where
