@@ -36,13 +36,16 @@ def moved(scene: Scene, rng: random.Random) -> Scene | None:
 
 
 def swapped(scene: Scene, rng: random.Random) -> Scene | None:
-    """Two shapes that trade places: the captioned relation reversed."""
+    """Two shapes that trade places (each kept inside the image): the captioned relation reversed. None where a
+    large shape would not fit the small one's place."""
     if len(scene.shapes) != 2:
         return None
     out = _copy(scene)
     a, b = out.shapes
     a.x, a.y, b.x, b.y = b.x, b.y, a.x, a.y
-    return out
+    for s in (a, b):
+        s.x, s.y = (min(max(v, s.radius + 3), SIZE - s.radius - 3) for v in (s.x, s.y))
+    return out if math.dist((a.x, a.y), (b.x, b.y)) >= a.radius + b.radius else None
 
 
 def sideways(scene: Scene, rng: random.Random) -> Scene | None:
@@ -62,7 +65,7 @@ def sideways(scene: Scene, rng: random.Random) -> Scene | None:
     else:
         a.x, a.y, b.x, b.y = mid_x + side, mid_y + small, mid_x - side, mid_y - small
     for s in (a, b):
-        s.x, s.y = (min(max(v, s.radius + 2), SIZE - s.radius - 2) for v in (s.x, s.y))
+        s.x, s.y = (min(max(v, s.radius + 3), SIZE - s.radius - 3) for v in (s.x, s.y))
     return out
 
 

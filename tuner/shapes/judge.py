@@ -34,7 +34,7 @@ from tuner.shapes.data import COLORS, PLACES, RELATIONS, SIZE, SIZES
 PALETTE = torch.tensor(list(COLORS.values()))  # [12, 3], the order of COLORS
 OPACITY = 0.5  # a pixel belongs to a colour laid over the background with at least this share
 PEAK_OPACITY = 0.8  # a blob's most opaque pixel must reach this (real blurred shapes: 0.94 and up) ...
-THIN_PEAK_OPACITY = {("ring", "small"): 0.58, ("ring", ""): 0.72}  # ... or this for thin shapes (real: 0.62, 0.82)
+THIN_PEAK_OPACITY = {("ring", "small"): OPACITY, ("ring", ""): 0.65}  # ... or this for thin rings (real: 0.55, 0.82)
 RESIDUAL = 0.12  # RGB distance the colour-over-background mixture may miss a pixel by
 PREFERENCE = 0.04  # a captioned colour must explain a pixel within this of the best palette colour
 CORE_OPACITY = 0.9  # a colour's opaque core, whose rim another colour cannot claim
