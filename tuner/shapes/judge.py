@@ -283,3 +283,101 @@ def judge(images: torch.Tensor, captions: list[str]) -> dict[str, float]:
     """Per-check pass rates of images [B,3,64,64] in [0,1] on their shapes captions: colors, background, place
     (single shapes), relation (pairs), all; a check that applies to no image is left out."""
     return rates(judge_each(images, captions))
+
+
+# ------------------------------------------------------------------------------------ the docs' figures
+def sample_shapes_sd(captions: list[str], seed: int, steps: int = 25, guidance: float = 5.0, batch: int = 64,
+                     device: str = "cpu", adapter=None) -> torch.Tensor:
+    """Images [N,3,64,64] of shapes-sd (DDIM), caption i drawn from noise seed `seed` * 100003 + i, whatever the
+    batch (tuner.engine.sample_each)."""
+    from tuner import engine, pipelines, shapes
+
+    if adapter is None:
+        adapter = pipelines.load_adapter(str(shapes.MODEL_DIR), device=torch.device(device), dtype=torch.float32)
+    gens = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(len(captions))]
+    return engine.sample_each(adapter, adapter.encode_prompts(captions), generators=gens, batch_size=batch,
+                              height=SIZE, width=SIZE, num_steps=steps, guidance_scale=guidance).float().cpu()
+
+
+def _spread(values: list[float]) -> str:
+    """mean +- std over seeds (n-1), then each seed's value, in percent."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+    return f"{100 * mean:.1f} +- {100 * std:.1f} ({', '.join(f'{100 * v:.1f}' for v in values)})"
+
+
+def seed_table(old: list[dict[str, float]], new: list[dict[str, float]]) -> str:
+    """A markdown table of each check's rate, old checker beside the judge, over seeds."""
+    rows = ["| check | old checker (tuner.shapes.evaluate) | judge (tuner.shapes.judge) |", "|---|---|---|"]
+    for check in CHECKS:
+        cells = [_spread([r[check] for r in runs]) if check in runs[0] else "-" for runs in (old, new)]
+        rows.append(f"| {check} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
+def broken_table(scenes: list) -> str:
+    """A markdown table: the share of broken-on-purpose images (tuner.shapes.broken) each checker passes on the
+    checks the breakage must fail, and on real images."""
+    import random
+
+    from tuner.shapes import broken
+    from tuner.shapes.data import render
+    from tuner.shapes.evaluate import caption_checks
+
+    real = render(scenes)
+    rows = ["| images | checks that must fail | old checker passes | judge passes |", "|---|---|---|---|"]
+    old, new = caption_checks(real, scenes, real), judge(real, [s.caption for s in scenes])
+    rows.append(f"| real ({len(scenes)}) | none: all should pass | " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in
+                old.items()) + " | " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in new.items()) + " |")
+    for breaker, must in broken.BREAKERS.items():
+        rng = random.Random(breaker.__name__)
+        pairs = [(s, b) for s in scenes if (b := breaker(s, rng)) is not None]
+        images, kept = render([b for _, b in pairs]), [s for s, _ in pairs]
+        old, new = caption_checks(images, kept, render(kept)), judge(images, [s.caption for s in kept])
+        cells = [", ".join(f"{k} {100 * r[k]:.1f}%" for k in must) for r in (old, new)]
+        what = " ".join(breaker.__doc__.split()).split(":")[0].split(" (")[0].rstrip(".").lower()
+        rows.append(f"| {breaker.__name__} ({len(pairs)}): {what} "
+                    f"| {', '.join(must)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m tuner.shapes.judge: old checkers and the judge on shapes-sd's held-out samples over noise seeds."""
+    import argparse
+    import json
+    import time
+    from pathlib import Path
+
+    from tuner.shapes.data import ShapesData, render
+    from tuner.shapes.evaluate import caption_checks
+
+    p = argparse.ArgumentParser(prog="python -m tuner.shapes.judge", description=main.__doc__)
+    p.add_argument("--captions", type=int, default=128, help="held-out captions (seed 1 of the generator)")
+    p.add_argument("--seeds", default="0,1,2,3", help="noise seeds, comma-separated (at least 4 for a spread)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--broken", type=int, default=400, help="held-out scenes to break on purpose (0: none)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    args = p.parse_args(argv)
+    start = time.time()
+    scenes = ShapesData(1).scenes(0, args.captions)
+    captions, real = [s.caption for s in scenes], render(scenes)
+    old, new = [], []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        images = sample_shapes_sd(captions, seed, args.steps, args.guidance, device=args.device)
+        old.append(caption_checks(images, scenes, real))
+        new.append(judge(images, captions))
+        print(f"seed {seed}: old {old[-1]}\n        judge {new[-1]}", flush=True)
+    print(f"\nshapes-sd, {args.captions} held-out captions, DDIM {args.steps} steps, guidance {args.guidance}, "
+          f"seeds {args.seeds}:\n\n{seed_table(old, new)}\n")
+    if args.broken:
+        print(f"Held-out scenes {args.broken} broken on purpose:\n\n{broken_table(ShapesData(1).scenes(0, args.broken))}\n")
+    print(f"{time.time() - start:.0f} s")
+    if args.out:
+        args.out.write_text(json.dumps({"seeds": args.seeds, "old": old, "judge": new}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
