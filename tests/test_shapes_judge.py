@@ -136,7 +136,8 @@ def test_a_gray_shape_taken_off_a_white_gradient_is_missing():
 
 
 def test_relation_needs_its_axis_to_dominate():
-    a, b = data.Shape("square", "red", "", 20.0, 30.0, 10.0, 0.0), data.Shape("circle", "blue", "", 44.0, 34.0, 10.0, 0.0)
+    a = data.Shape("square", "red", "", 20.0, 30.0, 10.0, 0.0)
+    b = data.Shape("circle", "blue", "", 44.0, 34.0, 10.0, 0.0)
     scene = _scene([a, b], "white", relation="left of")
     image = data.render([scene])[0]
     assert judge_image(image, scene.caption)["relation"]

@@ -74,8 +74,8 @@ def recoloured(scene: Scene, rng: random.Random) -> Scene | None:
     out = _copy(scene)
     target = rng.choice(out.shapes)
     others = [s.color for s in out.shapes if s is not target]
-    choices = [c for c in COLORS if all(math.dist(COLORS[c], COLORS[o]) >= MIN_CONTRAST for o in [target.color, scene.background,
-                                                                                  *others])]
+    avoid = [target.color, scene.background, *others]
+    choices = [c for c in COLORS if all(math.dist(COLORS[c], COLORS[o]) >= MIN_CONTRAST for o in avoid)]
     target.color = rng.choice(choices)
     return out
 

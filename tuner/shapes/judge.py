@@ -4,21 +4,28 @@
 `judge_each` gives the verdicts of each image. The checks:
 
 - colors: each captioned colour forms a blob, a connected set of pixels explained as that colour laid over the
-  captioned background (any tone of its gradient or stripes) with at least half opacity, better than by any other
-  colour of the palette. A blob must be shape-like: big enough for a small shape, no bigger than a large one,
-  clear of the image border (the generator keeps every shape inside), opaque enough at its peak. A striped or
-  gradient background is part of the model of every pixel, so it cannot become a shape; a background band is too
-  long and touches the border, so it cannot either.
+  captioned background (any tone of its gradient or stripes) with at least half opacity, as well as by any other
+  colour of the palette. So a blurred thin ring, whose pixels are half ring and half background, is found, and a
+  pixel that the background's own tones explain (the darker tone of a white gradient, 0.11 from gray) is not.
+  A blob must be shape-like: big enough for a small shape, no bigger than a large one, clear of the image border
+  (the generator keeps every shape inside; a background band always touches it), opaque enough at its peak for
+  its captioned kind and size, not the blurred rim of another colour's opaque core (gray around a black shape on
+  white) and not enclosed by other colours (the background showing through the hole of a ring).
 - background: pixels away from the shapes lie on the captioned background's tones (plain colour, or anywhere
   between the two tones of its gradient or stripes).
 - place (one shape): the blob's centre is nearest to the captioned place among the generator's nine place
   centres for the captioned size.
 - relation (two shapes): the blob centres are in the captioned order on the relation's axis, and that offset
-  dominates the offset on the other axis.
+  exceeds the offset on the other axis.
 - all: every check of the image passes.
 
+Known blind spot: where a shape's colour, the background colour and its second tone lie on one line of RGB (gray
+on a white gradient, white on a black one), a blurred thin ring's pixels are background tones pixel by pixel and
+the ring is missed (none of 600 held-out real images; tests/test_shapes_judge.py lists what is covered).
+
 `python -m tuner.shapes.judge` samples shapes-sd on held-out captions over several noise seeds and reports each
-rate of the old checkers (tuner.shapes.evaluate) and of this judge, per seed and as mean +- std (docs/shapes.md).
+rate of the old checkers (tuner.shapes.evaluate) and of this judge, per seed and as mean +- std (docs/shapes.md),
+and the share of images broken on purpose (tuner.shapes.broken) that each passes.
 """
 from __future__ import annotations
 
@@ -213,7 +220,8 @@ def colour_masks(image: torch.Tensor, caption: Caption) -> tuple[torch.Tensor, t
     others = [torch.arange(len(COLORS)) != k for k in index]
     own = torch.stack([masks[k] & ~edge_of[o].any(0) for k, o in zip(index, others)])
     mixed = explained & (alpha >= EDGE_OPACITY)  # a colour's own blurred rim, whichever colour it looks like
-    walls = torch.stack([masks[o].any(0) & ~(mixed[k] & _dilate(m, EDGE_REACH)) for k, o, m in zip(index, others, own)])
+    walls = torch.stack([masks[o].any(0) & ~(mixed[k] & _dilate(m, EDGE_REACH))
+                         for k, o, m in zip(index, others, own)])
     return own, alpha[index], walls
 
 
@@ -226,7 +234,7 @@ def tone_distance(image: torch.Tensor, tones: tuple[torch.Tensor, torch.Tensor])
 
 def _background_ok(image: torch.Tensor, caption: Caption, shapes: torch.Tensor) -> bool:
     """Whether the pixels away from the shapes (dilated by 2 px) lie on the captioned background's tones."""
-    away = F.max_pool2d(shapes[None, None].float(), 5, stride=1, padding=2)[0, 0] == 0
+    away = ~_dilate(shapes, 2)
     on_tones = tone_distance(image, background_tones(caption.background, caption.style)) <= BACKGROUND_TOLERANCE
     return bool(away.any()) and float(on_tones[away].float().mean()) >= BACKGROUND_SHARE
 
@@ -372,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nshapes-sd, {args.captions} held-out captions, DDIM {args.steps} steps, guidance {args.guidance}, "
           f"seeds {args.seeds}:\n\n{seed_table(old, new)}\n")
     if args.broken:
-        print(f"Held-out scenes {args.broken} broken on purpose:\n\n{broken_table(ShapesData(1).scenes(0, args.broken))}\n")
+        table = broken_table(ShapesData(1).scenes(0, args.broken))
+        print(f"Held-out scenes {args.broken} broken on purpose:\n\n{table}\n")
     print(f"{time.time() - start:.0f} s")
     if args.out:
         args.out.write_text(json.dumps({"seeds": args.seeds, "old": old, "judge": new}, indent=2) + "\n")
