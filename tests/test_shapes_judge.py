@@ -153,3 +153,19 @@ def test_judge_rejects_what_it_cannot_read():
         judge(images[:, :, :32], captions)
     with pytest.raises(ValueError, match="not a caption"):
         judge(images, ["a photo of a cat", captions[1]])
+
+
+def test_command_reports_old_and_new_rates_over_seeds(capsys):
+    from tuner.shapes.judge import main
+
+    assert main(["--captions=3", "--seeds=0,1", "--steps=2", "--broken=0", "--device=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| check | old checker (tuner.shapes.evaluate) | judge (tuner.shapes.judge) |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| colors |")]
+    assert len(rows) == 1 and rows[0].count("+-") == 2 and rows[0].count("(") == 2  # mean +- std (seed 0, seed 1)
+
+
+def test_spread_is_mean_and_sample_std_over_seeds():
+    from tuner.shapes.judge import _spread
+
+    assert _spread([0.5, 0.7, 0.6, 0.8]) == "65.0 +- 12.9 (50.0, 70.0, 60.0, 80.0)"
