@@ -170,9 +170,6 @@ def main(argv: list[str] | None = None) -> None:
         compared = args.compare_plans or list(cases)
         jobs += [(kind, name, args.compare_batch) for name in compared for kind in ("engine", "naive")
                  if (kind, name, args.compare_batch) not in jobs]
-    if args.flops:
-        meta["tflop_drtune_step_per_image"] = count_flops(step("engine", cases["drtune K=5"], 1)) / 1e12
-        meta["floor_s_per_image"] = meta["tflop_drtune_step_per_image"] / peak if peak else None
     for kind, name, batch in jobs:
         row = {"kind": kind, "plan": name, "batch": batch, "trained_steps": len(cases[name].trained),
                "stop": cases[name].stop, **_measured(step(kind, cases[name], batch), args.iters)}
@@ -181,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
             row["fits_cap"] = row["peak_gib"] <= args.cap_gib
         rows[f"{kind}: {name} [batch {batch}]"] = row
         print(kind, name, batch, row, flush=True)
+        write(args.out, args.model, meta, rows)
+    if args.flops:  # last, so a run cut short still has its timed rows
+        meta["tflop_drtune_step_per_image"] = count_flops(step("engine", cases["drtune K=5"], 1)) / 1e12
+        meta["floor_s_per_image"] = meta["tflop_drtune_step_per_image"] / peak if peak else None
         write(args.out, args.model, meta, rows)
 
 
