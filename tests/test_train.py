@@ -203,3 +203,28 @@ def test_flow_models_refuse_fp8_sampling_and_negative_prompts(tmp_path):
     with pytest.raises(ConfigError, match="fp8_sampling"):
         train(validate(load_config(None, [f"output_dir={tmp_path}", "name=a", "model=tiny-flux", *FLOW,
                                           "train.fp8_sampling=true"])), reward_fn=Brightness())
+
+
+def test_a_shapes_run_logs_the_judge_before_and_after(tmp_path):
+    from tuner.shapes.judge import judge
+
+    args = [f"output_dir={tmp_path}", "name=shapes", "model=shapes-sd", "sampling.num_steps=4", "train.steps=1",
+            "train.batch_size=2", "prompts.file=shapes_centered", "prompts.num_eval=4", "log.progress=false",
+            "method_options={num_trained: 1, early_stop_range: 1}", "reward={symmetry: 1.0}"]
+    assert main(args) == 0
+    run = tmp_path / "shapes"
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = load_config(run / "config.yaml")
+    from tuner.prompts import load_prompt_sets
+
+    _, captions = load_prompt_sets(cfg.prompts)
+    before = ckpt.read_tensors(run / "gallery", "before.safetensors")["images"]
+    assert summary["judge_before"] == pytest.approx(judge(before, captions), abs=0)  # the judge's own rates
+    assert set(summary["judge_after"]) == set(summary["judge_before"]) >= {"colors", "background", "all"}
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "eval/judge/all" in r]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert "| colors |" in (run / "summary.md").read_text()
+
+
+def test_runs_off_the_shapes_model_have_no_judge(tmp_path):
+    assert "judge_before" not in train(tiny(tmp_path, "plain", "train.steps=1"))

@@ -169,4 +169,9 @@ def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
     for k, v in summary.items():
         if not isinstance(v, (dict, list)):
             lines.append(f"| {k} | {f'{v:.4g}' if isinstance(v, float) else v} |")
+    if "judge_before" in summary:
+        lines += ["", "Ground truth (tuner.shapes.judge, evaluation prompts): pass rates", "",
+                  "| check | before | after |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.3f} | {summary['judge_after'].get(k, float('nan')):.3f} |"
+                  for k, v in summary["judge_before"].items()]
     (run_dir / "summary.md").write_text("\n".join(lines) + "\n")

@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     if summary:
+        if "judge_before" in summary:
+            print("ground truth (shapes judge, evaluation prompts): " + ", ".join(
+                f"{k} {v:.2f} -> {summary['judge_after'].get(k, float('nan')):.2f}" for k, v in summary["judge_before"].items()))
         print(f"done: {summary['run_dir']} (final weights: {summary['final_weights']})")
     return 0
 

@@ -35,6 +35,7 @@ from tuner.logging import RunLogger, gallery, plot_rewards, read_metrics, write_
 from tuner.memory import ConditioningCache
 from tuner.methods import get_method
 from tuner.prompts import PromptSampler, load_prompt_sets
+from tuner.shapes import judge
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -527,6 +528,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     sampler = PromptSampler(train_prompts, t.batch_size, grad_accum=t.grad_accum, rank=rank, world_size=world, seed=t.seed)
     method = get_method(cfg.method, **cfg.method_options)
     eval_conds = adapter.encode_prompts(eval_prompts, [s.negative_prompt] * len(eval_prompts))
+    truth = judge.run_metrics(cfg.model, eval_prompts) or (lambda images: {})  # ground truth on shapes models
 
     # --- optimizer, EMA, processes, generators, resume
     optimizer = build_optimizer(params, cfg)
@@ -563,7 +565,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
             with _model_weights(denoiser, ema, base=True):
                 before, before_rewards, parts = evaluate(adapter, denoiser, eval_conds, eval_prompts, reward, cfg, autocast)
             ckpt.write_tensors(gallery_dir, before_file.name, {"images": before})
-            logger.log(0, {"eval/reward": before_rewards.mean(), **parts})
+            logger.log(0, {"eval/reward": before_rewards.mean(), **parts, **truth(before)})
     accelerator.wait_for_everyone()
     stats = None
     if g.normalize != "none":
@@ -632,7 +634,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
             path = gallery_dir / f"step-{done:08d}.png"
             gallery(before, now, eval_prompts, f"step {done}").save(path)
             logger.image("gallery", path, done)
-            logger.log(done, {"eval/reward": now_rewards.mean(), **parts})
+            logger.log(done, {"eval/reward": now_rewards.mean(), **parts, **truth(now)})
             last = {"eval_reward": now_rewards.mean().item()}
         if done % cfg.checkpoint.every == 0 or done == t.steps or stop:
             save_checkpoint(run_dir / "checkpoints", done, accelerator=accelerator, denoiser=denoiser, ema=ema,
@@ -692,6 +694,13 @@ def _save_denoiser(denoiser, folder: Path) -> Path:
     return folder
 
 
+def _judged(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """The shapes judge's rates at the first and the last evaluation (runs on a shapes model), else nothing."""
+    judged = [{k.removeprefix("eval/judge/"): v for k, v in r.items() if k.startswith("eval/judge/")} for r in rows]
+    judged = [j for j in judged if j]
+    return {"judge_before": judged[0], "judge_after": judged[-1]} if judged else {}
+
+
 def _summary(cfg: Config, rows: list[dict], run_dir: Path, final: Path, seconds: float, start: int, world: int,
              params: list, last: dict) -> dict[str, Any]:
     train_rewards = [r["reward"] for r in rows if r.get("reward") is not None]
@@ -706,6 +715,7 @@ def _summary(cfg: Config, rows: list[dict], run_dir: Path, final: Path, seconds:
         "train_reward_first_10pct": sum(train_rewards[:tenth]) / tenth if train_rewards else None,
         "train_reward_last_10pct": sum(train_rewards[-tenth:]) / tenth if train_rewards else None,
         "skipped_steps": int(sum(r.get("skipped", 0) or 0 for r in rows)),
+        **_judged(rows),
         "seconds_this_session": round(seconds, 1),
         "final_weights": str(final), "run_dir": str(run_dir),
     }

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -291,6 +292,21 @@ def judge(images: torch.Tensor, captions: list[str]) -> dict[str, float]:
     """Per-check pass rates of images [B,3,64,64] in [0,1] on their shapes captions: colors, background, place
     (single shapes), relation (pairs), all; a check that applies to no image is left out."""
     return rates(judge_each(images, captions))
+
+
+def run_metrics(model: str, captions: list[str]) -> Callable[[torch.Tensor], dict[str, float]] | None:
+    """For a run on a shapes model whose evaluation captions the judge reads: images -> {eval/judge/<check>: rate}
+    (logged with every evaluation, before and after in the run summary); None for any other run."""
+    from tuner import shapes
+
+    if model != shapes.MODEL_NAME:
+        return None
+    try:
+        for caption in captions:
+            parse_caption(caption)
+    except ValueError:
+        return None
+    return lambda images: {f"eval/judge/{k}": v for k, v in judge(images, captions).items()}
 
 
 # ------------------------------------------------------------------------------------ the docs' figures
