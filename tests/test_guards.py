@@ -440,8 +440,9 @@ def test_guard_options_are_checked_before_a_model_loads(tmp_path):
         check("guards.pretrain_weight=1", f"guards.pretrain_data={tmp_path}")
     with pytest.raises(ConfigError, match="select_metric"):
         check("guards.keep_best=true")
-    with pytest.raises(ConfigError, match="shapes.judge.*lacks"):
-        check("guards.select_every=5", "guards.select_metric=shapes-judge")
+    with pytest.raises(ConfigError, match="no_such_module.*not importable"):
+        check("guards.select_every=5", "guards.select_metric=no_such_module:judge")
+    check("guards.select_every=5", "guards.select_metric=shapes-judge")  # the judge ships with the tuner
     with pytest.raises(ConfigError, match="overlap the evaluation seeds"):
         check("guards.select_every=5", "guards.select_metric=symmetry", "guards.select_seed=1235")
     with pytest.raises(ConfigError, match="guards.augment.*rotate"):

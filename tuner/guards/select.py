@@ -48,9 +48,8 @@ def check(name: str) -> None:
     except ModuleNotFoundError:
         found = False
     if not found:
-        what = (f"{JUDGE} needs {module} (the hardened ground-truth shapes checker of issue 21), which this "
-                f"installation lacks" if name == JUDGE else f"module {module} is not importable")
-        raise ValueError(f"{what}; use a reward name or another module:function")
+        raise ValueError(f"module {module} of the metric {name!r} is not importable; use a reward name, {JUDGE} "
+                         f"or another module:function")
 
 
 def load_metric(name: str, *, key: str | None = None, device=None, sources: dict | None = None
