@@ -153,6 +153,10 @@ def test_oom_message_on_cuda_names_the_peak_and_the_device(monkeypatch):
     assert "61.50 GiB of the 80.00 GiB this process may use on NVIDIA H100 80GB HBM3" in text
     assert "train.batch_size=2 train.grad_accum=4" in text  # the same 8 prompts a step
     assert "needs train.compile=false" in text
+    fixed = validate(load_config(None, ["train.batch_size=3", "train.prompts_per_step=6"]))
+    fixed = T.fixed_layout(fixed, world=1)  # 3 x 2: the next micro-batch that splits 6 prompts is 2
+    assert "train.batch_size=2 (or auto; the accumulation grows so each step keeps its 6 prompts)" in \
+        memory.oom_message(fixed, torch.device("cuda", 0), 1, "checkpoint", None, RuntimeError("boom"))
 
 
 # ---------------------------------------------------------------- train.batch_size: auto

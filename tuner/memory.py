@@ -144,6 +144,9 @@ def gib(n: int | None) -> float | None:
     return None if n is None else round(n / GIB, 2)
 
 
+SETUP = "setup: loading and preparing the models"
+
+
 class OutOfMemory(torch.OutOfMemoryError):
     """The device ran out of memory; the message names the step, the phase, the peak and what would fit."""
 
@@ -156,8 +159,9 @@ def fixes(cfg) -> list[str]:
                    "docs/tuner.md, Low-memory mode)" + ("; it needs train.compile=false" if t.compile else ""))
     if isinstance(t.batch_size, int) and t.batch_size > 1:
         half = t.batch_size // 2
-        if t.prompts_per_step is not None:
-            out.append(f"train.batch_size={half} (or auto; the accumulation grows so each step keeps its "
+        if t.prompts_per_step is not None:  # the micro-batch must split this process's prompts a step
+            smaller = max(d for d in divisors(t.batch_size * t.grad_accum) if d < t.batch_size)
+            out.append(f"train.batch_size={smaller} (or auto; the accumulation grows so each step keeps its "
                        f"{t.prompts_per_step} prompts)")
         else:
             out.append(f"train.batch_size={half} train.grad_accum={t.grad_accum * t.batch_size // half} (the same "
@@ -199,7 +203,7 @@ class OOMGuard:
     def __init__(self, cfg, device: torch.device, checkpoints: Path | None,
                  latest: Callable[[Path], Path | None]):
         self.cfg, self.device, self.checkpoints, self.latest = cfg, device, checkpoints, latest
-        self.where = ("setup: loading and preparing the models", 0)
+        self.where = (SETUP, 0)
 
     def at(self, name: str, step: int) -> None:
         """From here on the run is in phase `name` of optimizer step `step` (1-based; 0 before the first)."""

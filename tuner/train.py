@@ -719,6 +719,7 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
         guard.at(PHASE_TRIAL, 0)
         cfg, line = auto_batch(cfg, step_parts, denoiser, start, generators, meta.get("layout"))
         guard.cfg, t = cfg, cfg.train
+        guard.at(memory.SETUP, 0)
         if main:
             print(line, flush=True)
     sampler = make_sampler(t.batch_size, t.grad_accum)
