@@ -289,6 +289,13 @@ def card(result: dict, smoke: bool) -> str:
     return name + (f", capped at {result['cap_gib']:g} GiB" if result.get("cap_gib") else "")
 
 
+def _first_words(error: str) -> str:
+    """What a table cell shows of an error: the tuner's out-of-memory line, else the last line (a traceback's)."""
+    lines = error.strip().splitlines()
+    oom = [line for line in lines if "out of CUDA memory" in line]
+    return (oom[0] if oom else lines[-1])[:120]
+
+
 def write(out: Path, info: dict, results: list[dict]) -> Path:
     """whole_run-<stamp>.json and .md (one table row per run), labelled with the card."""
     out.mkdir(parents=True, exist_ok=True)
@@ -301,7 +308,7 @@ def write(out: Path, info: dict, results: list[dict]) -> Path:
              "process start to first step, s | compile cache | result |", "|" + "---|" * 10]
     for r in results:
         layout = f"{r['batch_size']} x {r['grad_accum']}" if r.get("batch_size") else ""
-        status = "ok" if not r.get("error") else r["error"].strip().splitlines()[-1][:100]
+        status = "ok" if not r.get("error") else _first_words(r["error"])
         lines.append(f"| {r['row']} | {r['run']} | {card(r, info['smoke'])} | {layout} | {_cell(r.get('s_per_image'))} | "
                      f"{_cell(r.get('peak_gib_steps'))} | {_cell(r.get('peak_gib_session'))} | "
                      f"{_cell(r.get('seconds_to_first_step'), '{:.1f}')} | {r.get('compile_cache', '')} | {status} |")

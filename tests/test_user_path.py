@@ -215,6 +215,15 @@ def test_auto_batch_trains_what_the_fixed_batch_with_accumulation_trains(tmp_pat
     assert record == [] and again["batch_size"] == 2 and "as the checkpoint resumed from used" in capsys.readouterr().out
 
 
+def test_auto_batch_stops_before_the_first_step_when_nothing_fits(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "fit_probe", lambda *args: (lambda b: None, 1250, 1000))
+    with pytest.raises(OutOfMemory, match=r"before the first step \(trial steps of train.batch_size=auto\)"
+                                          r"(.|\n)*micro-batch 1 ran out of memory(.|\n)*train.memory=low"):
+        T.train(tiny(tmp_path, "none", "train.steps=1", "train.batch_size=auto", "train.prompts_per_step=2"),
+                reward_fn=Brightness())
+    assert not (tmp_path / "none" / "gallery").exists()  # stopped before the base model's gallery
+
+
 def test_auto_batch_off_cuda_takes_the_whole_step_in_one_micro_batch(tmp_path):
     summary = T.train(tiny(tmp_path, "cpu", "train.steps=1", "log.eval_every=100", "train.batch_size=auto",
                            "train.prompts_per_step=2"), reward_fn=Brightness())

@@ -495,6 +495,8 @@ def auto_batch(cfg: Config, parts: StepParts, denoiser: torch.nn.Module, step: i
         else:
             probe, budget, resident = found
             batch, trials = memory.choose_batch_size(memory.divisors(per), probe, budget, resident)
+            if trials[0][1] is None:  # not even the smallest fits: say so now, not after the first gallery
+                raise torch.OutOfMemoryError(f"the trial step at micro-batch {trials[0][0]} ran out of memory")
             shown = ", ".join(f"{b} -> {'out of memory' if p is None else f'{memory.gib(p):.1f} GiB'}" for b, p in trials)
             how = (f"trial steps {shown}; a micro-batch may peak at {memory.gib(budget):.1f} GiB, "
                    f"{memory.AUTO_HEADROOM:.0%} of what this process may use")
