@@ -662,8 +662,8 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
     run_dir, resume_from = resolve_run(cfg)
     cfg = dataclasses.replace(cfg, name=run_dir.name, train=dataclasses.replace(cfg.train, mixed_precision=precision))
     requested = cfg.train  # what config.yaml records (train.batch_size=auto filled in with its choice)
-    auto = fixed_layout(cfg, world) is None
-    cfg = cfg if auto else fixed_layout(cfg, world)
+    layout = fixed_layout(cfg, world)  # None: train.batch_size=auto, resolved by trial steps once the models exist
+    auto, cfg = layout is None, layout or cfg
     guard.cfg, guard.checkpoints = cfg, run_dir / "checkpoints"
     t, s = cfg.train, cfg.sampling
     torch.manual_seed(t.seed)  # the same initial weights on every rank
