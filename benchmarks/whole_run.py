@@ -271,7 +271,8 @@ def meta(args: argparse.Namespace, seconds: float) -> dict:
     import diffusers
     import torch
 
-    return {"cards": SMOKE_DEVICE if args.smoke else cards(), "torch": torch.__version__, "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"),
+    return {"cards": SMOKE_DEVICE if args.smoke else cards(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"),
             "seconds": round(seconds, 1), "command": "python -m benchmarks.whole_run " + " ".join(sys.argv[1:]),
             "steps": args.steps, "cap_gib": args.cap_gib, "smoke": args.smoke,
             "weights": "random (full-size SDXL base 1.0 with the fp16-fix VAE config / FLUX.1-dev / SD3.5 Medium; "

@@ -497,7 +497,8 @@ def auto_batch(cfg: Config, parts: StepParts, denoiser: torch.nn.Module, step: i
             batch, trials = memory.choose_batch_size(memory.divisors(per), probe, budget, resident)
             if trials[0][1] is None:  # not even the smallest fits: say so now, not after the first gallery
                 raise torch.OutOfMemoryError(f"the trial step at micro-batch {trials[0][0]} ran out of memory")
-            shown = ", ".join(f"{b} -> {'out of memory' if p is None else f'{memory.gib(p):.1f} GiB'}" for b, p in trials)
+            shown = ", ".join(f"{b} -> " + ("out of memory" if p is None else f"{memory.gib(p):.1f} GiB")
+                              for b, p in trials)
             how = (f"trial steps {shown}; a micro-batch may peak at {memory.gib(budget):.1f} GiB, "
                    f"{memory.AUTO_HEADROOM:.0%} of what this process may use")
         batch = int(acc.gather(torch.tensor([batch], device=acc.device)).min().item())
@@ -713,7 +714,8 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
         return PromptSampler(train_prompts, batch, grad_accum=accum, rank=rank, world_size=world, seed=t.seed)
 
     per = process_prompts(cfg, world)
-    layouts = [make_sampler(b, per // b) for b in memory.divisors(per)] if auto else [make_sampler(t.batch_size, t.grad_accum)]
+    layouts = ([make_sampler(b, per // b) for b in memory.divisors(per)] if auto
+               else [make_sampler(t.batch_size, t.grad_accum)])
     conditioning = prompt_conditioning(adapter, layouts, range(start, t.steps), cfg)
     step_parts = StepParts(cfg, accelerator, adapter, method, reward, layouts[-1], optimizer, scaler, params, gen,
                            autocast, conditioning, step_hook, penalty, pretrain_loss(cfg, adapter, rank, world))
