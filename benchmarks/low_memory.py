@@ -181,6 +181,7 @@ def row_config(name: str, spec: dict):
     overrides = [
         f"output_dir={spec['work']}", f"name={name}", f"model=random/{row.model}", "vae=null",
         f"train.memory={row.memory}", f"train.steps={steps}", "train.batch_size=1", "train.grad_accum=1",
+        "train.prompts_per_step=null",
         "train.warmup_steps=0", f"sampling.num_steps={spec['num_steps'] or num_steps}",
         f"sampling.guidance_scale={spec['guidance'] or guidance}", f"sampling.height={size}", f"sampling.width={size}",
         "prompts.num_eval=1", f"log.eval_every={steps}",

@@ -57,8 +57,9 @@ class SamplingConfig:
 @dataclass
 class TrainConfig:
     steps: int = opt(1000, "Optimizer steps of the whole run.")
-    batch_size: int = opt(1, "Prompts per micro-batch on each process.")
-    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    batch_size: Union[int, str] = opt(1, "Prompts per micro-batch on each process, or auto: the largest that fits the device, found by trial steps (sampling, the reward's backward and the optimizer step; their time counts in the warm-up) before the first step, with train.prompts_per_step kept by accumulation. docs/tuner.md, Memory.")
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step (leave at 1 when train.prompts_per_step is set: the accumulation then follows from it).")
+    prompts_per_step: Union[int, None] = opt(None, "The effective batch: prompts per optimizer step summed over all processes (processes x batch_size x grad_accum). null: whatever batch_size and grad_accum give. Set, the accumulation follows from it and batch_size (prompts_per_step / (processes x batch_size)); needed by batch_size: auto.")
     lr: float = opt(1e-4, "Peak learning rate.")
     lr_schedule: str = opt("constant_with_warmup", "Learning-rate schedule.")
     warmup_steps: int = opt(0, "Linear warm-up steps at the start of the schedule.")
@@ -73,6 +74,7 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "Recompute the denoiser's activations in backward to save memory.")
     memory: str = opt("default", "default, or low: the same gradient in less GPU memory (block-wise recompute of trained denoiser calls and of the VAE decode, one image at a time through VAE and reward, text encoders off the GPU after one encoding of the prompts, the reward in the run's half precision); docs/tuner.md, Low-memory mode.")
     compile: bool = opt(False, "torch.compile the repeated blocks of the denoiser (UNet or transformer) and the VAE decoder (regional compilation; about two minutes of compiling at the start on SDXL, docs/benchmarks.md, Tuning step).")
+    compile_cache: Union[str, None] = opt("auto", "Where train.compile keeps compiled code between runs (torch's FX graph, AOTAutograd, autotune and Triton caches): auto, <user cache dir>/drtune-rewards/compile/<torch version, device, model>; a folder (the same key below it); null, torch's own default (a temporary folder). Safe to delete. docs/tuner.md, Speed.")
     fp8_sampling: bool = opt(False, "Run the gradient-free sampling calls' transformer linears as fp8 matmuls (e4m3, row-wise scales; GPUs of compute capability 8.9 and later; SD 1.5 and SDXL); trained calls keep the run's precision. docs/tuner.md, Speed.")
     mixed_precision: Union[str, None] = opt(None, "no, fp16 or bf16; null picks bf16 on GPU and no (fp32) on CPU.")
     seed: int = opt(0, "Seed of the run; each process derives its own generators from it and its rank.")
@@ -372,7 +374,7 @@ def validate(cfg: Config) -> Config:
     _one_of("sampling.scheduler", cfg.sampling.scheduler, scheduler_names())
     s, t = cfg.sampling, cfg.train
     for key, value in (("sampling.num_steps", s.num_steps), ("sampling.height", s.height), ("sampling.width", s.width),
-                       ("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+                       ("train.steps", t.steps), ("train.grad_accum", t.grad_accum),
                        ("train.max_nonfinite", t.max_nonfinite), ("lora.rank", cfg.lora.rank),
                        ("log.every", cfg.log.every), ("log.eval_every", cfg.log.eval_every),
                        ("checkpoint.every", cfg.checkpoint.every), ("checkpoint.keep", cfg.checkpoint.keep),
@@ -389,6 +391,7 @@ def validate(cfg: Config) -> Config:
                        ("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
         if not 0 <= value < 1:
             raise ConfigError(f"config key '{key}': must be in [0, 1), got {value}")
+    _check_batch(t)
     if t.mixed_precision is not None:
         _one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISIONS)
     _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
@@ -419,6 +422,26 @@ def validate(cfg: Config) -> Config:
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"config section 'prompts': {e}") from None
     return cfg
+
+
+def _check_batch(t: TrainConfig) -> None:
+    """train.batch_size (a positive integer or auto), train.prompts_per_step and train.grad_accum together."""
+    if isinstance(t.batch_size, str):
+        _one_of("train.batch_size", t.batch_size, ["auto"])
+        if t.prompts_per_step is None:
+            raise ConfigError("config key 'train.batch_size': auto keeps the prompts of an optimizer step fixed and "
+                              "needs them: set train.prompts_per_step (e.g. 16), or give a number as train.batch_size.")
+    else:
+        _positive("train.batch_size", t.batch_size)
+    if t.prompts_per_step is None:
+        return
+    _positive("train.prompts_per_step", t.prompts_per_step)
+    if t.grad_accum != 1:
+        raise ConfigError(f"config keys 'train.prompts_per_step' and 'train.grad_accum': give one of them; with "
+                          f"prompts_per_step={t.prompts_per_step} the accumulation follows from it (set grad_accum=1).")
+    if isinstance(t.batch_size, int) and t.prompts_per_step % t.batch_size:
+        raise ConfigError(f"config key 'train.prompts_per_step': {t.prompts_per_step} prompts do not split into "
+                          f"micro-batches of train.batch_size={t.batch_size}; pick a multiple of it, or batch_size=auto.")
 
 
 def _check_rewards(cfg: Config) -> None:

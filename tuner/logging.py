@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +70,26 @@ class RunLogger:
             self.wandb.log({tag: wb.Image(str(path))}, step=step)
 
     def close(self) -> None:
-        """Flush and close the writers."""
+        """Flush and close the writers (again: nothing)."""
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+        self.tb = self.wandb = None
+
+
+def process_start_time() -> float:
+    """When this process started, in seconds since the epoch (the operating system's record, so interpreter start and
+    imports count); the time this module was imported where that record cannot be read."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil missing or the platform refuses: the next best start
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
 
 
 def _scalar(v: Any) -> float | None:

@@ -61,11 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print("configuration OK")
         return 0
+    from tuner.memory import OutOfMemory
     from tuner.train import NonFiniteError, train
 
     try:
         summary = train(cfg)
-    except (ConfigError, NonFiniteError) as e:
+    except (ConfigError, NonFiniteError, OutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     if summary:
@@ -73,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
             print("ground truth (shapes judge, evaluation prompts): " + ", ".join(
                 f"{k} {v:.2f} -> {summary['judge_after'].get(k, float('nan')):.2f}" for k, v in summary["judge_before"].items()))
         print(f"done: {summary['run_dir']} (final weights: {summary['final_weights']})")
+        if summary.get("peak_gib_steps") is not None:
+            print(f"GPU memory: peak {summary['peak_gib_steps']:.2f} GiB a step, {summary['peak_gib_session']:.2f} GiB "
+                  f"in all, of {summary['gpu_memory_gib']:.2f} GiB on {summary['gpu']}")
+        if summary.get("seconds_to_first_step") is not None:
+            print(f"warm-up: {summary['seconds_to_first_step']:.1f} s from process start to the end of the first "
+                  "optimizer step")
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import time
 import warnings
@@ -27,17 +28,21 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 from tqdm.auto import tqdm
 
 from tuner import checkpoint as ckpt
-from tuner import engine, lora
+from tuner import compile_cache, engine, lora, memory
 from tuner.config import Config, ConfigError, to_dict, validate
 from tuner.guards import augment as aug, normalize, pretrain, select
 from tuner.guards.penalty import BasePenalty
-from tuner.logging import RunLogger, gallery, plot_rewards, read_metrics, write_summary
+from tuner.logging import RunLogger, gallery, plot_rewards, process_start_time, read_metrics, write_summary
 from tuner.memory import ConditioningCache
 from tuner.methods import get_method
 from tuner.prompts import PromptSampler, load_prompt_sets
 from tuner.shapes import judge
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The phases an out-of-memory report names (tuner.memory.OOMGuard).
+PHASE_TRIAL = "trial steps of train.batch_size=auto"
+PHASE_BACKWARD, PHASE_OPTIMIZER = "sampling, reward and backward", "optimizer step"
+PHASE_EVAL, PHASE_SELECT, PHASE_CHECKPOINT = "evaluation gallery", "selection evaluation", "checkpoint"
 
 
 class NonFiniteError(RuntimeError):
@@ -324,14 +329,31 @@ class StepResult:
     extra: dict[str, float] = dataclasses.field(default_factory=dict)  # the guards' loss terms (unweighted)
 
 
-def train_step(parts: StepParts, step: int) -> StepResult:
+def train_step(parts: StepParts, step: int,
+               phase: Callable[[str], contextlib.AbstractContextManager] | None = None) -> StepResult:
     """Optimizer step `step`: the engine's reward_backward per micro-batch (gradients all-reduced once, at the
-    last backward of the last micro-batch), then optimizer_step."""
-    cfg, acc, denoiser, gen = parts.cfg, parts.accelerator, parts.adapter.denoiser, parts.generator
-    t, s = cfg.train, cfg.sampling
-    lr = lr_at(step, cfg)
+    last backward of the last micro-batch), then optimizer_step. `phase(name)`, if given, wraps each of the two
+    (the loop's out-of-memory report names the phase)."""
+    phase = phase or (lambda name: contextlib.nullcontext())
+    lr = lr_at(step, parts.cfg)
     for group in parts.optimizer.param_groups:
         group["lr"] = lr
+    with phase(PHASE_BACKWARD):
+        outs, plans, extra, loss_scale = accumulate(parts, step)
+    rewards_local = torch.cat([o.rewards.float().reshape(-1) for o in outs]).to(parts.accelerator.device)
+    loss_local = sum(o.loss for o in outs) / len(outs) / loss_scale  # as if unscaled: -(mean reward)
+    with phase(PHASE_OPTIMIZER):
+        grad_norm, skipped, nonfinite, reward_mean = optimizer_step(
+            parts.accelerator, parts.optimizer, parts.scaler, parts.params, rewards_local, loss_local,
+            parts.cfg.train.max_grad_norm)
+    return StepResult(outs, plans, lr, loss_local, grad_norm, skipped, nonfinite, reward_mean, extra)
+
+
+def accumulate(parts: StepParts, step: int) -> tuple[list[engine.StepOutput], list[Any], dict[str, float], float]:
+    """The micro-batches of optimizer step `step`, their gradients accumulated into .grad; returns their outputs,
+    plans, the guards' loss terms and the loss scale of one micro-batch."""
+    cfg, acc, denoiser, gen = parts.cfg, parts.accelerator, parts.adapter.denoiser, parts.generator
+    t, s = cfg.train, cfg.sampling
     loss_scale = (parts.scaler.get_scale() if parts.scaler is not None else 1.0) / t.grad_accum
     outs, plans, pretrain_sum = [], [], 0.0
     for micro in range(t.grad_accum):
@@ -355,11 +377,135 @@ def train_step(parts: StepParts, step: int) -> StepResult:
         extra["kl_penalty"] = parts.penalty.pop() / t.grad_accum
     if parts.pretrain is not None:
         extra["pretrain_loss"] = pretrain_sum / t.grad_accum
-    rewards_local = torch.cat([o.rewards.float().reshape(-1) for o in outs]).to(acc.device)
-    loss_local = sum(o.loss for o in outs) / len(outs) / loss_scale  # as if unscaled: -(mean reward)
-    grad_norm, skipped, nonfinite, reward_mean = optimizer_step(
-        acc, parts.optimizer, parts.scaler, parts.params, rewards_local, loss_local, t.max_grad_norm)
-    return StepResult(outs, plans, lr, loss_local, grad_norm, skipped, nonfinite, reward_mean, extra)
+    return outs, plans, extra, loss_scale
+
+
+# ---------------------------------------------------------------- micro-batches: train.batch_size, prompts_per_step, auto
+
+
+def process_prompts(cfg: Config, world: int) -> int | None:
+    """Prompts per optimizer step on each process when train.prompts_per_step is set (else None)."""
+    total = cfg.train.prompts_per_step
+    if total is None:
+        return None
+    if total % world:
+        raise ConfigError(f"train.prompts_per_step={total} does not split over the {world} processes; give a "
+                          f"multiple of {world}")
+    return total // world
+
+
+def with_layout(cfg: Config, batch: int, accum: int) -> Config:
+    """`cfg` with micro-batch `batch` and `accum` micro-batches a step."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch, grad_accum=accum))
+
+
+def fixed_layout(cfg: Config, world: int) -> Config | None:
+    """`cfg` with a number as micro-batch and the accumulation that gives train.prompts_per_step; None when
+    train.batch_size is auto (the trial steps decide)."""
+    per = process_prompts(cfg, world)
+    batch = cfg.train.batch_size
+    if per is None:
+        return cfg
+    if batch == "auto":
+        return None
+    if per % batch:
+        raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} gives {per} prompts a step to each of "
+                          f"the {world} processes, which micro-batches of train.batch_size={batch} do not split; "
+                          f"pick another batch_size (or auto)")
+    return with_layout(cfg, batch, per // batch)
+
+
+def fit_probe(parts: StepParts, denoiser: torch.nn.Module, step: int, generators: dict[str, torch.Generator],
+              per_process: int) -> tuple[Callable[[int], int | None], int, int] | None:
+    """(probe, budget bytes, resident bytes) for tuner.memory.choose_batch_size: probe(b) is the allocated peak of a
+    trial optimizer step at micro-batch b, or None when it ran out of memory; None off CUDA (no memory statistics)."""
+    device = parts.accelerator.device
+    total = memory.device_bytes(device)
+    if total is None:
+        return None
+
+    def probe(batch: int) -> int | None:
+        return trial_peak(parts, denoiser, batch, step, generators, per_process)
+
+    return probe, int(total * memory.AUTO_HEADROOM), torch.cuda.memory_allocated(device)
+
+
+def trial_peak(parts: StepParts, denoiser: torch.nn.Module, batch: int, step: int,
+               generators: dict[str, torch.Generator], per_process: int) -> int | None:
+    """The allocated peak of one optimizer step at micro-batch `batch` (sampling, reward, backward, AdamW step with
+    its state), or None when it ran out of memory. It runs on the plain denoiser (no collective calls, so each
+    process tries alone); weights, optimizer state and every random stream are put back after."""
+    device = parts.accelerator.device
+    weights = [p.detach().to("cpu", copy=True) for p in parts.params]
+    optimizer_state = _on_cpu(parts.optimizer.state_dict())
+    streams = ckpt.rng_state(generators)
+    wrapped, parts.adapter.denoiser = parts.adapter.denoiser, denoiser
+    sampler = parts.sampler
+    trial = dataclasses.replace(
+        parts, cfg=with_layout(parts.cfg, batch, 1), step_hook=None,
+        sampler=PromptSampler(sampler.prompts, batch, grad_accum=per_process // batch, rank=sampler.rank,
+                              world_size=sampler.world_size, seed=sampler.seed))
+    memory.reset_peak(device)
+    try:
+        accumulate(trial, step)
+        parts.optimizer.step()
+        peak = memory.peak_bytes(device)
+    except torch.OutOfMemoryError:
+        peak = None
+    finally:
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.adapter.denoiser = wrapped
+        with torch.no_grad():
+            for p, w in zip(parts.params, weights):
+                p.copy_(w)
+        parts.optimizer.load_state_dict(optimizer_state)
+        ckpt.set_rng_state(streams, generators)
+        if parts.penalty is not None:
+            parts.penalty.pop()
+        gc.collect()
+        if memory.tracks_memory(device):
+            torch.cuda.empty_cache()
+    return peak
+
+
+def _on_cpu(state: Any) -> Any:
+    """A deep copy of a (nested) state with every tensor on the CPU."""
+    if torch.is_tensor(state):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_on_cpu(v) for v in state)
+    return state
+
+
+def auto_batch(cfg: Config, parts: StepParts, denoiser: torch.nn.Module, step: int,
+               generators: dict[str, torch.Generator], saved: dict[str, Any] | None) -> tuple[Config, str]:
+    """Resolve train.batch_size=auto: the micro-batch of the checkpoint resumed from, else the largest divisor of
+    this process's prompts a step whose trial step fits (every process takes the smallest choice of any process);
+    returns `cfg` with it and the accumulation, and the line the run logs."""
+    acc = parts.accelerator
+    per = process_prompts(cfg, acc.num_processes)
+    tic = time.perf_counter()
+    if saved and saved.get("batch_size") and per % saved["batch_size"] == 0:
+        batch, how = saved["batch_size"], "as the checkpoint resumed from used"
+    else:
+        found = fit_probe(parts, denoiser, step, generators, per)
+        if found is None:
+            batch, how = per, f"no memory statistics on {acc.device.type}: the whole step in one micro-batch"
+        else:
+            probe, budget, resident = found
+            batch, trials = memory.choose_batch_size(memory.divisors(per), probe, budget, resident)
+            if trials[0][1] is None:  # not even the smallest fits: say so now, not after the first gallery
+                raise torch.OutOfMemoryError(f"the trial step at micro-batch {trials[0][0]} ran out of memory")
+            shown = ", ".join(f"{b} -> " + ("out of memory" if p is None else f"{memory.gib(p):.1f} GiB")
+                              for b, p in trials)
+            how = (f"trial steps {shown}; a micro-batch may peak at {memory.gib(budget):.1f} GiB, "
+                   f"{memory.AUTO_HEADROOM:.0%} of what this process may use")
+        batch = int(acc.gather(torch.tensor([batch], device=acc.device)).min().item())
+    line = (f"train.batch_size=auto: micro-batch {batch} x {per // batch} accumulated = {per} prompts a step on each "
+            f"of {acc.num_processes} process(es) ({how}; {time.perf_counter() - tic:.0f} s)")
+    return with_layout(cfg, batch, per // batch), line
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -473,14 +619,17 @@ def save_best(run_dir: Path, step: int, score: float, denoiser, ema: EMA | None)
 # ---------------------------------------------------------------- the run
 
 
-def prompt_conditioning(adapter, sampler: PromptSampler, steps: range, cfg: Config) -> Callable[[list[str]], Any]:
+def prompt_conditioning(adapter, sampler: PromptSampler | list[PromptSampler], steps: range,
+                        cfg: Config) -> Callable[[list[str]], Any]:
     """How the loop gets a micro-batch's text conditioning: encoded when drawn; or, in low-memory mode and for the
-    families that cache prompts (SD3, FLUX: T5-XXL), from a cache of every prompt this process draws in `steps`,
-    encoded once, after which the text encoders leave the GPU."""
+    families that cache prompts (SD3, FLUX: T5-XXL), from a cache of every prompt this process draws in `steps`
+    (with each of several samplers: the micro-batch layouts train.batch_size=auto may pick), encoded once, after
+    which the text encoders leave the GPU."""
     negative = cfg.sampling.negative_prompt
     if cfg.train.memory != "low" and not adapter.cache_prompts:
         return lambda prompts: adapter.encode_prompts(prompts, [negative] * len(prompts))
-    drawn = [p for step in steps for micro in range(cfg.train.grad_accum) for p in sampler.batch(step, micro)]
+    samplers = sampler if isinstance(sampler, list) else [sampler]
+    drawn = [p for one in samplers for step in steps for micro in range(one.grad_accum) for p in one.batch(step, micro)]
     cache = ConditioningCache(adapter, drawn, negative)
     adapter.offload_text_encoders()
     return cache
@@ -494,9 +643,17 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     then only names the run). `make_step_hook(trained parameters)`, called once they exist, returns the
     engine's step_hook (called after each trained step's backward; e.g. per-step gradient norms).
     """
-    # --- setup: processes, run folder, precision
     validate(cfg)  # cheap, and before any model loads (the command line has checked it already)
     accelerator = make_accelerator()
+    guard = memory.OOMGuard(cfg, accelerator.device, None, ckpt.latest)
+    with contextlib.ExitStack() as stack, guard.watch():
+        return _train(cfg, accelerator, guard, stack, reward_fn, pipeline, make_step_hook)
+
+
+def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack: contextlib.ExitStack,
+           reward_fn, pipeline, make_step_hook) -> dict[str, Any]:
+    """train()'s body: `guard` names the phase an out-of-memory error happens in, `stack` closes what is open."""
+    # --- setup: processes, run folder, precision, micro-batches
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     precision = cfg.train.mixed_precision or ("bf16" if device.type == "cuda" else "no")
@@ -506,6 +663,10 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
         cfg = dataclasses.replace(cfg, name=f"{Path(cfg.model).name}-{cfg.method}-{stamp[0]}")
     run_dir, resume_from = resolve_run(cfg)
     cfg = dataclasses.replace(cfg, name=run_dir.name, train=dataclasses.replace(cfg.train, mixed_precision=precision))
+    requested = cfg.train  # what config.yaml records (train.batch_size=auto filled in with its choice)
+    layout = fixed_layout(cfg, world)  # None: train.batch_size=auto, resolved by trial steps once the models exist
+    auto, cfg = layout is None, layout or cfg
+    guard.cfg, guard.checkpoints = cfg, run_dir / "checkpoints"
     t, s = cfg.train, cfg.sampling
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     weight_dtype = DTYPES[precision] if not t.full_finetune else torch.float32
@@ -518,6 +679,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     g = cfg.guards  # a full fine-tune's KL penalty copies the denoiser here, before it is compiled or wrapped
     penalty = BasePenalty.for_denoiser(g.kl_weight, denoiser, t.full_finetune) if g.kl_weight > 0 else None
     if t.compile:
+        stack.enter_context(compile_cache.persistent(compile_cache.resolve(t.compile_cache, adapter, device)))
         adapter.compile()  # after the LoRA exists: its layers are part of the compiled blocks
     step_hook = make_step_hook(params) if make_step_hook is not None else None
     reward = reward_fn if reward_fn is not None else build_reward(cfg, device)
@@ -525,7 +687,6 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     if g.select_every:
         train_prompts, select_prompts = select.split_prompts(train_prompts, eval_prompts, file=g.select_prompts,
                                                              num=g.select_num, seed=g.select_seed)
-    sampler = PromptSampler(train_prompts, t.batch_size, grad_accum=t.grad_accum, rank=rank, world_size=world, seed=t.seed)
     method = get_method(cfg.method, **cfg.method_options)
     eval_conds = adapter.encode_prompts(eval_prompts, [s.negative_prompt] * len(eval_prompts))
     truth = judge.run_metrics(cfg.model, eval_prompts) or (lambda images: {})  # ground truth on shapes models
@@ -544,24 +705,44 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
         augment = aug.Augment(g.augment, crop=g.augment_crop, shift=g.augment_shift, noise=g.augment_noise,
                               seed=_seed(g.augment_seed, rank))
         generators["augment"] = augment.generator
-    start, streak, selection = 0, 0, select.Selection()
+    start, streak, selection, meta = 0, 0, select.Selection(), {}
     if resume_from is not None:
         meta = load_checkpoint(resume_from, rank=rank, denoiser=denoiser, ema=ema, optimizer=optimizer, scaler=scaler,
                                generators=generators)
         start, streak = meta["step"], meta["nonfinite_streak"]
         selection = select.Selection(**meta.get("selection", {}))
-    conditioning = prompt_conditioning(adapter, sampler, range(start, t.steps), cfg)
+
+    def make_sampler(batch: int, accum: int) -> PromptSampler:
+        return PromptSampler(train_prompts, batch, grad_accum=accum, rank=rank, world_size=world, seed=t.seed)
+
+    per = process_prompts(cfg, world)
+    layouts = ([make_sampler(b, per // b) for b in memory.divisors(per)] if auto
+               else [make_sampler(t.batch_size, t.grad_accum)])
+    conditioning = prompt_conditioning(adapter, layouts, range(start, t.steps), cfg)
+    step_parts = StepParts(cfg, accelerator, adapter, method, reward, layouts[-1], optimizer, scaler, params, gen,
+                           autocast, conditioning, step_hook, penalty, pretrain_loss(cfg, adapter, rank, world))
+    if auto:
+        guard.at(PHASE_TRIAL, 0)
+        cfg, line = auto_batch(cfg, step_parts, denoiser, start, generators, meta.get("layout"))
+        guard.cfg, t = cfg, cfg.train
+        guard.at(memory.SETUP, 0)
+        if main:
+            print(line, flush=True)
+    sampler = make_sampler(t.batch_size, t.grad_accum)
     logger = RunLogger(run_dir, enabled=main, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                        wandb_project=cfg.log.wandb_project, config=to_dict(cfg),
                        resume_step=start if resume_from is not None else None)
     gallery_dir = run_dir / "gallery"
+    stack.callback(logger.close)
     if main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        written = dataclasses.replace(cfg, train=dataclasses.replace(requested, batch_size=t.batch_size))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(written), sort_keys=False))
         gallery_dir.mkdir(parents=True, exist_ok=True)
         before_file = gallery_dir / "before.safetensors"
         if resume_from is not None and before_file.is_file():
             before = ckpt.read_tensors(gallery_dir, before_file.name)["images"]
         else:
+            guard.at(PHASE_EVAL, 0)
             with _model_weights(denoiser, ema, base=True):
                 before, before_rewards, parts = evaluate(adapter, denoiser, eval_conds, eval_prompts, reward, cfg, autocast)
             ckpt.write_tensors(gallery_dir, before_file.name, {"images": before})
@@ -577,6 +758,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
 
     def run_selection(done: int) -> bool:
         """Score the selection prompts (main process), log, keep the best; whether early stopping ends the run."""
+        guard.at(PHASE_SELECT, done)
         if main:
             with _model_weights(denoiser, ema):
                 images, _, _ = evaluate(adapter, denoiser, select_conds, select_prompts, reward, cfg, autocast,
@@ -601,24 +783,36 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     step_parts = StepParts(cfg, accelerator, adapter, method, train_reward, sampler, optimizer, scaler, params, gen,
                            autocast, conditioning, step_hook, penalty, pretrain_loss(cfg, adapter, rank, world))
     bar = tqdm(total=t.steps, initial=start, disable=not (main and cfg.log.progress), desc=f"{cfg.method}")
+    stack.callback(bar.close)
     last, t_start, stopped_at = {}, time.perf_counter(), None
+    peaks = {"session": 0, "steps": None, "first_step_s": None}  # bytes; seconds from process start
     for step in range(start, t.steps):
         tic = time.perf_counter()
-        r = train_step(step_parts, step)  # skips a non-finite step on every rank alike; else clip and update
-        if not r.skipped and ema is not None:
+        done = step + 1
+        peaks["session"] = max(peaks["session"], memory.peak_bytes(device) or 0)  # setup, evaluation, checkpoints
+        memory.reset_peak(device)
+        r = train_step(step_parts, step, phase=lambda name: guard.phase(name, done))  # skips a non-finite step on
+        if not r.skipped and ema is not None:  # every rank alike; else clip and update
             ema.update()
         streak = streak + 1 if r.nonfinite else 0
-        done = step + 1
+        peak = memory.peak_bytes(device)
+        if peaks["first_step_s"] is None:
+            peaks["first_step_s"] = round(time.time() - process_start_time(), 1)
+        if peak is not None:
+            peaks["steps"] = max(peaks["steps"] or 0, peak)
 
-        # log (metrics averaged over ranks), eval gallery, checkpoint
+        # log (metrics averaged over ranks; the peak is this process's), eval gallery, checkpoint
         metrics = {"reward": r.reward_mean, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
                    "step_time": time.perf_counter() - tic, "skipped": float(r.skipped), **r.extra}
+        if peak is not None:
+            metrics["peak_gib"] = memory.gib(peak)
         for key in r.outs[0].parts:
             metrics[f"reward/{key}"] = torch.cat([o.parts[key].float().reshape(-1) for o in r.outs]).mean().item()
         if done % cfg.log.every == 0 or r.skipped or done == t.steps:
             logger.log(done, metrics)
         bar.update(1)
-        bar.set_postfix(reward=f"{r.reward_mean:.4g}", s_per_step=f"{metrics['step_time']:.2f}")
+        shown = {"peak": f"{memory.gib(peak):.1f}G"} if peak is not None else {}
+        bar.set_postfix(reward=f"{r.reward_mean:.4g}", s_per_step=f"{metrics['step_time']:.2f}", **shown)
         if streak >= t.max_nonfinite:
             bar.close()
             logger.close()
@@ -629,6 +823,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
                 f"on these images, lower train.lr, or raise train.max_nonfinite.")
         stop = bool(g.select_every) and done % g.select_every == 0 and run_selection(done)
         if main and (done % cfg.log.eval_every == 0 or done == t.steps or stop):
+            guard.at(PHASE_EVAL, done)
             with _model_weights(denoiser, ema):
                 now, now_rewards, parts = evaluate(adapter, denoiser, eval_conds, eval_prompts, reward, cfg, autocast)
             path = gallery_dir / f"step-{done:08d}.png"
@@ -637,11 +832,13 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
             logger.log(done, {"eval/reward": now_rewards.mean(), **parts, **truth(now)})
             last = {"eval_reward": now_rewards.mean().item()}
         if done % cfg.checkpoint.every == 0 or done == t.steps or stop:
+            guard.at(PHASE_CHECKPOINT, done)
             save_checkpoint(run_dir / "checkpoints", done, accelerator=accelerator, denoiser=denoiser, ema=ema,
                             optimizer=optimizer, scaler=scaler, generators=generators, keep=cfg.checkpoint.keep,
                             meta={"step": done, "nonfinite_streak": streak, "world_size": world, "lr": r.lr,
                                   "model": cfg.model, "method": cfg.method,
-                                  "selection": dataclasses.asdict(selection)})
+                                  "selection": dataclasses.asdict(selection),
+                                  "layout": {"batch_size": t.batch_size, "grad_accum": t.grad_accum}})
         if stop:
             stopped_at = done
             break
@@ -662,6 +859,8 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
         rows = read_metrics(run_dir / "metrics.jsonl")
         plot_rewards(rows, run_dir / "reward_curve.png")
         summary = _summary(cfg, rows, run_dir, final, time.perf_counter() - t_start, start, world, params, last)
+        peaks["session"] = max(peaks["session"], memory.peak_bytes(device) or 0)
+        summary.update(_memory_summary(cfg, device, world, peaks))
         if g.select_every:
             summary["selection"] = {"best_step": selection.best_step, "best_score": selection.best,
                                     "stopped_early_at": stopped_at,
@@ -699,6 +898,18 @@ def _judged(rows: list[dict]) -> dict[str, dict[str, float]]:
     judged = [{k.removeprefix("eval/judge/"): v for k, v in r.items() if k.startswith("eval/judge/")} for r in rows]
     judged = [j for j in judged if j]
     return {"judge_before": judged[0], "judge_after": judged[-1]} if judged else {}
+
+
+def _memory_summary(cfg: Config, device: torch.device, world: int, peaks: dict[str, Any]) -> dict[str, Any]:
+    """The micro-batches, GPU memory and warm-up of this session (GPU figures None off CUDA)."""
+    t, total = cfg.train, memory.device_bytes(device)
+    return {
+        "batch_size": t.batch_size, "grad_accum": t.grad_accum, "prompts_per_step": world * t.batch_size * t.grad_accum,
+        "gpu": torch.cuda.get_device_name(device) if total is not None else None,
+        "gpu_memory_gib": memory.gib(total),
+        "peak_gib_steps": memory.gib(peaks["steps"]), "peak_gib_session": memory.gib(peaks["session"]) if total else None,
+        "seconds_to_first_step": peaks["first_step_s"],
+    }
 
 
 def _summary(cfg: Config, rows: list[dict], run_dir: Path, final: Path, seconds: float, start: int, world: int,
