@@ -53,7 +53,7 @@ STAGES = {
     "vae": Stage(steps=8000, batch=128, lr=1e-3, warmup=200),
     "clip": Stage(steps=6000, batch=512, lr=1e-3, warmup=300, weight_decay=0.1),
     "unet": Stage(steps=16000, batch=512, lr=6e-4, warmup=500, weight_decay=0.01),
-    "flow": Stage(steps=16000, batch=512, lr=5e-4, warmup=500, weight_decay=0.01),
+    "flow": Stage(steps=30000, batch=256, lr=4e-4, warmup=500, weight_decay=0.01),
 }
 VAE_KL_WEIGHT = 1e-5  # per latent element, against per-pixel L1: keeps the latent smooth, the decoder sharp
 CAPTION_DROP = 0.1  # UNet and flow: share of empty captions, for classifier-free guidance
@@ -253,6 +253,22 @@ def train_clip(out: Path, s: Stage, device: torch.device, workers: int, time_lim
 
 
 # ------------------------------------------------------------------------------------------------ UNet
+def unet_loss(vae, scale: float, text_encoder, unet, abar: torch.Tensor, images: torch.Tensor,
+              tokens: torch.Tensor) -> torch.Tensor:
+    """The UNet stage's loss of one batch: epsilon MSE with min-SNR weights at uniform DDPM timesteps."""
+    with torch.no_grad(), _autocast(images.device):
+        z = vae.encode(images * 2 - 1).latent_dist.sample().float() * scale
+    noise = torch.randn_like(z)
+    t = torch.randint(0, len(abar), (len(z),), device=z.device)
+    a = abar[t][:, None, None, None]
+    z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+    with _autocast(images.device):
+        context = text_encoder(tokens)[0]
+        pred = unet(z_t, t, encoder_hidden_states=context).sample
+    snr = abar[t] / (1 - abar[t])
+    return (snr.clamp(max=MIN_SNR_GAMMA) / snr * ((pred.float() - noise) ** 2).mean((1, 2, 3))).mean()
+
+
 def train_unet(out: Path, s: Stage, device: torch.device, workers: int, time_limit: float) -> None:
     """UNet + text encoder on the frozen VAE's latents: epsilon MSE with min-SNR weights, bf16 autocast, EMA."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
@@ -269,17 +285,7 @@ def train_unet(out: Path, s: Stage, device: torch.device, workers: int, time_lim
     stream = Stream(s.batch, Tokens(tok, tok.model_max_length), drop_caption=CAPTION_DROP)
     step = 0
     for step, batch, images in batches(stream, 0, s.steps, workers, device):
-        with torch.no_grad(), _autocast(device):
-            z = vae.encode(images * 2 - 1).latent_dist.sample().float() * scale
-        noise = torch.randn_like(z)
-        t = torch.randint(0, len(abar), (len(z),), device=device)
-        a = abar[t][:, None, None, None]
-        z_t = a.sqrt() * z + (1 - a).sqrt() * noise
-        with _autocast(device):
-            context = text_encoder(batch["tokens"])[0]
-            pred = unet(z_t, t, encoder_hidden_states=context).sample
-        snr = abar[t] / (1 - abar[t])
-        loss = (snr.clamp(max=MIN_SNR_GAMMA) / snr * ((pred.float() - noise) ** 2).mean((1, 2, 3))).mean()
+        loss = unet_loss(vae, scale, text_encoder, unet, abar, images, batch["tokens"])
         _set_lr(opt, lr_at(step, s))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -310,6 +316,23 @@ def flow_sources(out: Path) -> tuple[Path, Path]:
     return pipeline, clip
 
 
+def flow_loss(vae, shift: float, scale: float, text_encoder, text_encoder_2, transformer, images: torch.Tensor,
+              tokens: torch.Tensor) -> torch.Tensor:
+    """The flow stage's loss of one batch: rectified flow, x_sigma = (1 - sigma) x0 + sigma noise, the velocity
+    noise - x0 regressed at logit-normal(0, 1) sigmas (SD3's rf/lognorm), timestep = 1000 sigma as the pipeline's."""
+    with torch.no_grad(), _autocast(images.device):
+        z = (vae.encode(images * 2 - 1).latent_dist.sample().float() - shift) * scale
+    noise = torch.randn_like(z)
+    sigma = torch.sigmoid(torch.randn(len(z), device=z.device))
+    x_t = (1 - sigma[:, None, None, None]) * z + sigma[:, None, None, None] * noise
+    with _autocast(images.device):
+        embeds, pooled = models.flow_prompt_embeds(text_encoder, text_encoder_2, tokens,
+                                                   transformer.config.joint_attention_dim)
+        velocity = transformer(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=embeds,
+                               pooled_projections=pooled).sample
+    return ((velocity.float() - (noise - z)) ** 2).mean()
+
+
 def train_flow(out: Path, s: Stage, device: torch.device, workers: int, time_limit: float,
                layers: int = models.FLOW_TRANSFORMER["num_layers"],
                heads: int = models.FLOW_TRANSFORMER["num_attention_heads"]) -> None:
@@ -327,7 +350,6 @@ def train_flow(out: Path, s: Stage, device: torch.device, workers: int, time_lim
     text_encoder = models.flow_text_encoder(CLIPTextModel.from_pretrained(base / "text_encoder"), tok).to(device)
     text_encoder_2 = models.clip_text_encoder(clip_dir, tok).to(device).eval().requires_grad_(False)
     transformer = models.flow_transformer(layers, heads).to(device).train()
-    joint_dim = transformer.config.joint_attention_dim
     params = [*transformer.parameters(), *text_encoder.train().parameters()]
     opt = _optimizer(params, s)
     ema = [p.detach().clone() for p in params]
@@ -337,16 +359,7 @@ def train_flow(out: Path, s: Stage, device: torch.device, workers: int, time_lim
     stream = Stream(s.batch, Tokens(tok, models.FLOW_TOKENS), drop_caption=CAPTION_DROP)
     step = 0
     for step, batch, images in batches(stream, 0, s.steps, workers, device):
-        with torch.no_grad(), _autocast(device):
-            z = (vae.encode(images * 2 - 1).latent_dist.sample().float() - shift) * scale
-        noise = torch.randn_like(z)
-        sigma = torch.sigmoid(torch.randn(len(z), device=device))
-        x_t = (1 - sigma[:, None, None, None]) * z + sigma[:, None, None, None] * noise
-        with _autocast(device):
-            embeds, pooled = models.flow_prompt_embeds(text_encoder, text_encoder_2, batch["tokens"], joint_dim)
-            velocity = transformer(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=embeds,
-                                   pooled_projections=pooled).sample
-        loss = ((velocity.float() - (noise - z)) ** 2).mean()
+        loss = flow_loss(vae, shift, scale, text_encoder, text_encoder_2, transformer, images, batch["tokens"])
         _set_lr(opt, lr_at(step, s))
         opt.zero_grad(set_to_none=True)
         loss.backward()
