@@ -342,6 +342,9 @@ def train_flow(out: Path, s: Stage, device: torch.device, workers: int, time_lim
     from diffusers import AutoencoderKL, StableDiffusion3Pipeline
     from transformers import CLIPTextModel
 
+    from tuner.pipelines.flow import disable_cudnn_attention
+
+    disable_cudnn_attention(device)  # as the tuner does for flow models: a cuDNN attention backward failed there
     base, clip_dir = flow_sources(out)
     vae = AutoencoderKL.from_pretrained(base / "vae").to(device).eval().requires_grad_(False)
     shift, scale = _latent_shift_and_scale(vae, device, n=min(1024, 8 * s.batch))
