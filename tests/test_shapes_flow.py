@@ -181,3 +181,15 @@ def test_install_copies_what_the_run_trained(tiny_flow, tmp_path, monkeypatch):
     assert not targets["pipeline"].exists() and not targets["clip"].exists()
     with pytest.raises(SystemExit, match="run the training stages first"):
         main([f"--out={tmp_path / 'empty'}", "--install"])
+
+
+def test_flop_count_of_the_flow_stage_matches_a_hand_count():
+    """tuner.shapes.flops counts the flow stage's training FLOPs; one more joint block adds its forward matmuls
+    (image stream, text stream, attention over all 544 tokens, two adaLN projections) three times over (forward,
+    and the backward's gradients of inputs and of weights)."""
+    from tuner.shapes.flops import flow_flops
+
+    width, image, text = 32, 256, models.FLOW_TOKENS + models.T5_TOKENS
+    block = (2 * 2 * 6 * width**2 + 2 * (image + text) * 12 * width**2  # adaLN, attention projections and MLPs
+             + 4 * (image + text) ** 2 * width)  # q k^T and attention @ v
+    assert flow_flops(batch=1, layers=2, heads=1) - flow_flops(batch=1, layers=1, heads=1) == 3 * block
