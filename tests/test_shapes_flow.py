@@ -157,7 +157,8 @@ def test_flow_eval_puts_both_models_side_by_side_over_seeds(tiny_flow):
     flags = ["--flow-eval-captions=4", "--flow-eval-seeds=0,1,2", "--flow-eval-steps=2"]
     assert main([f"--out={tiny_flow}", "--stage=flow-eval", *flags]) == 0
     report = json.loads((tiny_flow / "flow_report.json").read_text())
-    assert (tiny_flow / "flow_samples.png").is_file() and report["seeds"] == [0, 1, 2]
+    assert (tiny_flow / "flow_samples.png").is_file() and (tiny_flow / "flow_losses.png").is_file()
+    assert report["seeds"] == [0, 1, 2]
     captions = [s.caption for s in data.ShapesData(1).scenes(0, 4)]
     again = judge(sample_shapes_sd(captions, seed=1, steps=2), captions)  # shapes-sd, loaded on its own
     assert {k: v[1] for k, v in report["shapes-sd"]["judge"].items()} == again

@@ -107,14 +107,14 @@ def captioned_grid(images: torch.Tensor, captions: list[str], path: Path, cols: 
     return path
 
 
-def loss_curves(logs: Path, path: Path) -> Path:
-    """The training loss of each stage against its step (from <out>/logs/*.jsonl) as one PNG."""
+def loss_curves(logs: Path, path: Path, names: tuple[str, ...] = ("vae", "unet", "clip")) -> Path:
+    """The training loss of each stage of `names` against its step (from <out>/logs/*.jsonl) as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("vae", "unet", "clip", "flow") if (logs / f"{n}.jsonl").is_file()]
+    names = [n for n in names if (logs / f"{n}.jsonl").is_file()]
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), dpi=100, squeeze=False)
     for ax, name in zip(axes[0], names):
         rows = [json.loads(line) for line in (logs / f"{name}.jsonl").read_text().splitlines()]

@@ -1,8 +1,8 @@
 """Train the shipped shapes models from scratch: a VAE, then a UNet with its text encoder; a CLIP beside them;
 then shapes-flow, an SD3-style flow-matching transformer on the same VAE and text encoders.
 
-    python -m tuner.shapes.train --out build/shapes                 # every stage; the CLIP trains in a second process
-    python -m tuner.shapes.train --out build/shapes --stage unet    # one stage: vae | clip | unet | eval | flow | flow-eval
+    python -m tuner.shapes.train --out build/shapes                 # shapes-sd's stages; the CLIP in a second process
+    python -m tuner.shapes.train --out build/shapes --stage flow    # one stage: vae | clip | unet | eval | flow | flow-eval
     python -m tuner.shapes.train --out build/shapes --install       # copy the results to where the package ships them
 
 Read top to bottom: the data stream, one loop per model, then evaluation (tuner/shapes/evaluate.py).
@@ -464,15 +464,13 @@ def main(argv: list[str] | None = None) -> int:
         _evaluate(args, device)
     elif args.stage == "flow-eval":
         _evaluate_flow(args, device)
-    else:  # all: the CLIP in a second process on the same device, the VAE then the UNet here, evaluation, the flow
-        clip = subprocess.Popen(_forward(args, "clip"))
+    else:  # all (shapes-sd and its CLIP): the CLIP in a second process on the same device, the VAE then the UNet
+        clip = subprocess.Popen(_forward(args, "clip"))  # here, then evaluation; shapes-flow has its own stages
         for stage in ("vae", "unet"):
             run[stage](args.out, _stage(args, stage), device, args.workers, getattr(args, f"{stage}_time_limit"))
         if clip.wait() != 0:
             raise SystemExit(f"the CLIP stage failed with exit status {clip.returncode}")
         _evaluate(args, device)
-        run["flow"](args.out, _stage(args, "flow"), device, args.workers, args.flow_time_limit)
-        _evaluate_flow(args, device)
     return 0
 
 
@@ -483,11 +481,13 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def _evaluate_flow(args: argparse.Namespace, device: torch.device) -> None:
-    from tuner.shapes.evaluate import compare_flow
+    from tuner.shapes.evaluate import compare_flow, loss_curves
 
     baseline, _ = flow_sources(args.out)
     seeds = [int(x) for x in args.flow_eval_seeds.split(",")]
     compare_flow(args.out / "flow", baseline, args.out, device, args.flow_eval_captions, seeds, args.flow_eval_steps)
+    if (args.out / "logs" / "flow.jsonl").is_file():
+        loss_curves(args.out / "logs", args.out / "flow_losses.png", names=("flow",))
 
 
 if __name__ == "__main__":
