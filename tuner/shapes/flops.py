@@ -20,6 +20,7 @@ import torch
 
 from tuner.shapes import models
 from tuner.shapes.data import ShapesData
+from tuner.shapes.train import STAGES, flow_loss, unet_loss
 
 UNET_LOG = Path(__file__).parents[2] / "docs" / "shapes" / "logs" / "unet.jsonl"
 H100_BF16_DENSE = 989e12  # FLOP/s, NVIDIA H100 SXM (and H200) dense bf16 tensor-core peak
@@ -38,8 +39,6 @@ def _count(loss_fn) -> float:
 
 def unet_flops(batch: int = 2) -> float:
     """Training FLOPs per image of the unet stage (VAE encoding, text encoder and UNet, forward and backward)."""
-    from tuner.shapes.train import unet_loss
-
     tok = models.tokenizer()
     images, captions = ShapesData(0).batch(0, batch)
     tokens = tok(captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
@@ -53,7 +52,6 @@ def flow_flops(batch: int = 2, layers: int = models.FLOW_TRANSFORMER["num_layers
     """Training FLOPs per image of the flow stage (VAE encoding, both text encoders, the transformer over 256
     image and 288 text tokens, forward and backward)."""
     from rewards.clip_score import SHAPES_CLIP_DIR
-    from tuner.shapes.train import flow_loss
 
     tok = models.tokenizer(models.FLOW_TOKENS)
     images, captions = ShapesData(0).batch(0, batch)
@@ -72,7 +70,7 @@ def unet_speed(log: Path = UNET_LOG) -> tuple[float, int, str]:
     return rate, rows[0]["settings"]["batch"], rows[0]["device"]
 
 
-def estimate(batch: int = 512, time_limit: float = 330.0, mfu: float = 0.15) -> dict:
+def estimate(batch: int = STAGES["flow"].batch, time_limit: float = 330.0, mfu: float = 0.15) -> dict:
     """FLOPs per image of both stages and the flow stage's estimated seconds per step and steps in time_limit."""
     torch.manual_seed(0)
     unet, flow = unet_flops(), flow_flops()
@@ -91,7 +89,7 @@ def estimate(batch: int = 512, time_limit: float = 330.0, mfu: float = 0.15) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tuner.shapes.flops", description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=512, help="the flow stage's batch")
+    p.add_argument("--batch", type=int, default=STAGES["flow"].batch, help="the flow stage's batch")
     p.add_argument("--time-limit", type=float, default=330.0, help="the flow stage's time limit, seconds")
     p.add_argument("--mfu", type=float, default=0.15, help="share of the bf16 peak for the second estimate")
     args = p.parse_args(argv)
