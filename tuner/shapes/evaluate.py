@@ -225,7 +225,7 @@ def compare_flow(flow_dir: Path, sd_dir: Path, out: Path, device, captions: int 
     for name, folder in (("shapes-sd", sd_dir), ("shapes-flow", flow_dir)):
         adapter = pipelines.load_adapter(str(folder), device=torch.device(device), dtype=torch.float32)
         old, new, images = seed_figures(adapter, scenes, list(seeds), steps, guidance)
-        report[name] = {"folder": str(folder), "old": old, "judge": new}
+        report[name] = {"folder": Path(folder).name, "old": old, "judge": new}  # no machine's paths in reports
         first = images if name == "shapes-flow" else first
     report["bar"] = {f"{kind}/{check}": {
         "shapes-sd": _mean(report["shapes-sd"][kind][check]), "shapes-flow": _mean(report["shapes-flow"][kind][check]),

@@ -83,7 +83,8 @@ def estimate(batch: int = STAGES["flow"].batch, time_limit: float = 330.0, mfu: 
                               "achieved_tflops": achieved / 1e12},
             "flow_seconds_per_step_at_the_unets_rate": at_unet_rate,
             f"flow_seconds_per_step_at_{mfu:.0%}_of_peak": at_mfu,
-            "flow_steps_in_time_limit": {"time_limit_s": time_limit, "at_the_unets_rate": int(time_limit / at_unet_rate),
+            "flow_steps_in_time_limit": {"time_limit_s": time_limit,
+                                         "at_the_unets_rate": int(time_limit / at_unet_rate),
                                          f"at_{mfu:.0%}_of_peak": int(time_limit / at_mfu)}}
 
 

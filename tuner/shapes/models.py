@@ -129,7 +129,8 @@ def save_clip(model: torch.nn.Module, tok, folder: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ shapes-flow
-def flow_transformer(layers: int = FLOW_TRANSFORMER["num_layers"], heads: int = FLOW_TRANSFORMER["num_attention_heads"]):
+def flow_transformer(layers: int = FLOW_TRANSFORMER["num_layers"],
+                     heads: int = FLOW_TRANSFORMER["num_attention_heads"]):
     """A fresh SD3Transformer2DModel of FLOW_TRANSFORMER, or narrower / shallower (tests train a tiny one)."""
     from diffusers import SD3Transformer2DModel
 

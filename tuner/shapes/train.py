@@ -2,7 +2,7 @@
 then shapes-flow, an SD3-style flow-matching transformer on the same VAE and text encoders.
 
     python -m tuner.shapes.train --out build/shapes                 # shapes-sd's stages; the CLIP in a second process
-    python -m tuner.shapes.train --out build/shapes --stage flow    # one stage: vae | clip | unet | eval | flow | flow-eval
+    python -m tuner.shapes.train --out build/shapes --stage flow    # one of vae clip unet eval flow flow-eval
     python -m tuner.shapes.train --out build/shapes --install       # copy the results to where the package ships them
 
 Read top to bottom: the data stream, one loop per model, then evaluation (tuner/shapes/evaluate.py).
@@ -357,8 +357,9 @@ def train_flow(out: Path, s: Stage, device: torch.device, workers: int, time_lim
     opt = _optimizer(params, s)
     ema = [p.detach().clone() for p in params]
     log = Log(out / "logs" / "flow.jsonl", s, time_limit)
-    log.write({"vae_and_text_encoder": str(base), "clip": str(clip_dir), "shift_factor": shift, "scaling_factor": scale,
-               "transformer_parameters": sum(p.numel() for p in transformer.parameters())})
+    log.write({"vae_and_text_encoder": "shipped shapes-sd" if base == PACKAGE_PIPELINE else "<out>/pipeline",
+               "clip": "shipped shapes-clip" if clip_dir == PACKAGE_CLIP else "<out>/clip", "shift_factor": shift,
+               "scaling_factor": scale, "transformer_parameters": sum(p.numel() for p in transformer.parameters())})
     stream = Stream(s.batch, Tokens(tok, models.FLOW_TOKENS), drop_caption=CAPTION_DROP)
     step = 0
     for step, batch, images in batches(stream, 0, s.steps, workers, device):
