@@ -69,6 +69,24 @@ def test_flow_stage_writes_a_folder_stock_sd3_samples_as_the_tuner_does(tiny_flo
     torch.testing.assert_close(ours, stock, rtol=0, atol=1e-6)
 
 
+def test_flow_stage_goes_on_training_a_folder_it_wrote(tiny_flow, tmp_path):
+    """--flow-init: the same architecture and latent scaling (not the flags' defaults), weights that move on."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    assert main([f"--out={tmp_path}", "--stage=flow", "--workers=0", "--flow-steps=2", "--flow-batch=4",
+                 f"--flow-init={tiny_flow / 'flow'}"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "flow.jsonl").read_text().splitlines()]
+    assert rows[1]["init"] == "flow" and rows[-1]["done"] == 2
+    before, after = (SD3Transformer2DModel.from_pretrained(f / "flow" / "transformer") for f in (tiny_flow, tmp_path))
+    assert after.config.num_layers == 1 and after.config.num_attention_heads == 1
+    pairs = list(zip(before.parameters(), after.parameters()))
+    assert any(not torch.equal(a, b) for a, b in pairs)  # trained on ...
+    assert max(float((a - b).detach().abs().max()) for a, b in pairs) < 1e-3  # ... from the loaded weights (warm-up lr 8e-7)
+    vae_before, vae_after = (AutoencoderKL.from_pretrained(f / "flow" / "vae") for f in (tiny_flow, tmp_path))
+    assert vae_after.config.shift_factor == vae_before.config.shift_factor
+    assert vae_after.config.scaling_factor == vae_before.config.scaling_factor
+
+
 def test_training_conditioning_is_the_stock_pipelines(tiny_flow):
     """What the flow stage trains on (models.flow_prompt_embeds) equals StableDiffusion3Pipeline.encode_prompt with T5
     absent: 32 caption tokens of both encoders side by side, then 256 zero tokens; the two pooled projections."""

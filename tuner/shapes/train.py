@@ -333,33 +333,57 @@ def flow_loss(vae, shift: float, scale: float, text_encoder, text_encoder_2, tra
     return ((velocity.float() - (noise - z)) ** 2).mean()
 
 
+def _flow_parts(out: Path, init: Path | None, layers: int, heads: int, n_latents: int, device: torch.device):
+    """(vae, text_encoder, text_encoder_2, transformer, what they came from): fresh ones on shapes-sd's VAE and
+    text encoder and the CLIP, or a trained flow pipeline folder's `init` to go on training (its latent scaling)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tok = models.tokenizer(models.FLOW_TOKENS)
+    if init is not None:
+        vae = AutoencoderKL.from_pretrained(init / "vae")
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(init / "text_encoder")
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(init / "text_encoder_2")
+        transformer = SD3Transformer2DModel.from_pretrained(init / "transformer")
+        sources = {"init": init.name}
+    else:
+        base, clip_dir = flow_sources(out)
+        vae = AutoencoderKL.from_pretrained(base / "vae")
+        text_encoder = models.flow_text_encoder(CLIPTextModel.from_pretrained(base / "text_encoder"), tok)
+        text_encoder_2 = models.clip_text_encoder(clip_dir, tok)
+        transformer = models.flow_transformer(layers, heads)
+        sources = {"vae_and_text_encoder": "shipped shapes-sd" if base == PACKAGE_PIPELINE else "<out>/pipeline",
+                   "clip": "shipped shapes-clip" if clip_dir == PACKAGE_CLIP else "<out>/clip"}
+    vae = vae.to(device).eval().requires_grad_(False)
+    if init is None:
+        shift, scale = _latent_shift_and_scale(vae, device, n_latents)
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return (vae, text_encoder.to(device), text_encoder_2.to(device).eval().requires_grad_(False),
+            transformer.to(device), sources)
+
+
 def train_flow(out: Path, s: Stage, device: torch.device, workers: int, time_limit: float,
                layers: int = models.FLOW_TRANSFORMER["num_layers"],
-               heads: int = models.FLOW_TRANSFORMER["num_attention_heads"]) -> None:
+               heads: int = models.FLOW_TRANSFORMER["num_attention_heads"], init: Path | None = None) -> None:
     """An SD3 MMDiT on the frozen shapes VAE's latents by rectified flow: velocity MSE at logit-normal(0, 1) sigmas
     (SD3's rf/lognorm), 10% empty captions, shapes-sd's text encoder trained jointly, the CLIP's text tower frozen,
-    bf16 autocast, EMA; writes <out>/flow, a StableDiffusion3Pipeline folder without T5."""
-    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
-    from transformers import CLIPTextModel
+    bf16 autocast, EMA; writes <out>/flow, a StableDiffusion3Pipeline folder without T5. With `init` (a flow folder
+    this stage wrote) it goes on training that model, with a new learning-rate schedule."""
+    from diffusers import StableDiffusion3Pipeline
 
     from tuner.pipelines.flow import disable_cudnn_attention
 
     disable_cudnn_attention(device)  # as the tuner does for flow models: a cuDNN attention backward failed there
-    base, clip_dir = flow_sources(out)
-    vae = AutoencoderKL.from_pretrained(base / "vae").to(device).eval().requires_grad_(False)
-    shift, scale = _latent_shift_and_scale(vae, device, n=min(1024, 8 * s.batch))
-    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    vae, text_encoder, text_encoder_2, transformer, sources = _flow_parts(
+        out, init, layers, heads, min(1024, 8 * s.batch), device)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     tok = models.tokenizer(models.FLOW_TOKENS)
-    text_encoder = models.flow_text_encoder(CLIPTextModel.from_pretrained(base / "text_encoder"), tok).to(device)
-    text_encoder_2 = models.clip_text_encoder(clip_dir, tok).to(device).eval().requires_grad_(False)
-    transformer = models.flow_transformer(layers, heads).to(device).train()
-    params = [*transformer.parameters(), *text_encoder.train().parameters()]
+    params = [*transformer.train().parameters(), *text_encoder.train().parameters()]
     opt = _optimizer(params, s)
     ema = [p.detach().clone() for p in params]
     log = Log(out / "logs" / "flow.jsonl", s, time_limit)
-    log.write({"vae_and_text_encoder": "shipped shapes-sd" if base == PACKAGE_PIPELINE else "<out>/pipeline",
-               "clip": "shipped shapes-clip" if clip_dir == PACKAGE_CLIP else "<out>/clip", "shift_factor": shift,
-               "scaling_factor": scale, "transformer_parameters": sum(p.numel() for p in transformer.parameters())})
+    log.write({**sources, "shift_factor": shift, "scaling_factor": scale,
+               "transformer_parameters": sum(p.numel() for p in transformer.parameters())})
     stream = Stream(s.batch, Tokens(tok, models.FLOW_TOKENS), drop_caption=CAPTION_DROP)
     step = 0
     for step, batch, images in batches(stream, 0, s.steps, workers, device):
@@ -424,6 +448,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="joint transformer blocks of shapes-flow")
     p.add_argument("--flow-heads", type=int, default=models.FLOW_TRANSFORMER["num_attention_heads"],
                    help="attention heads of 32 channels of shapes-flow")
+    p.add_argument("--flow-init", type=Path, help="a flow pipeline folder this stage wrote, to go on training it "
+                   "(its architecture and latent scaling; a new learning-rate schedule)")
     p.add_argument("--eval-samples", type=int, default=512)
     p.add_argument("--flow-eval-captions", type=int, default=128, help="held-out captions of flow-eval")
     p.add_argument("--flow-eval-seeds", default="0,1,2,3", help="noise seeds of flow-eval, comma-separated (>= 3)")
@@ -456,7 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # every batch has the same shapes
     torch.manual_seed(0)
-    flow = lambda *a: train_flow(*a, layers=args.flow_layers, heads=args.flow_heads)  # noqa: E731
+
+    def flow(*a) -> None:
+        train_flow(*a, layers=args.flow_layers, heads=args.flow_heads, init=args.flow_init)
+
     run = {"vae": train_vae, "clip": train_clip, "unet": train_unet, "flow": flow}
     if args.stage in run:
         run[args.stage](args.out, _stage(args, args.stage), device, args.workers,
