@@ -465,8 +465,7 @@ def _stage(args: argparse.Namespace, name: str) -> Stage:
 
 def _forward(args: argparse.Namespace, stage: str) -> list[str]:
     """The command line that runs one stage of this invocation in its own process."""
-    flags = [f"--out={args.out}", f"--stage={stage}", f"--device={args.device}", f"--workers={args.workers}",
-             f"--flow-layers={args.flow_layers}", f"--flow-heads={args.flow_heads}"]
+    flags = [f"--out={args.out}", f"--stage={stage}", f"--device={args.device}", f"--workers={args.workers}"]
     for name in STAGES:
         for key in ("steps", "batch", "time_limit"):
             flags.append(f"--{name}-{key.replace('_', '-')}={getattr(args, f'{name}_{key}')}")
