@@ -166,6 +166,6 @@ def test_command_reports_old_and_new_rates_over_seeds(capsys):
 
 
 def test_spread_is_mean_and_sample_std_over_seeds():
-    from tuner.shapes.judge import _spread
+    from tuner.shapes.judge import spread
 
-    assert _spread([0.5, 0.7, 0.6, 0.8]) == "65.0 +- 12.9 (50.0, 70.0, 60.0, 80.0)"
+    assert spread([0.5, 0.7, 0.6, 0.8]) == "65.0 +- 12.9 (50.0, 70.0, 60.0, 80.0)"

@@ -23,7 +23,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 TINY_MODELS = ("tiny-sdxl", "tiny-sd15", "tiny-sd3", "tiny-flux", "tiny-flux-schnell")
-SHIPPED_MODELS = ("shapes-sd",)  # trained pipelines inside the package (tuner.shapes)
+SHIPPED_MODELS = ("shapes-sd", "shapes-flow")  # trained pipelines inside the package (tuner.shapes.MODELS)
 BUILTIN_MODELS = SHIPPED_MODELS + TINY_MODELS
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -141,7 +141,7 @@ class GuardsConfig:
 class Config:
     name: Union[str, None] = opt(None, "Run name; the run writes to output_dir/name. null: model-method-time.")
     output_dir: str = opt("runs", "Folder that holds the runs.")
-    model: str = opt("shapes-sd", "Diffusers repo id or local folder (SDXL, SD 1.5, SD3 / SD3.5 or FLUX.1); shapes-sd (the shipped small trained model, 64x64 shapes); or tiny-sdxl / tiny-sd15 / tiny-sd3 / tiny-flux / tiny-flux-schnell (random, built in code, for tests).")
+    model: str = opt("shapes-sd", "Diffusers repo id or local folder (SDXL, SD 1.5, SD3 / SD3.5 or FLUX.1); shapes-sd or shapes-flow (the shipped small trained models of 64x64 shapes: a Stable-Diffusion UNet, an SD3-style flow-matching transformer); or tiny-sdxl / tiny-sd15 / tiny-sd3 / tiny-flux / tiny-flux-schnell (random, built in code, for tests).")
     t5: bool = opt(True, "SD3 only: load the T5-XXL text encoder; false leaves it out (diffusers' text_encoder_3=None: its embeddings are zeros), saving 4.7B parameters.")
     vae: Union[str, None] = opt(None, "Optional VAE repo id or folder replacing the model's VAE.")
     method: str = opt("drtune", "Tuning method: drtune, refl, draft, draft-lv or alignprop.")
@@ -515,6 +515,14 @@ _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 
 def _check_model(key: str, value: str, allow_tiny: bool) -> None:
+    if allow_tiny and value in SHIPPED_MODELS:
+        from tuner import shapes
+
+        try:
+            shapes.model_dir(value)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config key '{key}': {e}") from None
+        return
     if allow_tiny and value in BUILTIN_MODELS:
         return
     path = Path(value).expanduser()

@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tuner.run", description=__doc__.split("\n")[0],
                                 epilog="Every option and its default: docs/tuner.md (or python -m tuner.config).")
     p.add_argument("--config", help="YAML run configuration (default: the embedded tuner/configs/default.yaml)")
-    p.add_argument("--model", help="diffusers repo id or local folder (SDXL, SD 1.5, SD3 / SD3.5, FLUX.1), shapes-sd, or a "
+    p.add_argument("--model", help="diffusers repo id or local folder (SDXL, SD 1.5, SD3 / SD3.5, FLUX.1), shapes-sd, shapes-flow, or a "
                    "tiny random pipeline (tiny-sdxl, tiny-sd15, tiny-sd3, tiny-flux, tiny-flux-schnell)")
     p.add_argument("--resume", help="checkpoint folder, run folder, or latest")
     p.add_argument("--name", help="run name (the run writes to <output_dir>/<name>)")

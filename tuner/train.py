@@ -126,7 +126,7 @@ def resolve_run(cfg: Config) -> tuple[Path, Path | None]:
 
 
 def build_adapter(cfg: Config, device: torch.device, dtype: torch.dtype, pipeline=None):
-    """The pipeline adapter of `cfg.model` (tiny pipelines are built in code, seeded; shapes-sd ships inside), or of
+    """The pipeline adapter of `cfg.model` (tiny pipelines are built in code, seeded; shapes-sd and shapes-flow ship inside), or of
     an in-memory `pipeline` given instead; set to the low-memory mode and to fp8 sampling as cfg.train says."""
     from tuner import fp8
 
@@ -152,8 +152,8 @@ def _adapter(cfg: Config, device: torch.device, dtype: torch.dtype, pipeline):
             raise ConfigError(f"vae={cfg.vae} cannot replace the VAE of a pipeline passed to train(); "
                               "swap it in the pipeline, or set vae=null")
         return pipelines.adapter_from_pipeline(pipeline, **kwargs)
-    if cfg.model == shapes.MODEL_NAME:
-        return pipelines.load_adapter(str(shapes.MODEL_DIR), vae=cfg.vae, **kwargs)
+    if cfg.model in shapes.MODELS:
+        return pipelines.load_adapter(str(shapes.model_dir(cfg.model)), vae=cfg.vae, **kwargs)
     if cfg.model in pipelines.TINY_PIPELINES:
         return pipelines.adapter_from_pipeline(pipelines.TINY_PIPELINES[cfg.model](seed=0), **kwargs)
     return pipelines.load_adapter(cfg.model, vae=cfg.vae, t5=cfg.t5, **kwargs)

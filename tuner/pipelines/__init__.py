@@ -59,8 +59,8 @@ def adapter_from_pipeline(pipe, *, device, dtype, scheduler: str = "auto", **sch
     raise ValueError(f"unsupported pipeline {type(pipe).__name__}: the tuner supports {SUPPORTED}")
 
 
-def pipeline_class(model: str) -> type:
-    """The stock pipeline class a model folder or hub repo declares in its model_index.json."""
+def _model_index(model: str) -> tuple[Path, dict]:
+    """The path and contents of a model folder's or hub repo's model_index.json."""
     path = Path(model)
     if path.is_dir():
         index = path / "model_index.json"
@@ -73,7 +73,13 @@ def pipeline_class(model: str) -> type:
         from huggingface_hub import hf_hub_download
 
         index = Path(hf_hub_download(model, "model_index.json"))
-    name = json.loads(index.read_text()).get("_class_name", "")
+    return index, json.loads(index.read_text())
+
+
+def pipeline_class(model: str) -> type:
+    """The stock pipeline class a model folder or hub repo declares in its model_index.json."""
+    index, contents = _model_index(model)
+    name = contents.get("_class_name", "")
     for cls in ADAPTERS:
         if name == cls.__name__:
             return cls
@@ -82,6 +88,13 @@ def pipeline_class(model: str) -> type:
     if name.startswith("StableDiffusion") and not name.startswith("StableDiffusion3"):
         return StableDiffusionPipeline
     raise ValueError(f"{index}: pipeline class {name!r} is not supported (the tuner supports {SUPPORTED})")
+
+
+def saved_absent(model: str) -> list[str]:
+    """The components a folder was saved without (null in its model_index.json), which stock from_pretrained must
+    be given as None unless optional (an SD3 folder without T5: text_encoder_3, tokenizer_3)."""
+    _, contents = _model_index(model)
+    return [k for k, v in contents.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None]
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
@@ -97,9 +110,9 @@ def load_adapter(
     **scheduler_kwargs,
 ) -> Adapter:
     """Load a pipeline (hub id or local dir), optionally swap its VAE or (SD3) leave T5 out, and wrap it in an
-    adapter."""
+    adapter. Components the folder was saved without (an SD3 without T5) load as None."""
     cls = pipeline_class(model)
-    extra = {}
+    extra = {k: None for k in saved_absent(model) if k not in getattr(cls, "_optional_components", [])}
     if vae is not None:
         extra["vae"] = AutoencoderKL.from_pretrained(vae, **_dtype_kwarg(dtype))
     if cls is StableDiffusionPipeline:
@@ -114,7 +127,8 @@ def load_adapter(
 
 __all__ = [
     "SCHEDULERS", "SCHEDULER_NAMES", "ADAPTERS", "Conditioning", "Adapter", "SD15Adapter", "SDXLAdapter",
-    "SD3Adapter", "FluxAdapter", "adapter_from_pipeline", "pipeline_class", "load_adapter", "TINY_PIPELINES",
+    "SD3Adapter", "FluxAdapter", "adapter_from_pipeline", "pipeline_class", "saved_absent", "load_adapter",
+    "TINY_PIPELINES",
     "tiny_sdxl_pipeline", "tiny_sd15_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_tokenizer",
     "tiny_t5_tokenizer",
 ]

@@ -107,14 +107,14 @@ def captioned_grid(images: torch.Tensor, captions: list[str], path: Path, cols: 
     return path
 
 
-def loss_curves(logs: Path, path: Path) -> Path:
-    """The training loss of each stage against its step (from <out>/logs/*.jsonl) as one PNG."""
+def loss_curves(logs: Path, path: Path, names: tuple[str, ...] = ("vae", "unet", "clip")) -> Path:
+    """The training loss of each stage of `names` against its step (from <out>/logs/*.jsonl) as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("vae", "unet", "clip") if (logs / f"{n}.jsonl").is_file()]
+    names = [n for n in names if (logs / f"{n}.jsonl").is_file()]
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), dpi=100, squeeze=False)
     for ax, name in zip(axes[0], names):
         rows = [json.loads(line) for line in (logs / f"{name}.jsonl").read_text().splitlines()]
@@ -169,6 +169,74 @@ def evaluate(pipeline_dir: Path, clip_dir: Path, logs: Path, out: Path, device, 
     captioned_grid(real[:32], captions[:32], out / "real.png")
     loss_curves(logs, out / "losses.png")
     print(json.dumps(report, indent=2))
+    return report
+
+
+BAR = 0.05  # shapes-flow's bar: no check's mean more than 5 points below shapes-sd's
+BAR_CHECKS = ("colors", "background", "place", "relation")
+
+
+def seed_figures(adapter, scenes: list[Scene], seeds: list[int], steps: int = 25, guidance: float = 5.0
+                 ) -> tuple[dict[str, list[float]], dict[str, list[float]], torch.Tensor]:
+    """Each check's pass rate per noise seed on held-out scenes, by the old pixel checks and by the judge; and the
+    images of the first seed."""
+    from tuner.shapes.judge import judge, sample_shapes_sd
+
+    captions, real = [s.caption for s in scenes], render(scenes)
+    old, new, first = {}, {}, None
+    for seed in seeds:
+        images = sample_shapes_sd(captions, seed, steps, guidance, device=str(adapter.device), adapter=adapter)
+        first = images if first is None else first
+        for figures, rates in ((old, caption_checks(images, scenes, real)), (new, judge(images, captions))):
+            for check, rate in rates.items():
+                figures.setdefault(check, []).append(rate)
+    return old, new, first
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def flow_table(report: dict) -> str:
+    """A markdown table: each check's mean +- std over seeds for shapes-sd and shapes-flow, old checks and judge."""
+    from tuner.shapes.judge import CHECKS, spread
+
+    sd, flow = report["shapes-sd"], report["shapes-flow"]
+    rows = ["| check | shapes-sd, old checks | shapes-flow, old checks | shapes-sd, judge | shapes-flow, judge |",
+            "|---|---|---|---|---|"]
+    for check in CHECKS:
+        cells = [spread(m[kind][check]) if check in m[kind] else "-" for kind in ("old", "judge") for m in (sd, flow)]
+        rows.append(f"| {check} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def compare_flow(flow_dir: Path, sd_dir: Path, out: Path, device, captions: int = 128, seeds=(0, 1, 2, 3),
+                 steps: int = 25, guidance: float = 5.0) -> dict:
+    """shapes-flow beside shapes-sd on the same held-out captions and noise seeds (at least 3): every check's rate
+    per seed by both checkers, and whether each of colors, background, place and relation (both checkers) is at
+    most 5 points below shapes-sd's mean. Writes flow_report.json and flow_samples.png to `out`."""
+    from tuner import pipelines
+
+    if len(seeds) < 3:
+        raise ValueError(f"give at least 3 noise seeds for a spread, got {list(seeds)}")
+    out.mkdir(parents=True, exist_ok=True)
+    scenes = ShapesData(1).scenes(0, captions)
+    report, first = {"captions": captions, "seeds": list(seeds), "sampler": f"{steps} steps, guidance {guidance}"}, None
+    for name, folder in (("shapes-sd", sd_dir), ("shapes-flow", flow_dir)):
+        adapter = pipelines.load_adapter(str(folder), device=torch.device(device), dtype=torch.float32)
+        old, new, images = seed_figures(adapter, scenes, list(seeds), steps, guidance)
+        report[name] = {"folder": Path(folder).name, "old": old, "judge": new}  # no machine's paths in reports
+        first = images if name == "shapes-flow" else first
+    report["bar"] = {f"{kind}/{check}": {
+        "shapes-sd": _mean(report["shapes-sd"][kind][check]), "shapes-flow": _mean(report["shapes-flow"][kind][check]),
+        "met": _mean(report["shapes-flow"][kind][check]) >= _mean(report["shapes-sd"][kind][check]) - BAR}
+        for kind in ("old", "judge") for check in BAR_CHECKS if check in report["shapes-sd"][kind]}
+    report["bar_met"] = all(b["met"] for b in report["bar"].values())
+    (out / "flow_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    captioned_grid(first[:32], [s.caption for s in scenes[:32]], out / "flow_samples.png")
+    print(f"{captions} held-out captions, seeds {list(seeds)}, {report['sampler']}:\n\n{flow_table(report)}\n\n"
+          f"bar (each of {', '.join(BAR_CHECKS)} at most {100 * BAR:.0f} points below shapes-sd): "
+          f"{'met' if report['bar_met'] else 'NOT met'}")
     return report
 
 

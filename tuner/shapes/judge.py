@@ -299,7 +299,7 @@ def run_metrics(model: str, captions: list[str]) -> Callable[[torch.Tensor], dic
     (logged with every evaluation, before and after in the run summary); None for any other run."""
     from tuner import shapes
 
-    if model != shapes.MODEL_NAME:
+    if model not in shapes.MODELS:
         return None
     try:
         for caption in captions:
@@ -312,8 +312,8 @@ def run_metrics(model: str, captions: list[str]) -> Callable[[torch.Tensor], dic
 # ------------------------------------------------------------------------------------ the docs' figures
 def sample_shapes_sd(captions: list[str], seed: int, steps: int = 25, guidance: float = 5.0, batch: int = 64,
                      device: str = "cpu", adapter=None) -> torch.Tensor:
-    """Images [N,3,64,64] of shapes-sd (DDIM), caption i drawn from noise seed `seed` * 100003 + i, whatever the
-    batch (tuner.engine.sample_each)."""
+    """Images [N,3,64,64] of shapes-sd (DDIM), or of `adapter` (any shapes model), caption i drawn from noise seed
+    `seed` * 100003 + i, whatever the batch (tuner.engine.sample_each)."""
     from tuner import engine, pipelines, shapes
 
     if adapter is None:
@@ -323,7 +323,7 @@ def sample_shapes_sd(captions: list[str], seed: int, steps: int = 25, guidance: 
                               height=SIZE, width=SIZE, num_steps=steps, guidance_scale=guidance).float().cpu()
 
 
-def _spread(values: list[float]) -> str:
+def spread(values: list[float]) -> str:
     """mean +- std over seeds (n-1), then each seed's value, in percent."""
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
@@ -334,7 +334,7 @@ def seed_table(old: list[dict[str, float]], new: list[dict[str, float]]) -> str:
     """A markdown table of each check's rate, old checker beside the judge, over seeds."""
     rows = ["| check | old checker (tuner.shapes.evaluate) | judge (tuner.shapes.judge) |", "|---|---|---|"]
     for check in CHECKS:
-        cells = [_spread([r[check] for r in runs]) if check in runs[0] else "-" for runs in (old, new)]
+        cells = [spread([r[check] for r in runs]) if check in runs[0] else "-" for runs in (old, new)]
         rows.append(f"| {check} | {cells[0]} | {cells[1]} |")
     return "\n".join(rows)
 

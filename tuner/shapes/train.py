@@ -1,13 +1,16 @@
-"""Train the shipped shapes model from scratch: a VAE, then a UNet with its text encoder; a CLIP beside them.
+"""Train the shipped shapes models from scratch: a VAE, then a UNet with its text encoder; a CLIP beside them;
+then shapes-flow, an SD3-style flow-matching transformer on the same VAE and text encoders.
 
-    python -m tuner.shapes.train --out build/shapes                 # every stage; the CLIP trains in a second process
-    python -m tuner.shapes.train --out build/shapes --stage unet    # one stage: vae | clip | unet | eval
+    python -m tuner.shapes.train --out build/shapes                 # shapes-sd's stages; the CLIP in a second process
+    python -m tuner.shapes.train --out build/shapes --stage flow    # one of vae clip unet eval flow flow-eval
     python -m tuner.shapes.train --out build/shapes --install       # copy the results to where the package ships them
 
 Read top to bottom: the data stream, one loop per model, then evaluation (tuner/shapes/evaluate.py).
 Every image is made on the fly from (seed, index) (tuner/shapes/data.py): stream seed 0 trains, seed 1 is
 held out. Writes <out>/vae, <out>/pipeline (a StableDiffusionPipeline folder), <out>/clip (an open_clip
-folder), <out>/logs/<stage>.jsonl (loss curves) and, after `eval`, report.json and figures.
+folder), <out>/flow (a StableDiffusion3Pipeline folder), <out>/logs/<stage>.jsonl (loss curves) and, after
+`eval` / `flow-eval`, report.json / flow_report.json and figures. The flow stage takes its VAE and text encoders
+from <out>/pipeline and <out>/clip, or from the shipped shapes-sd and shapes-clip where those are absent.
 With --<stage>-time-limit, a stage measures its speed over its first 50 steps and cuts its step count to what
 fits (its learning-rate schedule still runs to the end); its log records the steps it ran.
 """
@@ -32,6 +35,7 @@ from tuner.shapes.data import ShapesData, mismatched_caption, render_tensors, sc
 
 PACKAGE_PIPELINE = Path(__file__).parent / "model"
 PACKAGE_CLIP = Path(__file__).parents[2] / "rewards" / "weights" / "shapes-clip"
+PACKAGE_FLOW = Path(__file__).parent / "flow_model"
 
 
 @dataclass
@@ -49,9 +53,10 @@ STAGES = {
     "vae": Stage(steps=8000, batch=128, lr=1e-3, warmup=200),
     "clip": Stage(steps=6000, batch=512, lr=1e-3, warmup=300, weight_decay=0.1),
     "unet": Stage(steps=16000, batch=512, lr=6e-4, warmup=500, weight_decay=0.01),
+    "flow": Stage(steps=30000, batch=256, lr=4e-4, warmup=500, weight_decay=0.01),
 }
 VAE_KL_WEIGHT = 1e-5  # per latent element, against per-pixel L1: keeps the latent smooth, the decoder sharp
-CAPTION_DROP = 0.1  # UNet: share of empty captions, for classifier-free guidance
+CAPTION_DROP = 0.1  # UNet and flow: share of empty captions, for classifier-free guidance
 MIN_SNR_GAMMA = 5.0  # UNet: min-SNR loss weighting (Hang et al., 2023)
 EMA_DECAY = 0.999
 
@@ -248,6 +253,22 @@ def train_clip(out: Path, s: Stage, device: torch.device, workers: int, time_lim
 
 
 # ------------------------------------------------------------------------------------------------ UNet
+def unet_loss(vae, scale: float, text_encoder, unet, abar: torch.Tensor, images: torch.Tensor,
+              tokens: torch.Tensor) -> torch.Tensor:
+    """The UNet stage's loss of one batch: epsilon MSE with min-SNR weights at uniform DDPM timesteps."""
+    with torch.no_grad(), _autocast(images.device):
+        z = vae.encode(images * 2 - 1).latent_dist.sample().float() * scale
+    noise = torch.randn_like(z)
+    t = torch.randint(0, len(abar), (len(z),), device=z.device)
+    a = abar[t][:, None, None, None]
+    z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+    with _autocast(images.device):
+        context = text_encoder(tokens)[0]
+        pred = unet(z_t, t, encoder_hidden_states=context).sample
+    snr = abar[t] / (1 - abar[t])
+    return (snr.clamp(max=MIN_SNR_GAMMA) / snr * ((pred.float() - noise) ** 2).mean((1, 2, 3))).mean()
+
+
 def train_unet(out: Path, s: Stage, device: torch.device, workers: int, time_limit: float) -> None:
     """UNet + text encoder on the frozen VAE's latents: epsilon MSE with min-SNR weights, bf16 autocast, EMA."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
@@ -264,17 +285,7 @@ def train_unet(out: Path, s: Stage, device: torch.device, workers: int, time_lim
     stream = Stream(s.batch, Tokens(tok, tok.model_max_length), drop_caption=CAPTION_DROP)
     step = 0
     for step, batch, images in batches(stream, 0, s.steps, workers, device):
-        with torch.no_grad(), _autocast(device):
-            z = vae.encode(images * 2 - 1).latent_dist.sample().float() * scale
-        noise = torch.randn_like(z)
-        t = torch.randint(0, len(abar), (len(z),), device=device)
-        a = abar[t][:, None, None, None]
-        z_t = a.sqrt() * z + (1 - a).sqrt() * noise
-        with _autocast(device):
-            context = text_encoder(batch["tokens"])[0]
-            pred = unet(z_t, t, encoder_hidden_states=context).sample
-        snr = abar[t] / (1 - abar[t])
-        loss = (snr.clamp(max=MIN_SNR_GAMMA) / snr * ((pred.float() - noise) ** 2).mean((1, 2, 3))).mean()
+        loss = unet_loss(vae, scale, text_encoder, unet, abar, images, batch["tokens"])
         _set_lr(opt, lr_at(step, s))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -296,28 +307,153 @@ def train_unet(out: Path, s: Stage, device: torch.device, workers: int, time_lim
     log.close(step + 1)
 
 
+# ------------------------------------------------------------------------------------------------ flow
+def flow_sources(out: Path) -> tuple[Path, Path]:
+    """The shapes-sd pipeline folder (VAE, text encoder) and the CLIP folder the flow stage builds on: this run's
+    where it trained them, else the shipped ones."""
+    pipeline = out / "pipeline" if (out / "pipeline" / "model_index.json").is_file() else PACKAGE_PIPELINE
+    clip = out / "clip" if (out / "clip" / "open_clip_model.safetensors").is_file() else PACKAGE_CLIP
+    return pipeline, clip
+
+
+def flow_loss(vae, shift: float, scale: float, text_encoder, text_encoder_2, transformer, images: torch.Tensor,
+              tokens: torch.Tensor) -> torch.Tensor:
+    """The flow stage's loss of one batch: rectified flow, x_sigma = (1 - sigma) x0 + sigma noise, the velocity
+    noise - x0 regressed at logit-normal(0, 1) sigmas (SD3's rf/lognorm), timestep = 1000 sigma as the pipeline's."""
+    with torch.no_grad(), _autocast(images.device):
+        z = (vae.encode(images * 2 - 1).latent_dist.sample().float() - shift) * scale
+    noise = torch.randn_like(z)
+    sigma = torch.sigmoid(torch.randn(len(z), device=z.device))
+    x_t = (1 - sigma[:, None, None, None]) * z + sigma[:, None, None, None] * noise
+    with _autocast(images.device):
+        embeds, pooled = models.flow_prompt_embeds(text_encoder, text_encoder_2, tokens,
+                                                   transformer.config.joint_attention_dim)
+        velocity = transformer(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=embeds,
+                               pooled_projections=pooled).sample
+    return ((velocity.float() - (noise - z)) ** 2).mean()
+
+
+def _flow_parts(out: Path, init: Path | None, layers: int, heads: int, n_latents: int, device: torch.device):
+    """(vae, text_encoder, text_encoder_2, transformer, what they came from): fresh ones on shapes-sd's VAE and
+    text encoder and the CLIP, or a trained flow pipeline folder's `init` to go on training (its latent scaling)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tok = models.tokenizer(models.FLOW_TOKENS)
+    if init is not None:
+        vae = AutoencoderKL.from_pretrained(init / "vae")
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(init / "text_encoder")
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(init / "text_encoder_2")
+        transformer = SD3Transformer2DModel.from_pretrained(init / "transformer")
+        sources = {"init": init.name}
+    else:
+        base, clip_dir = flow_sources(out)
+        vae = AutoencoderKL.from_pretrained(base / "vae")
+        text_encoder = models.flow_text_encoder(CLIPTextModel.from_pretrained(base / "text_encoder"), tok)
+        text_encoder_2 = models.clip_text_encoder(clip_dir, tok)
+        transformer = models.flow_transformer(layers, heads)
+        sources = {"vae_and_text_encoder": "shipped shapes-sd" if base == PACKAGE_PIPELINE else "<out>/pipeline",
+                   "clip": "shipped shapes-clip" if clip_dir == PACKAGE_CLIP else "<out>/clip"}
+    vae = vae.to(device).eval().requires_grad_(False)
+    if init is None:
+        shift, scale = _latent_shift_and_scale(vae, device, n_latents)
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return (vae, text_encoder.to(device), text_encoder_2.to(device).eval().requires_grad_(False),
+            transformer.to(device), sources)
+
+
+def train_flow(out: Path, s: Stage, device: torch.device, workers: int, time_limit: float,
+               layers: int = models.FLOW_TRANSFORMER["num_layers"],
+               heads: int = models.FLOW_TRANSFORMER["num_attention_heads"], init: Path | None = None) -> None:
+    """An SD3 MMDiT on the frozen shapes VAE's latents by rectified flow: velocity MSE at logit-normal(0, 1) sigmas
+    (SD3's rf/lognorm), 10% empty captions, shapes-sd's text encoder trained jointly, the CLIP's text tower frozen,
+    bf16 autocast, EMA; writes <out>/flow, a StableDiffusion3Pipeline folder without T5. With `init` (a flow folder
+    this stage wrote) it goes on training that model, with a new learning-rate schedule."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from tuner.pipelines.flow import disable_cudnn_attention
+
+    disable_cudnn_attention(device)  # as the tuner does for flow models: a cuDNN attention backward failed there
+    vae, text_encoder, text_encoder_2, transformer, sources = _flow_parts(
+        out, init, layers, heads, min(1024, 8 * s.batch), device)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    tok = models.tokenizer(models.FLOW_TOKENS)
+    params = [*transformer.train().parameters(), *text_encoder.train().parameters()]
+    opt = _optimizer(params, s)
+    ema = [p.detach().clone() for p in params]
+    log = Log(out / "logs" / "flow.jsonl", s, time_limit)
+    log.write({**sources, "shift_factor": shift, "scaling_factor": scale,
+               "transformer_parameters": sum(p.numel() for p in transformer.parameters())})
+    stream = Stream(s.batch, Tokens(tok, models.FLOW_TOKENS), drop_caption=CAPTION_DROP)
+    step = 0
+    for step, batch, images in batches(stream, 0, s.steps, workers, device):
+        loss = flow_loss(vae, shift, scale, text_encoder, text_encoder_2, transformer, images, batch["tokens"])
+        _set_lr(opt, lr_at(step, s))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
+        log.step(step, 100, loss=loss)
+        if log.done(step, s):
+            break
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=models.flow_scheduler(), vae=vae, text_encoder=text_encoder.eval(),
+        tokenizer=tok, text_encoder_2=text_encoder_2, tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(out / "flow", safe_serialization=True)
+    for folder in ("tokenizer", "tokenizer_2"):
+        models.save_tokenizer(tok, out / "flow" / folder)
+    log.close(step + 1)
+
+
+@torch.no_grad()
+def _latent_shift_and_scale(vae, device: torch.device, n: int = 1024) -> tuple[float, float]:
+    """Mean and 1 / std of held-out latents: SD3's shift_factor and scaling_factor (latents -> mean 0, std 1)."""
+    images, _ = ShapesData(1).batch(0, n, device)
+    z = vae.encode(images * 2 - 1).latent_dist.sample()
+    return float(z.mean()), float(1 / z.std())
+
+
 # ------------------------------------------------------------------------------------------------ CLI
+INSTALLS = {"pipeline": PACKAGE_PIPELINE, "clip": PACKAGE_CLIP, "flow": PACKAGE_FLOW}
+
+
 def install(out: Path) -> None:
-    """Copy the trained pipeline and CLIP into the package (tuner/shapes/model, rewards/weights/shapes-clip)."""
-    for source, target in ((out / "pipeline", PACKAGE_PIPELINE), (out / "clip", PACKAGE_CLIP)):
-        if not source.is_dir():
-            raise SystemExit(f"{source} does not exist: run the training stages first")
+    """Copy what this run trained (pipeline, CLIP, flow pipeline) into the package (tuner/shapes/model,
+    rewards/weights/shapes-clip, tuner/shapes/flow_model)."""
+    found = {name: target for name, target in INSTALLS.items() if (out / name).is_dir()}
+    if not found:
+        raise SystemExit(f"{out} holds none of {', '.join(INSTALLS)}: run the training stages first")
+    for name, target in found.items():
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target)
-        print(f"installed {source} -> {target}")
+        shutil.copytree(out / name, target)
+        print(f"installed {out / name} -> {target}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tuner.shapes.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for models, logs and figures")
-    p.add_argument("--stage", default="all", choices=["all", "vae", "clip", "unet", "eval"])
+    p.add_argument("--stage", default="all", choices=["all", "vae", "clip", "unet", "eval", "flow", "flow-eval"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=4, help="data worker processes per stage")
     for name, s in STAGES.items():
         p.add_argument(f"--{name}-steps", type=int, default=s.steps)
         p.add_argument(f"--{name}-batch", type=int, default=s.batch)
         p.add_argument(f"--{name}-time-limit", type=float, default=0.0, help="seconds; 0 = no limit")
+    p.add_argument("--flow-layers", type=int, default=models.FLOW_TRANSFORMER["num_layers"],
+                   help="joint transformer blocks of shapes-flow")
+    p.add_argument("--flow-heads", type=int, default=models.FLOW_TRANSFORMER["num_attention_heads"],
+                   help="attention heads of 32 channels of shapes-flow")
+    p.add_argument("--flow-init", type=Path, help="a flow pipeline folder this stage wrote, to go on training it "
+                   "(its architecture and latent scaling; a new learning-rate schedule)")
     p.add_argument("--eval-samples", type=int, default=512)
+    p.add_argument("--flow-eval-captions", type=int, default=128, help="held-out captions of flow-eval")
+    p.add_argument("--flow-eval-seeds", default="0,1,2,3", help="noise seeds of flow-eval, comma-separated (>= 3)")
+    p.add_argument("--flow-eval-steps", type=int, default=25, help="sampling steps of flow-eval (both models)")
     p.add_argument("--install", action="store_true", help="copy the results into the package and exit")
     return p.parse_args(argv)
 
@@ -345,14 +481,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # every batch has the same shapes
     torch.manual_seed(0)
-    run = {"vae": train_vae, "clip": train_clip, "unet": train_unet}
+
+    def flow(*a) -> None:
+        train_flow(*a, layers=args.flow_layers, heads=args.flow_heads, init=args.flow_init)
+
+    run = {"vae": train_vae, "clip": train_clip, "unet": train_unet, "flow": flow}
     if args.stage in run:
         run[args.stage](args.out, _stage(args, args.stage), device, args.workers,
                         getattr(args, f"{args.stage}_time_limit"))
     elif args.stage == "eval":
         _evaluate(args, device)
-    else:  # all: the CLIP in a second process on the same device, the VAE then the UNet here, then evaluation
-        clip = subprocess.Popen(_forward(args, "clip"))
+    elif args.stage == "flow-eval":
+        _evaluate_flow(args, device)
+    else:  # all (shapes-sd and its CLIP): the CLIP in a second process on the same device, the VAE then the UNet
+        clip = subprocess.Popen(_forward(args, "clip"))  # here, then evaluation; shapes-flow has its own stages
         for stage in ("vae", "unet"):
             run[stage](args.out, _stage(args, stage), device, args.workers, getattr(args, f"{stage}_time_limit"))
         if clip.wait() != 0:
@@ -365,6 +507,16 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> None:
     from tuner.shapes.evaluate import evaluate
 
     evaluate(args.out / "pipeline", args.out / "clip", args.out / "logs", args.out, device, args.eval_samples)
+
+
+def _evaluate_flow(args: argparse.Namespace, device: torch.device) -> None:
+    from tuner.shapes.evaluate import compare_flow, loss_curves
+
+    baseline, _ = flow_sources(args.out)
+    seeds = [int(x) for x in args.flow_eval_seeds.split(",")]
+    compare_flow(args.out / "flow", baseline, args.out, device, args.flow_eval_captions, seeds, args.flow_eval_steps)
+    if (args.out / "logs" / "flow.jsonl").is_file():
+        loss_curves(args.out / "logs", args.out / "flow_losses.png", names=("flow",))
 
 
 if __name__ == "__main__":
