@@ -228,3 +228,47 @@ def test_a_shapes_run_logs_the_judge_before_and_after(tmp_path):
 
 def test_runs_off_the_shapes_model_have_no_judge(tmp_path):
     assert "judge_before" not in train(tiny(tmp_path, "plain", "train.steps=1"))
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    from tuner.shapes.judge import wilson
+
+    assert wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # Wilson (1927); Newcombe (1998), method 3
+    assert wilson(0, 20) == pytest.approx((0.0, 0.1611), abs=1e-4)
+    assert wilson(20, 20) == pytest.approx((0.8389, 1.0), abs=1e-4)
+
+
+def test_ground_truth_test_of_a_shapes_run(tmp_path):
+    from tuner import engine
+    from tuner.prompts import read_prompts
+    from tuner.shapes import judge
+    from tuner.train import JUDGE_SEED
+
+    args = [f"output_dir={tmp_path}", "name=truth", "model=shapes-sd", "sampling.num_steps=4", "train.steps=1",
+            "train.batch_size=2", "prompts.file=shapes_centered", "prompts.num_eval=2", "log.progress=false",
+            "method_options={num_trained: 1, early_stop_range: 1}", "reward={symmetry: 1.0}", "train.lr=0",
+            "log.judge_captions=6", "log.judge_seeds=2"]
+    assert main(args) == 0
+    truth = json.loads((tmp_path / "truth" / "summary.json").read_text())["ground_truth"]
+    assert truth["before"] == truth["after"]  # lr 0: the final weights are the base model's, same seeds
+    captions = judge.held_out_captions(6, exclude=read_prompts("shapes_centered"))
+    assert not set(captions) & set(read_prompts("shapes_centered"))
+    # the same test by hand: the shipped model, caption i of seed k from noise seed JUDGE_SEED + 6 k + i
+    from tuner import pipelines, shapes
+
+    adapter = pipelines.load_adapter(str(shapes.MODEL_DIR), device=torch.device("cpu"), dtype=torch.float32)
+    verdicts = []
+    for k in range(2):
+        gens = [torch.Generator().manual_seed(JUDGE_SEED + 6 * k + i) for i in range(6)]
+        images = engine.sample_each(adapter, adapter.encode_prompts(captions, [""] * 6), generators=gens,
+                                    batch_size=6, height=64, width=64, num_steps=4, guidance_scale=5.0)
+        verdicts += judge.judge_each(images.float(), captions)
+    expected = judge.tallies(verdicts)
+    assert {c: (r["rate"] * r["n"], r["n"]) for c, r in truth["before"].items()} == \
+        {c: (pytest.approx(p), n) for c, (p, n) in expected.items()}
+    assert "Ground truth" in (tmp_path / "truth" / "summary.md").read_text()
+
+
+def test_ground_truth_test_is_refused_off_the_shapes_models():
+    with pytest.raises(ConfigError, match="log.judge_captions"):
+        validate(load_config(None, ["model=tiny-sd15", "log.judge_captions=8"]))

@@ -105,6 +105,8 @@ class LogConfig:
     wandb: bool = opt(False, "Log to Weights & Biases (needs wandb installed).")
     wandb_project: str = opt("drtune", "Weights & Biases project name.")
     progress: bool = opt(True, "Show a progress bar with reward and step time.")
+    judge_captions: int = opt(0, "Shapes models only: held-out captions (tuner.shapes.judge, dataset seed 1, none of the training prompts) the ground-truth judge scores before and after tuning, with 95% intervals in the summary. 0 turns it off.")
+    judge_seeds: int = opt(2, "Noise seeds per held-out caption of the ground-truth test (log.judge_captions).")
 
 
 @dataclass
@@ -392,6 +394,11 @@ def validate(cfg: Config) -> Config:
         if not 0 <= value < 1:
             raise ConfigError(f"config key '{key}': must be in [0, 1), got {value}")
     _check_batch(t)
+    _positive("log.judge_seeds", cfg.log.judge_seeds)
+    _positive("log.judge_captions", cfg.log.judge_captions, zero_ok=True)
+    if cfg.log.judge_captions and cfg.model not in SHIPPED_MODELS:
+        raise ConfigError(f"config key 'log.judge_captions': the ground-truth judge reads shapes images only "
+                          f"(model {', '.join(SHIPPED_MODELS)}), not {cfg.model!r}; set it to 0")
     if t.mixed_precision is not None:
         _one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISIONS)
     _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)

@@ -190,4 +190,20 @@ def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
                   "| check | before | after |", "|---|---|---|"]
         lines += [f"| {k} | {v:.3f} | {summary['judge_after'].get(k, float('nan')):.3f} |"
                   for k, v in summary["judge_before"].items()]
+    if "ground_truth" in summary:
+        lines += ["", ground_truth_lines(summary["ground_truth"], markdown=True)]
     (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def ground_truth_lines(truth: dict[str, Any], markdown: bool = False) -> str:
+    """The held-out ground-truth test, before and after tuning, each rate with its 95% interval."""
+    def cell(r: dict) -> str:
+        return f"{100 * r['rate']:.1f}% [{100 * r['low']:.1f}, {100 * r['high']:.1f}]"
+    head = (f"Ground truth (tuner.shapes.judge) on {truth['captions']} held-out captions x {truth['seeds']} seeds, "
+            f"95% intervals:")
+    rows = [(check, cell(b), cell(truth["after"][check]), b["n"]) for check, b in truth["before"].items()
+            if check in truth["after"]]
+    if markdown:
+        return "\n".join([head, "", "| check | before | after | images |", "|---|---|---|---|",
+                          *(f"| {c} | {b} | {a} | {n} |" for c, b, a, n in rows)])
+    return "\n".join([head, *(f"  {c:<10} {b:>22} -> {a:<22} ({n} images)" for c, b, a, n in rows)])

@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         if "judge_before" in summary:
             print("ground truth (shapes judge, evaluation prompts): " + ", ".join(
                 f"{k} {v:.2f} -> {summary['judge_after'].get(k, float('nan')):.2f}" for k, v in summary["judge_before"].items()))
+        if "ground_truth" in summary:
+            from tuner.logging import ground_truth_lines
+
+            print(ground_truth_lines(summary["ground_truth"]))
         print(f"done: {summary['run_dir']} (final weights: {summary['final_weights']})")
         if summary.get("peak_gib_steps") is not None:
             print(f"GPU memory: peak {summary['peak_gib_steps']:.2f} GiB a step, {summary['peak_gib_session']:.2f} GiB "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import gc
 import math
 import time
@@ -39,6 +40,7 @@ from tuner.prompts import PromptSampler, load_prompt_sets
 from tuner.shapes import judge
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+JUDGE_SEED = 900_000_000  # noise seeds of the ground-truth test: apart from evaluation and selection seeds
 # The phases an out-of-memory report names (tuner.memory.OOMGuard).
 PHASE_TRIAL = "trial steps of train.batch_size=auto"
 PHASE_BACKWARD, PHASE_OPTIMIZER = "sampling, reward and backward", "optimizer step"
@@ -689,6 +691,9 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
                                                              num=g.select_num, seed=g.select_seed)
     method = get_method(cfg.method, **cfg.method_options)
     eval_conds = adapter.encode_prompts(eval_prompts, [s.negative_prompt] * len(eval_prompts))
+    judge_captions = judge.held_out_captions(cfg.log.judge_captions, exclude=train_prompts) if main else []
+    judge_conds = adapter.encode_prompts(judge_captions, [s.negative_prompt] * len(judge_captions)) \
+        if judge_captions else None
     truth = judge.run_metrics(cfg.model, eval_prompts) or (lambda images: {})  # ground truth on shapes models
 
     # --- optimizer, EMA, processes, generators, resume
@@ -747,6 +752,12 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
                 before, before_rewards, parts = evaluate(adapter, denoiser, eval_conds, eval_prompts, reward, cfg, autocast)
             ckpt.write_tensors(gallery_dir, before_file.name, {"images": before})
             logger.log(0, {"eval/reward": before_rewards.mean(), **parts, **truth(before)})
+        truth_file = run_dir / "ground_truth_before.json"
+        if judge_captions and not truth_file.is_file():
+            guard.at(PHASE_EVAL, 0)
+            with _model_weights(denoiser, ema, base=True):
+                tallies = ground_truth(cfg, adapter, denoiser, reward, autocast, judge_captions, judge_conds)
+            truth_file.write_text(json.dumps(tallies))
     accelerator.wait_for_everyone()
     stats = None
     if g.normalize != "none":
@@ -856,11 +867,17 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
                 final = _save_denoiser(denoiser, run_dir / ("unet" if hasattr(adapter.pipe, "unet") else "transformer"))
             else:
                 final = lora.save_lora(denoiser, run_dir / "lora", adapter.pipeline_class)
+        truth_after = None
+        if judge_captions:
+            with _model_weights(denoiser, ema if best is None else None):
+                truth_after = ground_truth(cfg, adapter, denoiser, reward, autocast, judge_captions, judge_conds)
         rows = read_metrics(run_dir / "metrics.jsonl")
         plot_rewards(rows, run_dir / "reward_curve.png")
         summary = _summary(cfg, rows, run_dir, final, time.perf_counter() - t_start, start, world, params, last)
         peaks["session"] = max(peaks["session"], memory.peak_bytes(device) or 0)
         summary.update(_memory_summary(cfg, device, world, peaks))
+        if truth_after is not None:
+            summary.update(_ground_truth_summary(cfg, json.loads(truth_file.read_text()), truth_after))
         if g.select_every:
             summary["selection"] = {"best_step": selection.best_step, "best_score": selection.best,
                                     "stopped_early_at": stopped_at,
@@ -891,6 +908,24 @@ def _model_weights(denoiser, ema: EMA | None, base: bool = False):
 def _save_denoiser(denoiser, folder: Path) -> Path:
     denoiser.save_pretrained(folder)
     return folder
+
+
+def ground_truth(cfg: Config, adapter, denoiser, reward, autocast, captions: list[str], conds) -> dict[str, list[int]]:
+    """The judge's (passes, images) of each check over the held-out captions, log.judge_seeds noise seeds each."""
+    verdicts = []
+    for k in range(cfg.log.judge_seeds):
+        images, _, _ = evaluate(adapter, denoiser, conds, captions, reward, cfg, autocast,
+                                seed=JUDGE_SEED + k * len(captions))
+        verdicts += judge.judge_each(images, captions)
+    return {check: list(tally) for check, tally in judge.tallies(verdicts).items()}
+
+
+def _ground_truth_summary(cfg: Config, before: dict, after: dict) -> dict[str, Any]:
+    """Rates with 95% intervals, before and after, for the summary."""
+    def table(tallies: dict) -> dict:
+        return {check: judge.rate_with_interval(*tally) for check, tally in tallies.items()}
+    return {"ground_truth": {"captions": cfg.log.judge_captions, "seeds": cfg.log.judge_seeds,
+                             "before": table(before), "after": table(after)}}
 
 
 def _judged(rows: list[dict]) -> dict[str, dict[str, float]]:

@@ -309,6 +309,43 @@ def run_metrics(model: str, captions: list[str]) -> Callable[[torch.Tensor], dic
     return lambda images: {f"eval/judge/{k}": v for k, v in judge(images, captions).items()}
 
 
+HELD_OUT_SEED = 1  # the dataset seed held out of the shapes models' training (the tuner's prompt files: seed 2)
+
+
+def held_out_captions(n: int, exclude: set[str] | list[str] = ()) -> list[str]:
+    """The first n captions of the held-out dataset seed that are not in `exclude` (a run's training prompts)."""
+    from tuner.shapes.data import ShapesData
+
+    exclude, out, index = set(exclude), [], 0
+    while len(out) < n:
+        out += [s.caption for s in ShapesData(HELD_OUT_SEED).scenes(index, n) if s.caption not in exclude]
+        index += n
+    return out[:n]
+
+
+def tallies(verdicts: list[dict[str, bool | None]]) -> dict[str, tuple[int, int]]:
+    """(passes, images it applies to) of each check."""
+    out = {}
+    for check in CHECKS:
+        seen = [v[check] for v in verdicts if v.get(check) is not None]
+        if seen:
+            out[check] = (sum(seen), len(seen))
+    return out
+
+
+def wilson(passes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a pass rate (sound near 0 and 1, unlike the normal approximation)."""
+    p, z2 = passes / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_with_interval(passes: int, n: int) -> dict[str, float]:
+    """{rate, low, high, n}: a pass rate with its 95% Wilson interval."""
+    low, high = wilson(passes, n)
+    return {"rate": passes / n, "low": low, "high": high, "n": n}
+
+
 # ------------------------------------------------------------------------------------ the docs' figures
 def sample_shapes_sd(captions: list[str], seed: int, steps: int = 25, guidance: float = 5.0, batch: int = 64,
                      device: str = "cpu", adapter=None) -> torch.Tensor:
