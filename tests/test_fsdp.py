@@ -1,0 +1,193 @@
+"""Full fine-tuning under FSDP2 on two CPU processes (gloo, launched by torchrun): the weights really are sharded, and
+one DRTune optimizer step of the loop (tuner.train.train_step) gives the gradient, weights and AdamW state of the
+same step taken by one process over both ranks' prompts and noise.
+
+accelerate enables FSDP only for accelerator processes, so the worker shards the transformer with torch's
+fully_shard itself, as accelerate's FSDP2 plugin does (each transformer block, then the root), and runs the loop's
+own step on it. The oracle is a plain single-process step: each rank's prompts and generator, the engine's gradient
+halved, torch's clip_grad_norm_ and AdamW.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tuner.train as T
+from tests.tuner_fixtures import ToyReward
+from tuner import engine, lora
+from tuner.config import load_config, validate
+from tuner.methods import get_method
+from tuner.prompts import PromptSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+MODELS = ("tiny-sd3", "tiny-flux")
+PROMPTS = ["a red square", "a blue circle on the left", "two green triangles", "a yellow star"]
+OVERRIDES = ["train.full_finetune=true", "train.gradient_checkpointing=true", "train.batch_size=1", "train.lr=1e-3", "train.lr_schedule=constant",
+             "train.max_grad_norm=0.002", "sampling.num_steps=4", "sampling.scheduler=auto", "sampling.negative_prompt=",
+             "method_options={num_trained: 2, early_stop_range: 2}", "sampling.guidance_scale=2.0"]
+
+WORKER = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    import tuner.train as T
+    from tuner import fsdp, lora
+    from tests.test_fsdp import PROMPTS, ToyReward, config
+
+    out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
+    accelerator = T.make_accelerator()  # gloo processes: the loop's reduce and no_sync run through it
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    report = {}
+    for model in sys.argv[2:]:
+        cfg = config(model)
+        torch.manual_seed(cfg.train.seed)
+        adapter = T.build_adapter(cfg, torch.device("cpu"), torch.float32)
+        denoiser = adapter.denoiser
+        T.add_trainable(denoiser, cfg, adapter.lora_targets)
+        for block in denoiser.modules():  # as accelerate's FSDP2 plugin: each block its own unit, then the root
+            if isinstance(block, adapter.denoiser_blocks):
+                fully_shard(block, mesh=mesh)
+        fully_shard(denoiser, mesh=mesh)
+        params = list(lora.trainable_parameters(denoiser).values())
+        optimizer = T.build_optimizer(params, cfg)
+        grads = {}
+        step = T.optimizer_step
+
+        def spy(acc, opt, scaler, ps, *args, **kwargs):  # the reduced gradients, whole, before clip and step
+            grads.update(fsdp.full_state({n: p.grad for n, p in denoiser.named_parameters() if p.grad is not None}))
+            return step(acc, opt, scaler, ps, *args, **kwargs)
+
+        T.optimizer_step = spy
+        sampler = T.PromptSampler(PROMPTS, 1, rank=rank, world_size=dist.get_world_size(), seed=cfg.train.seed)
+        parts = T.StepParts(cfg, accelerator, adapter, T.get_method(cfg.method, **cfg.method_options),
+                            ToyReward(1, torch.float32), sampler, optimizer, None, params,
+                            T.rank_generator(cfg.train.seed, rank), T.make_autocast(torch.device("cpu"), "no"),
+                            lambda prompts: adapter.encode_prompts(prompts))
+        result = T.train_step(parts, 0)
+        T.optimizer_step = step
+        weights = T.trained_state(denoiser)
+        state = fsdp.optimizer_state(denoiser, optimizer)
+
+        # what resume does: whole tensors back into a freshly sharded copy
+        torch.manual_seed(cfg.train.seed)
+        fresh = T.build_adapter(cfg, torch.device("cpu"), torch.float32).denoiser
+        T.add_trainable(fresh, cfg, adapter.lora_targets)
+        for block in fresh.modules():
+            if isinstance(block, adapter.denoiser_blocks):
+                fully_shard(block, mesh=mesh)
+        fully_shard(fresh, mesh=mesh)
+        fresh_optimizer = T.build_optimizer(list(lora.trainable_parameters(fresh).values()), cfg)
+        fsdp.load_into(dict(fresh.named_parameters()), weights)
+        fsdp.load_optimizer_state(fresh, fresh_optimizer, state)
+        mine = dict(denoiser.named_parameters())
+        restored = all(torch.equal(p.to_local(), mine[n].to_local()) for n, p in fresh.named_parameters())
+        moments = [(fresh_optimizer.state[p]["exp_avg"], optimizer.state[mine[n]]["exp_avg"])
+                   for n, p in fresh.named_parameters()]
+        restored = restored and all(torch.equal(a.to_local(), b.to_local()) for a, b in moments)
+
+        report[model] = {
+            "all_dtensor": all(isinstance(p, DTensor) for p in denoiser.parameters()),
+            "sharded": [[n, list(p.to_local().shape), list(p.shape)] for n, p in denoiser.named_parameters()],
+            "grad_norm": result.grad_norm, "skipped": result.skipped, "restored": restored,
+        }
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in grads.items()}, out / f"{model}-grads.safetensors")
+            save_file({k: v.contiguous() for k, v in weights.items()}, out / f"{model}-weights.safetensors")
+            exp_avg = {n: s["exp_avg"].contiguous() for n, s in state["state"].items()}
+            save_file(exp_avg, out / f"{model}-exp_avg.safetensors")
+    (out / f"report-{rank}.json").write_text(json.dumps(report))
+""")
+
+
+def config(model: str):
+    """The run both sides take."""
+    return validate(load_config(None, [f"model={model}", *OVERRIDES]))
+
+
+def single_process_step(model: str) -> tuple[dict, dict, dict, float]:
+    """(gradient, weights, AdamW exp_avg, grad norm) of the step taken by one process over both ranks' batches."""
+    cfg = config(model)
+    torch.manual_seed(cfg.train.seed)
+    adapter = T.build_adapter(cfg, torch.device("cpu"), torch.float32)
+    adapter.denoiser.requires_grad_(True)
+    method = get_method(cfg.method, **cfg.method_options)
+    s = cfg.sampling
+    for rank in range(WORLD):
+        prompts = PromptSampler(PROMPTS, 1, rank=rank, world_size=WORLD, seed=cfg.train.seed).batch(0)
+        generator = T.rank_generator(cfg.train.seed, rank)
+        plan = method.plan(s.num_steps, generator)
+        engine.reward_backward(adapter, plan, adapter.encode_prompts(prompts), ToyReward(1, torch.float32), prompts,
+                               height=s.height, width=s.width, guidance_scale=s.guidance_scale, generator=generator,
+                               loss_scale=1 / WORLD)
+    params = dict(adapter.denoiser.named_parameters())
+    grads = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+    norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.train.max_grad_norm)
+    t = cfg.train
+    optimizer = torch.optim.AdamW(list(params.values()), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
+    optimizer.step()
+    exp_avg = {n: optimizer.state[p]["exp_avg"] for n, p in params.items()}
+    return grads, lora.trainable_state(adapter.denoiser), exp_avg, float(norm)
+
+
+def _relative(got: dict, want: dict) -> float:
+    assert got.keys() == want.keys()
+    num = sum(float(((got[k] - want[k]) ** 2).sum()) for k in want)
+    return (num / sum(float((want[k] ** 2).sum()) for k in want)) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    (out / "worker.py").write_text(WORKER)
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           str(out / "worker.py"), str(out), *MODELS]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out, [json.loads((out / f"report-{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("model", MODELS)
+def test_one_sharded_step_equals_the_single_process_step(sharded_run, model):
+    out, reports = sharded_run
+    shards = [report[model]["sharded"] for report in reports]
+    for report in reports:
+        assert report[model]["all_dtensor"] and not report[model]["skipped"] and report[model]["restored"]
+    for per_rank in zip(*shards):  # each parameter split along its first dimension, every rank a part of it
+        full = per_rank[0][2]
+        assert sum(local[0] for _, local, _ in per_rank) == full[0]
+        assert all(local[1:] == full[1:] for _, local, _ in per_rank)
+    assert sum(all(local[0] < full[0] for _, local, full in per_rank) for per_rank in zip(*shards)) > 0.9 * len(shards[0])
+
+    grads, weights, exp_avg, norm = single_process_step(model)
+    got = {name: load_file(out / f"{model}-{name}.safetensors") for name in ("grads", "weights", "exp_avg")}
+    print(model, "relative errors: grads", _relative(got["grads"], grads), "exp_avg", _relative(got["exp_avg"], exp_avg),
+          "norm", norm, reports[0][model]["grad_norm"])
+    assert _relative(got["grads"], grads) < 1e-5
+    assert norm > 0.002 and abs(reports[0][model]["grad_norm"] - norm) < 1e-5 * norm  # the clip was active
+    assert _relative(got["exp_avg"], exp_avg) < 1e-5
+    assert got["weights"].keys() == weights.keys()
+    # AdamW's first step moves a weight by lr * g / (|g| + eps), about lr = 1e-3: both sides agree to 1/1000 of that
+    # wherever the gradient stands clear of eps = 1e-8 (below it float32 noise in g moves the step itself)
+    clear = {k: grads[k].abs() > 1e-6 for k in grads}
+    assert sum(int(m.sum()) for m in clear.values()) > 0.5 * sum(m.numel() for m in clear.values())
+    gaps = [(got["weights"][k] - weights[k])[clear[k]].abs() for k in clear]
+    print("largest weight gap where the gradient is clear of eps", max(float(g.max()) for g in gaps if g.numel()))
+    assert max(float(g.max()) for g in gaps if g.numel()) < 1e-6
