@@ -280,7 +280,15 @@ def our_step(args, adapter, reward, cond, prompts: list[str], plans: list, devic
 
 
 def timed(step, iters: int, device: str) -> dict:
-    """Seconds per optimizer step over `iters` steps after one warm-up, and the peak memory over them."""
+    """Seconds per optimizer step over `iters` steps after one warm-up, and the peak memory over them (a row that
+    runs out of memory says so)."""
+    try:
+        return _timed(step, iters, device)
+    except torch.OutOfMemoryError:
+        return {"s_per_step": None, "peak_gib": None, "oom": True}
+
+
+def _timed(step, iters: int, device: str) -> dict:
     step()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
@@ -363,7 +371,7 @@ def compare(fb, args: argparse.Namespace, out: Path, iters: int, ours_checkpoint
 
 
 def _per_image(row: dict, batch: int) -> dict:
-    return {**row, "batch": batch, "images_per_s": batch / row["s_per_step"]}
+    return {**row, "batch": batch, "images_per_s": batch / row["s_per_step"] if row["s_per_step"] else None}
 
 
 def _free(device: str) -> None:
@@ -398,7 +406,10 @@ def _write(out: Path, meta: dict, rows: dict) -> None:
              f"batch {s['train_batch_size']}, EMA {s['ema_decay']}; {meta['flowbp']}; {meta['date']}", "",
              "| side | images / s | s / step | peak GiB |", "|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['images_per_s']:.2f} | {r['s_per_step']:.2f} | {r['peak_gib']:.1f} |")
+        if r.get("oom"):
+            lines.append(f"| {name} | OOM | OOM | OOM |")
+        else:
+            lines.append(f"| {name} | {r['images_per_s']:.2f} | {r['s_per_step']:.2f} | {r['peak_gib']:.1f} |")
     (out / "flowbp_compare.md").write_text("\n".join(lines) + "\n")
 
 

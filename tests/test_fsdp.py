@@ -108,6 +108,7 @@ WORKER = textwrap.dedent("""
             save_file({k: v.contiguous() for k, v in weights.items()}, out / f"{model}-weights.safetensors")
             exp_avg = {n: s["exp_avg"].contiguous() for n, s in state["state"].items()}
             save_file(exp_avg, out / f"{model}-exp_avg.safetensors")
+            T._save_state(denoiser, weights, out / f"{model}-transformer")  # the run's final weights
     (out / f"report-{rank}.json").write_text(json.dumps(report))
 """)
 
@@ -184,6 +185,11 @@ def test_one_sharded_step_equals_the_single_process_step(sharded_run, model):
     assert norm > 0.002 and abs(reports[0][model]["grad_norm"] - norm) < 1e-5 * norm  # the clip was active
     assert _relative(got["exp_avg"], exp_avg) < 1e-5
     assert got["weights"].keys() == weights.keys()
+    cls = type(T.build_adapter(config(model), torch.device("cpu"), torch.float32).denoiser)
+    loaded, info = cls.from_pretrained(out / f"{model}-transformer", output_loading_info=True)  # train()'s final files
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    saved = dict(loaded.named_parameters())
+    assert all(torch.equal(saved[k], v) for k, v in got["weights"].items()) and saved.keys() == weights.keys()
     # AdamW's first step moves a weight by lr * g / (|g| + eps), about lr = 1e-3: both sides agree to 1/1000 of that
     # wherever the gradient stands clear of eps = 1e-8 (below it float32 noise in g moves the step itself)
     clear = {k: grads[k].abs() > 1e-6 for k in grads}

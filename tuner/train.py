@@ -728,11 +728,13 @@ def _save_denoiser(denoiser, folder: Path) -> Path:
 
 
 def _save_state(denoiser, state: dict[str, torch.Tensor], folder: Path) -> Path:
-    """A gathered (FSDP) denoiser as from_pretrained reads it: its config and one safetensors file of `state`."""
+    """A gathered (FSDP) denoiser as from_pretrained reads it: its config and one safetensors file of `state` and of
+    its persistent buffers (FSDP leaves those whole on every process)."""
     from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
+    buffers = {k: v for k, v in denoiser.state_dict().items() if k not in state}
     denoiser.save_config(folder)
-    ckpt.write_tensors(folder, SAFETENSORS_WEIGHTS_NAME, {k: v.contiguous() for k, v in state.items()})
+    ckpt.write_tensors(folder, SAFETENSORS_WEIGHTS_NAME, {**buffers, **state})
     return folder
 
 
