@@ -217,7 +217,8 @@ def full_finetune_rows(args, adapter, reward, autocast, params: list, device: st
     plan = plans(args.steps)["drtune K=5"]
     meta = _meta(args, adapter, device, None)
     meta.update(lora_rank=None, optimizer=f"torch AdamW (lr {args.lr}, fp32 moments), clip 1.0, step inside the timing",
-                dtype="fp32 transformer and VAE (master weights), bf16 autocast, HPSv2.1 fp32 weights under bf16 autocast")
+                dtype="fp32 transformer and VAE (master weights), bf16 autocast, HPSv2.1 fp32 weights under bf16 "
+                      "autocast")
     rows: dict = {}
     for batch in args.batches:
         for ckpt in args.checkpointing:

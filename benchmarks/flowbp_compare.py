@@ -311,13 +311,13 @@ def compare(fb, args: argparse.Namespace, out: Path, iters: int, ours_checkpoint
     from tuner.pipelines import adapter_from_pipeline
 
     device = "cpu" if smoke else "cuda"
+    if not smoke:
+        torch.cuda.set_device(0)
+        torch.backends.cuda.matmul.allow_tf32 = bool(args.allow_tf32)
     if not smoke and not dist.is_initialized():  # FlowBP's FSDP wrap needs a process group: one process here
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")
         dist.init_process_group("nccl", rank=0, world_size=1)
-    if not smoke:
-        torch.cuda.set_device(0)
-        torch.backends.cuda.matmul.allow_tf32 = bool(args.allow_tf32)
     torch.manual_seed(0)
     if smoke:
         from benchmarks.reward_models import tiny_architectures
@@ -383,7 +383,8 @@ def _meta(args, device: str, iters: int, smoke: bool) -> dict:
     import diffusers
 
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run: tiny models, times mean nothing)",
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run: tiny models, times mean "
+                                                                        "nothing)",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"),
         "model": "tiny SD3" if smoke else "SD3.5 Medium (2.24B transformer), random weights",
         "flowbp": f"github.com/{FLOWBP_REPO} @ {FLOWBP_COMMIT[:12]}, {FLOWBP_CONFIG}",

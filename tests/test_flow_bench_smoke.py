@@ -46,4 +46,5 @@ def test_full_finetune_smoke(tmp_path):
     assert [(r["batch"], r["checkpointing"]) for r in rows.values()] == [(1, "off"), (1, "on")]
     assert all(r["kind"] == "full" and r["s_per_image"] > 0 for r in rows.values())
     assert result["meta"]["lora_rank"] is None and "AdamW" in result["meta"]["optimizer"]
-    assert "| full: drtune K=5 [batch 1, checkpointing on] | 1 | on |" in (tmp_path / "flow_tuning-sd35-full.md").read_text()
+    table = (tmp_path / "flow_tuning-sd35-full.md").read_text()
+    assert "| full: drtune K=5 [batch 1, checkpointing on] | 1 | on |" in table

@@ -23,7 +23,8 @@ def test_flowbp_rollout_gradient_matches_the_engine_and_the_harness_runs(tmp_pat
     assert check["relative_error"] < 0.08 and check["control_relative_error"] > 3 * check["relative_error"]
     assert check["cosine"] > check["control_cosine"]
     rows = result["rows"]
-    assert set(rows) == {"ours (engine), checkpointing on", "ours (engine), checkpointing off", "FlowBP (its DRTune step)"}
+    assert set(rows) == {"ours (engine), checkpointing on", "ours (engine), checkpointing off",
+                         "FlowBP (its DRTune step)"}
     assert rows["FlowBP (its DRTune step)"]["same_plans_as_ours"]
     assert all(r["images_per_s"] > 0 for r in rows.values())
     assert (tmp_path / "flowbp_compare.md").read_text().count("| ours (engine)") == 2

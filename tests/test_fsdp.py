@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 MODELS = ("tiny-sd3", "tiny-flux")
 PROMPTS = ["a red square", "a blue circle on the left", "two green triangles", "a yellow star"]
-OVERRIDES = ["train.full_finetune=true", "train.gradient_checkpointing=true", "train.batch_size=1", "train.lr=1e-3", "train.lr_schedule=constant",
-             "train.max_grad_norm=0.002", "sampling.num_steps=4", "sampling.scheduler=auto", "sampling.negative_prompt=",
-             "method_options={num_trained: 2, early_stop_range: 2}", "sampling.guidance_scale=2.0"]
+OVERRIDES = ["train.full_finetune=true", "train.gradient_checkpointing=true", "train.batch_size=1", "train.lr=1e-3",
+             "train.lr_schedule=constant", "train.max_grad_norm=0.002", "train.ema_decay=0.9", "sampling.num_steps=4",
+             "sampling.scheduler=auto", "sampling.negative_prompt=", "sampling.guidance_scale=2.0",
+             "method_options={num_trained: 2, early_stop_range: 2}"]
 
 WORKER = textwrap.dedent("""
     import json, os, sys
@@ -63,6 +64,7 @@ WORKER = textwrap.dedent("""
         fully_shard(denoiser, mesh=mesh)
         params = list(lora.trainable_parameters(denoiser).values())
         optimizer = T.build_optimizer(params, cfg)
+        ema = T.EMA(lora.trainable_parameters(denoiser), cfg.train.ema_decay)  # sharded shadows, as train() keeps them
         grads = {}
         step = T.optimizer_step
 
@@ -78,6 +80,8 @@ WORKER = textwrap.dedent("""
                             lambda prompts: adapter.encode_prompts(prompts))
         result = T.train_step(parts, 0)
         T.optimizer_step = step
+        ema.update()
+        shadow = fsdp.full_state(ema.shadow)
         weights = T.trained_state(denoiser)
         state = fsdp.optimizer_state(denoiser, optimizer)
 
@@ -108,6 +112,7 @@ WORKER = textwrap.dedent("""
             save_file({k: v.contiguous() for k, v in weights.items()}, out / f"{model}-weights.safetensors")
             exp_avg = {n: s["exp_avg"].contiguous() for n, s in state["state"].items()}
             save_file(exp_avg, out / f"{model}-exp_avg.safetensors")
+            save_file({k: v.contiguous() for k, v in shadow.items()}, out / f"{model}-ema.safetensors")
             T._save_state(denoiser, weights, out / f"{model}-transformer")  # the run's final weights
     (out / f"report-{rank}.json").write_text(json.dumps(report))
 """)
@@ -118,12 +123,14 @@ def config(model: str):
     return validate(load_config(None, [f"model={model}", *OVERRIDES]))
 
 
-def single_process_step(model: str) -> tuple[dict, dict, dict, float]:
-    """(gradient, weights, AdamW exp_avg, grad norm) of the step taken by one process over both ranks' batches."""
+def single_process_step(model: str) -> tuple[dict, dict, dict, float, dict]:
+    """(gradient, weights, AdamW exp_avg, grad norm, weights before) of the step taken by one process over both ranks'
+    batches."""
     cfg = config(model)
     torch.manual_seed(cfg.train.seed)
     adapter = T.build_adapter(cfg, torch.device("cpu"), torch.float32)
     adapter.denoiser.requires_grad_(True)
+    before = {k: v.clone() for k, v in lora.trainable_state(adapter.denoiser).items()}
     method = get_method(cfg.method, **cfg.method_options)
     s = cfg.sampling
     for rank in range(WORLD):
@@ -141,7 +148,7 @@ def single_process_step(model: str) -> tuple[dict, dict, dict, float]:
                                   weight_decay=t.weight_decay)
     optimizer.step()
     exp_avg = {n: optimizer.state[p]["exp_avg"] for n, p in params.items()}
-    return grads, lora.trainable_state(adapter.denoiser), exp_avg, float(norm)
+    return grads, lora.trainable_state(adapter.denoiser), exp_avg, float(norm), before
 
 
 def _relative(got: dict, want: dict) -> float:
@@ -175,16 +182,19 @@ def test_one_sharded_step_equals_the_single_process_step(sharded_run, model):
         full = per_rank[0][2]
         assert sum(local[0] for _, local, _ in per_rank) == full[0]
         assert all(local[1:] == full[1:] for _, local, _ in per_rank)
-    assert sum(all(local[0] < full[0] for _, local, full in per_rank) for per_rank in zip(*shards)) > 0.9 * len(shards[0])
+    split = sum(all(local[0] < full[0] for _, local, full in per_rank) for per_rank in zip(*shards))
+    assert split > 0.9 * len(shards[0])  # all but the few parameters smaller than two rows
 
-    grads, weights, exp_avg, norm = single_process_step(model)
-    got = {name: load_file(out / f"{model}-{name}.safetensors") for name in ("grads", "weights", "exp_avg")}
-    print(model, "relative errors: grads", _relative(got["grads"], grads), "exp_avg", _relative(got["exp_avg"], exp_avg),
-          "norm", norm, reports[0][model]["grad_norm"])
+    grads, weights, exp_avg, norm, before = single_process_step(model)
+    got = {name: load_file(out / f"{model}-{name}.safetensors") for name in ("grads", "weights", "exp_avg", "ema")}
+    print(model, "relative errors: grads", _relative(got["grads"], grads), "exp_avg",
+          _relative(got["exp_avg"], exp_avg), "norm", norm, reports[0][model]["grad_norm"])
     assert _relative(got["grads"], grads) < 1e-5
     assert norm > 0.002 and abs(reports[0][model]["grad_norm"] - norm) < 1e-5 * norm  # the clip was active
     assert _relative(got["exp_avg"], exp_avg) < 1e-5
     assert got["weights"].keys() == weights.keys()
+    decay = config(model).train.ema_decay  # EMA: its sharded shadows moved a tenth of the way, as whole ones would
+    assert _relative(got["ema"], {k: before[k] + (1 - decay) * (got["weights"][k] - before[k]) for k in before}) < 1e-6
     cls = type(T.build_adapter(config(model), torch.device("cpu"), torch.float32).denoiser)
     loaded, info = cls.from_pretrained(out / f"{model}-transformer", output_loading_info=True)  # train()'s final files
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -197,3 +207,25 @@ def test_one_sharded_step_equals_the_single_process_step(sharded_run, model):
     gaps = [(got["weights"][k] - weights[k])[clear[k]].abs() for k in clear]
     print("largest weight gap where the gradient is clear of eps", max(float(g.max()) for g in gaps if g.numel()))
     assert max(float(g.max()) for g in gaps if g.numel()) < 1e-6
+
+
+def test_what_fsdp_does_not_serve_is_refused_before_any_model_loads():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from tuner import fsdp
+    from tuner.config import ConfigError
+
+    fsdp2 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True)
+    fsdp.check_config(config("tiny-sd3"), fsdp2)  # a full fine-tune: served
+    fsdp.check_config(validate(load_config(None, ["model=tiny-sd3"])), SimpleNamespace(
+        distributed_type=DistributedType.MULTI_GPU, is_fsdp2=False))  # not FSDP: nothing to refuse
+    refusals = {"fsdp_version: 2": (config("tiny-sd3"), SimpleNamespace(distributed_type=DistributedType.FSDP,
+                                                                          is_fsdp2=False)),
+                "full_finetune=true": (validate(load_config(None, ["model=tiny-sd3"])), fsdp2),
+                "guards.kl_weight": (validate(load_config(None, [f"model={MODELS[0]}", *OVERRIDES,
+                                                                 "guards.kl_weight=0.1"])), fsdp2)}
+    for message, (cfg, accelerator) in refusals.items():
+        with pytest.raises(ConfigError, match=message):
+            fsdp.check_config(cfg, accelerator)

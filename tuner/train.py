@@ -5,7 +5,8 @@
         -> skip if non-finite -> clip -> optimizer step -> EMA -> log -> eval gallery -> checkpoint
 
 One process per GPU (accelerate); gradients are all-reduced once per optimizer step (under FSDP, reduce-scattered at
-each backward: tuner/fsdp.py); only the main process logs and saves. `train_step` is one optimizer step (benchmarks/multi_gpu.py times it as is).
+each backward: tuner/fsdp.py); only the main process logs and saves. `train_step` is one optimizer step
+(benchmarks/multi_gpu.py times it as is).
 On CPU with deterministic ops a resumed run reaches the same weights as an uninterrupted one: every
 random draw comes from saved generators or from (seed, step, rank).
 """
@@ -356,7 +357,8 @@ def train_step(parts: StepParts, step: int) -> StepResult:
             outs.append(engine.reward_backward(
                 parts.adapter, plans[-1], cond, parts.reward, prompts, height=s.height, width=s.width,
                 guidance_scale=s.guidance_scale, generator=gen, loss_scale=loss_scale,
-                no_sync=lambda: fsdp.deferred_sync(acc, denoiser), eta=s.eta, step_hook=parts.step_hook, step_term=parts.penalty))
+                no_sync=lambda: fsdp.deferred_sync(acc, denoiser), eta=s.eta, step_hook=parts.step_hook,
+                step_term=parts.penalty))
     extra = {}
     if parts.penalty is not None:
         extra["kl_penalty"] = parts.penalty.pop() / t.grad_accum
@@ -542,7 +544,6 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     penalty = BasePenalty.for_denoiser(g.kl_weight, denoiser, t.full_finetune) if g.kl_weight > 0 else None
     if t.compile:
         adapter.compile()  # after the LoRA exists: its layers are part of the compiled blocks
-    step_hook = make_step_hook(params) if make_step_hook is not None else None
     reward = reward_fn if reward_fn is not None else build_reward(cfg, device)
     train_prompts, eval_prompts = load_prompt_sets(cfg.prompts)
     if g.select_every:
@@ -559,6 +560,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
         scaler.scale(torch.ones((), device=device))  # creates the scale; the engine applies it through loss_scale
     adapter.denoiser, optimizer, params = prepare_denoiser(accelerator, denoiser, optimizer)
     sharded = fsdp.is_sharded(denoiser)  # FSDP2 shards in place: denoiser is the sharded module
+    step_hook = make_step_hook(params) if make_step_hook is not None else None
     evaluates = main or sharded  # a sharded forward needs every process
     ema = EMA(lora.trainable_parameters(denoiser), t.ema_decay) if t.ema_decay > 0 else None
     gen = rank_generator(t.seed, rank)
