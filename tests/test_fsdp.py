@@ -77,7 +77,8 @@ WORKER = textwrap.dedent("""
         parts = T.StepParts(cfg, accelerator, adapter, T.get_method(cfg.method, **cfg.method_options),
                             ToyReward(1, torch.float32), sampler, optimizer, None, params,
                             T.rank_generator(cfg.train.seed, rank), T.make_autocast(torch.device("cpu"), "no"),
-                            lambda prompts: adapter.encode_prompts(prompts))
+                            lambda prompts: adapter.encode_prompts(prompts),
+                            plans_from=lambda step, micro: T.plan_generator(cfg.train.seed, step, micro))
         result = T.train_step(parts, 0)
         T.optimizer_step = step
         ema.update()
@@ -117,6 +118,33 @@ WORKER = textwrap.dedent("""
     (out / f"report-{rank}.json").write_text(json.dumps(report))
 """)
 
+TRAIN_WORKER = textwrap.dedent("""
+    import sys
+    import torch
+    torch.set_num_threads(1)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    import tuner.train as T
+    from tuner import lora
+    from tuner.config import load_config, validate
+
+    def prepare_sharded(accelerator, denoiser, optimizer):  # what accelerate's FSDP2 plugin does on accelerators
+        mesh = init_device_mesh("cpu", (accelerator.num_processes,))
+        for block in denoiser.modules():
+            if type(block).__name__ in denoiser._no_split_modules:
+                fully_shard(block, mesh=mesh)
+        fully_shard(denoiser, mesh=mesh)
+        params = list(lora.trainable_parameters(denoiser).values())
+        optimizer.param_groups[0]["params"] = params  # the sharded parameters, as the plugin swaps them in
+        return denoiser, optimizer, params
+
+    T.prepare_denoiser = prepare_sharded
+    out, common = sys.argv[1], sys.argv[2:]
+    for extra in (["name=whole", "train.steps=2"], ["name=cut", "train.steps=1"],
+                  ["name=cut", "train.steps=2", "resume=latest"]):
+        T.train(validate(load_config(None, [f"output_dir={out}", *common, *extra])))
+""")
+
 
 def config(model: str):
     """The run both sides take."""
@@ -135,8 +163,8 @@ def single_process_step(model: str) -> tuple[dict, dict, dict, float, dict]:
     s = cfg.sampling
     for rank in range(WORLD):
         prompts = PromptSampler(PROMPTS, 1, rank=rank, world_size=WORLD, seed=cfg.train.seed).batch(0)
-        generator = T.rank_generator(cfg.train.seed, rank)
-        plan = method.plan(s.num_steps, generator)
+        generator = T.rank_generator(cfg.train.seed, rank)  # each rank's noise, the plan all ranks share
+        plan = method.plan(s.num_steps, T.plan_generator(cfg.train.seed, 0, 0))
         engine.reward_backward(adapter, plan, adapter.encode_prompts(prompts), ToyReward(1, torch.float32), prompts,
                                height=s.height, width=s.width, guidance_scale=s.guidance_scale, generator=generator,
                                loss_scale=1 / WORLD)
@@ -161,14 +189,19 @@ def _relative(got: dict, want: dict) -> float:
 def sharded_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     (out / "worker.py").write_text(WORKER)
+    _launch(out / "worker.py", str(out), *MODELS)
+    return out, [json.loads((out / f"report-{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _launch(worker: Path, *args: str) -> None:
+    """Run `worker` on WORLD CPU processes (gloo) with torchrun."""
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           str(out / "worker.py"), str(out), *MODELS]
+           str(worker), *args]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return out, [json.loads((out / f"report-{r}.json").read_text()) for r in range(WORLD)]
 
 
 @pytest.mark.usefixtures("single_thread")
@@ -229,3 +262,33 @@ def test_what_fsdp_does_not_serve_is_refused_before_any_model_loads():
     for message, (cfg, accelerator) in refusals.items():
         with pytest.raises(ConfigError, match=message):
             fsdp.check_config(cfg, accelerator)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_sharded_run_saves_resumes_and_writes_a_loadable_transformer(tmp_path):
+    """train() itself on two sharded processes: evaluation on every rank, checkpoints gathered whole (right after an
+    evaluation too), a run cut at step 1 and resumed ends on the weights (EMA applied) of the run never cut."""
+    from diffusers import SD3Transformer2DModel
+
+    from tuner import checkpoint as ckpt
+
+    (tmp_path / "worker.py").write_text(TRAIN_WORKER)
+    common = ["model=tiny-sd3", *OVERRIDES, "reward=symmetry", "train.lr=1e-2", "checkpoint.every=1",
+              "checkpoint.keep=5", "log.progress=false", "log.tensorboard=false", "log.eval_every=1",
+              "prompts.num_eval=2"]
+    _launch(tmp_path / "worker.py", str(tmp_path), *common)
+    whole, cut = (tmp_path / name for name in ("whole", "cut"))
+    assert json.loads((cut / "summary.json").read_text())["resumed_from_step"] == 1
+    assert json.loads((whole / "summary.json").read_text())["processes"] == WORLD
+    assert (whole / "gallery" / "step-00000001.png").is_file()
+    for step in (1, 2):
+        a, b = (ckpt.read_tensors(run / "checkpoints" / f"step-{step:08d}", "trainable.safetensors")
+                for run in (whole, cut))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ckpt.read_state(cut / "checkpoints" / "step-00000001", "optimizer.pt")["sharded"]
+    first = ckpt.read_tensors(whole / "checkpoints" / "step-00000001", "trainable.safetensors")
+    assert any(not torch.equal(first[k], a[k]) for k in a)  # training moved the weights
+    loaded = [dict(SD3Transformer2DModel.from_pretrained(run / "transformer").named_parameters()) for run in (whole, cut)]
+    assert all(torch.equal(loaded[0][k], loaded[1][k]) for k in loaded[0])
+    ema = ckpt.read_tensors(whole / "checkpoints" / "step-00000002", "ema.safetensors")
+    assert all(torch.equal(loaded[0][k], ema[k]) for k in ema)  # the final weights are the EMA's

@@ -7,7 +7,9 @@ optimizer's parameters for the sharded ones. Then every parameter is a DTensor h
 - every backward reduce-scatters its gradients at once (`deferred_sync` defers nothing), so gradients stay sharded;
   deferring as DDP does would keep a full, unsharded gradient on every process until the last backward;
 - a forward gathers each block's weights from all processes, so every process runs the evaluation calls together
-  (the main one alone would wait forever);
+  (the main one alone would wait forever), and reshards after them (`reshard`);
+- every process calls the denoiser as many times at each step, so the ranks share each step's plan (trained steps,
+  early stop; tuner.train.plan_generator), while prompts and noise stay each rank's own;
 - checkpoints and the final weights hold the full tensors, gathered here (all processes call) and written by the
   main process; a resumed run scatters them back.
 """
@@ -24,6 +26,14 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether the module's parameters are sharded (FSDP2 DTensors)."""
     return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def reshard(module: torch.nn.Module) -> None:
+    """Put a sharded module's weights back into their shards after forwards with no backward (evaluation): FSDP2
+    keeps the root unit's weights gathered after a forward, awaiting a backward that will not come, and until they
+    are resharded the module's parameters are not the ones the optimizer holds."""
+    if is_sharded(module) and hasattr(module, "reshard"):
+        module.reshard()
 
 
 def deferred_sync(accelerator, module: torch.nn.Module):

@@ -206,6 +206,7 @@ def evaluate(adapter, denoiser, conds, prompts: list[str], reward, cfg: Config,
                                         guidance_scale=s.guidance_scale, eta=s.eta).float()
     finally:
         adapter.denoiser, adapter.fp8 = trained, fp8
+        fsdp.reshard(denoiser)
     with autocast():
         scores = reward(images, prompts).float()
     parts = {f"eval/reward/{k}": float(v.float().mean()) for k, v in getattr(reward, "last_parts", {}).items()}
@@ -289,6 +290,12 @@ def prepare_denoiser(accelerator: Accelerator, denoiser: torch.nn.Module, optimi
     return wrapped, optimizer, [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def plan_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The generator a sharded (FSDP) run draws the plan of (step, micro-batch) from, the same on every process: a
+    sharded forward is a collective, so every process must call the denoiser as many times, at the same early stop."""
+    return torch.Generator().manual_seed(_seed(seed, step, micro, 3))
+
+
 def rank_generator(seed: int, rank: int) -> torch.Generator:
     """Seed torch's global streams for this rank and return its training generator: from here on, every rank
     draws its own samples."""
@@ -315,6 +322,8 @@ class StepParts:
     step_hook: Callable[[int], None] | None = None
     penalty: BasePenalty | None = None  # guards.kl_weight: the engine's step term
     pretrain: Callable[[int, int], torch.Tensor] | None = None  # guards.pretrain_weight: (step, micro) -> loss
+    # FSDP: (step, micro) -> the generator of that micro-batch's plan, shared by the ranks; None: each rank's own
+    plans_from: Callable[[int, int], torch.Generator] | None = None
 
 
 @dataclasses.dataclass
@@ -345,7 +354,8 @@ def train_step(parts: StepParts, step: int) -> StepResult:
     for micro in range(t.grad_accum):
         prompts = parts.sampler.batch(step, micro)
         cond = parts.conditioning(prompts)
-        plans.append(parts.method.plan(s.num_steps, gen))
+        plan_gen = gen if parts.plans_from is None else parts.plans_from(step, micro)
+        plans.append(parts.method.plan(s.num_steps, plan_gen))
         if parts.pretrain is not None:  # its own graph, built and freed before the reward's
             with fsdp.deferred_sync(acc, denoiser), parts.autocast():
                 loss = parts.pretrain(step, micro)
@@ -626,8 +636,10 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
             run_selection(0)  # the base model is a candidate too
 
     # --- the loop
+    shared_plans = (lambda step, micro: plan_generator(t.seed, step, micro)) if sharded else None
     step_parts = StepParts(cfg, accelerator, adapter, method, train_reward, sampler, optimizer, scaler, params, gen,
-                           autocast, conditioning, step_hook, penalty, pretrain_loss(cfg, adapter, rank, world))
+                           autocast, conditioning, step_hook, penalty, pretrain_loss(cfg, adapter, rank, world),
+                           shared_plans)
     bar = tqdm(total=t.steps, initial=start, disable=not (main and cfg.log.progress), desc=f"{cfg.method}")
     last, t_start, stopped_at = {}, time.perf_counter(), None
     for step in range(start, t.steps):
