@@ -98,23 +98,24 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 def check_config(cfg, accelerator) -> None:
     """Refuse, before any model loads, what FSDP does not serve here: LoRA (it fits one GPU: run DDP), FSDP1, and
-    the guards whose main-process-only passes or frozen full copy the sharded loop does not support yet."""
+    what the sharded loop does not support yet."""
     from tuner.config import ConfigError
 
     if getattr(accelerator, "distributed_type", None) is None or accelerator.distributed_type.name != "FSDP":
         return
     if not accelerator.is_fsdp2:
         raise ConfigError("the tuner runs FSDP2 only: set fsdp_version: 2 in the accelerate config "
-                          "(tuner/configs/accelerate_fsdp2.yaml)")
+                          "(tuner/configs/accelerate/fsdp2.yaml)")
     if not cfg.train.full_finetune:
         raise ConfigError("FSDP shards a full fine-tune (train.full_finetune=true); a LoRA run fits one GPU: launch it "
                           "without the FSDP config (DDP), or set train.full_finetune=true")
-    g = cfg.guards
+    g, t = cfg.guards, cfg.train
     unsupported = {"guards.kl_weight": g.kl_weight > 0, "guards.select_every": bool(g.select_every),
-                   "guards.normalize": g.normalize != "none", "train.compile": cfg.train.compile,
-                   "train.fp8_sampling": cfg.train.fp8_sampling}
+                   "guards.normalize": g.normalize != "none", "train.compile": t.compile,
+                   "train.fp8_sampling": t.fp8_sampling, "train.memory=low": t.memory == "low"}
     named = [k for k, on in unsupported.items() if on]
     if named:
         raise ConfigError(f"{', '.join(named)}: not supported under FSDP yet (the KL penalty's frozen copy would be "
-                          f"whole on every process; selection and normalisation sample on the main process alone); "
-                          f"turn them off or run without the FSDP config")
+                          "whole on every process; selection and normalisation sample on the main process alone; "
+                          "low-memory mode and compile are untested with sharding: train.gradient_checkpointing=true "
+                          "saves the activations instead); turn them off or run without the FSDP config")
