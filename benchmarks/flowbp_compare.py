@@ -330,7 +330,8 @@ def _timed(step, iters: int, device: str) -> dict:
     return {"s_per_step": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0}
 
 
-def compare(fb, args: argparse.Namespace, out: Path, iters: int, ours_checkpointing: list[str], smoke: bool) -> dict:
+def compare(fb, args: argparse.Namespace, out: Path, iters: int, ours_checkpointing: list[str], smoke: bool,
+            weights: Path | None = None) -> dict:
     """Time FlowBP's step, then ours (from the same initial weights and plans); write flowbp_compare.json / .md."""
     import torch.distributed as dist
 
@@ -353,7 +354,7 @@ def compare(fb, args: argparse.Namespace, out: Path, iters: int, ours_checkpoint
 
         pipe = tiny_sd3_pipeline(0)
         with tiny_architectures():
-            hps = out / ".weights" / "tiny" / ck.HPS_FILE
+            hps = (weights or out / ".weights") / "tiny" / ck.HPS_FILE
             if not hps.is_file():
                 ck.write_hps(hps, "ViT-H-14", seed=0)
             reward = rewards.load("hpsv2.1", checkpoint=hps, device=device)
@@ -361,7 +362,7 @@ def compare(fb, args: argparse.Namespace, out: Path, iters: int, ours_checkpoint
         from benchmarks.flow_models import random_pipeline
 
         pipe = random_pipeline("sd35", dtype=torch.float32)
-        hps = out / ".weights" / "full" / ck.HPS_FILE
+        hps = (weights or out / ".weights") / "full" / ck.HPS_FILE
         if not hps.is_file():
             ck.write_hps(hps, "ViT-H-14", seed=0)
         reward = rewards.load("hpsv2.1", checkpoint=hps, device=device)
@@ -447,6 +448,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--flowbp", type=Path, default=Path(".flowbp"), help="FlowBP's source folder (git-ignored)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/flowbp"))
     ap.add_argument("--iters", type=int, default=3, help="timed optimizer steps per side, after one warm-up")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="folder for the random HPSv2.1 checkpoint, reused by later runs (default: --out/.weights)")
     ap.add_argument("--ours-checkpointing", nargs="+", choices=["on", "off"], default=["on", "off"])
     ap.add_argument("--check-only", action="store_true", help="the tiny-model gradient check alone")
     ap.add_argument("--smoke", action="store_true", help="tiny SD3 on the CPU, batch 2, 64 px, T=6: checks the script")
@@ -459,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.check_only:
         small = dict(h=64, w=64, rollout_steps=6, sampling_steps=6, train_batch_size=2) if args.smoke else {}
         settings = flowbp_settings(fb, **small)
-        result.update(compare(fb, settings, args.out, args.iters, args.ours_checkpointing, args.smoke))
+        result.update(compare(fb, settings, args.out, args.iters, args.ours_checkpointing, args.smoke, args.weights))
         result["meta"]["gradient_check"] = check
         _write(args.out, result["meta"], result["rows"])
         print(json.dumps(result["rows"], indent=1), flush=True)
