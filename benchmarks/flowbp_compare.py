@@ -6,7 +6,7 @@ an early stop drawn in the last 40% of the chain, CFG 3.5, batch 8, fp32 master 
 FlowBP (arXiv 2606.11075, Apache-2.0, github.com/RuoyuWang-2077/FlowBP) is not a dependency and is never committed
 here: give its source folder (`--flowbp .flowbp`, git-ignored; docs/benchmarks.md says how to fill it).
 
-    python -m benchmarks.flowbp_compare --flowbp .flowbp --out benchmarks/results/flowbp     # one GPU
+    python -m benchmarks.flowbp_compare --flowbp .flowbp --flops --out benchmarks/results/flowbp     # one GPU
     python -m benchmarks.flowbp_compare --flowbp .flowbp --check-only                      # the gradient check alone
 
 What runs on each side, one optimizer step at a time, timed after a warm-up step:
@@ -331,8 +331,9 @@ def _timed(step, iters: int, device: str) -> dict:
 
 
 def compare(fb, args: argparse.Namespace, out: Path, iters: int, ours_checkpointing: list[str], smoke: bool,
-            weights: Path | None = None) -> dict:
-    """Time FlowBP's step, then ours (from the same initial weights and plans); write flowbp_compare.json / .md."""
+            weights: Path | None = None, flops: bool = False) -> dict:
+    """Time our step, then FlowBP's (from the same initial weights and plans), and with `flops` count one more step's
+    FLOPs on each side (the same plan); write flowbp_compare.json / .md after each row."""
     import torch.distributed as dist
 
     import rewards
@@ -374,12 +375,13 @@ def compare(fb, args: argparse.Namespace, out: Path, iters: int, ours_checkpoint
     adapter.offload_text_encoders()
     vae_bf16 = copy.deepcopy(adapter.vae).to(torch.bfloat16)  # FlowBP decodes with a bf16 VAE
     base = {k: v.detach().cpu().clone() for k, v in adapter.denoiser.state_dict().items()}
-    plans = flowbp_plans(fb, args, iters + 1)
+    plans = flowbp_plans(fb, args, iters + 1 + int(flops))
     rows, meta = {}, _meta(args, device, iters, smoke)
 
     for setting in ours_checkpointing:
         adapter.denoiser.load_state_dict(base)
-        row = timed(our_step(args, adapter, reward, cond, prompts, plans, device, setting == "on"), iters, device)
+        step = our_step(args, adapter, reward, cond, prompts, plans, device, setting == "on")
+        row = _counted(step, timed(step, iters, device), flops)
         rows[f"ours (engine), checkpointing {setting}"] = _per_image(row, args.train_batch_size)
         _write(out, meta, rows)
         adapter.denoiser.zero_grad(set_to_none=True)
@@ -392,11 +394,20 @@ def compare(fb, args: argparse.Namespace, out: Path, iters: int, ours_checkpoint
     their_cond = cond.to(dtype=torch.bfloat16) if smoke else cond  # smoke: bf16 weights take bf16 inputs
     step, drawn = flowbp_step(fb, args, transformer, vae_bf16, adapter.scheduler.config, reward, their_cond, prompts,
                               device)
-    row = timed(step, iters, device)
+    row = _counted(step, timed(step, iters, device), flops)
     row["same_plans_as_ours"] = drawn == plans
     rows["FlowBP (its DRTune step)"] = _per_image(row, args.train_batch_size)
     _write(out, meta, rows)
     return {"meta": meta, "rows": rows}
+
+
+def _counted(step, row: dict, flops: bool) -> dict:
+    """The row, with the FLOPs of one more step as torch's flop counter counts them (unless it ran out of memory)."""
+    if flops and not row.get("oom"):
+        from benchmarks.tuner_methods import count_flops
+
+        row["tflop_per_step"] = count_flops(step) / 1e12
+    return row
 
 
 def _per_image(row: dict, batch: int) -> dict:
@@ -434,12 +445,14 @@ def _write(out: Path, meta: dict, rows: dict) -> None:
     lines = [f"{meta['device']}, torch {meta['torch']}, diffusers {meta['diffusers']}; {meta['model']}; "
              f"{s['h']} px, T={s['rollout_steps']}, K={s['drtune_num_train_steps']}, CFG {s['cfg_guidance']}, "
              f"batch {s['train_batch_size']}, EMA {s['ema_decay']}; {meta['flowbp']}; {meta['date']}", "",
-             "| side | images / s | s / step | peak GiB |", "|---|---|---|---|"]
+             "| side | images / s | s / step | peak GiB | TFLOP / step (counted) |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         if r.get("oom"):
-            lines.append(f"| {name} | OOM | OOM | OOM |")
+            lines.append(f"| {name} | OOM | OOM | OOM | |")
         else:
-            lines.append(f"| {name} | {r['images_per_s']:.2f} | {r['s_per_step']:.2f} | {r['peak_gib']:.1f} |")
+            counted = f"{r['tflop_per_step']:.1f}" if "tflop_per_step" in r else ""
+            lines.append(f"| {name} | {r['images_per_s']:.2f} | {r['s_per_step']:.2f} | {r['peak_gib']:.1f} | "
+                         f"{counted} |")
     (out / "flowbp_compare.md").write_text("\n".join(lines) + "\n")
 
 
@@ -451,6 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--weights", type=Path, default=None,
                     help="folder for the random HPSv2.1 checkpoint, reused by later runs (default: --out/.weights)")
     ap.add_argument("--ours-checkpointing", nargs="+", choices=["on", "off"], default=["on", "off"])
+    ap.add_argument("--flops", action="store_true", help="count one more step's FLOPs on each side (same plan)")
     ap.add_argument("--check-only", action="store_true", help="the tiny-model gradient check alone")
     ap.add_argument("--smoke", action="store_true", help="tiny SD3 on the CPU, batch 2, 64 px, T=6: checks the script")
     args = ap.parse_args(argv)
@@ -462,7 +476,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.check_only:
         small = dict(h=64, w=64, rollout_steps=6, sampling_steps=6, train_batch_size=2) if args.smoke else {}
         settings = flowbp_settings(fb, **small)
-        result.update(compare(fb, settings, args.out, args.iters, args.ours_checkpointing, args.smoke, args.weights))
+        result.update(compare(fb, settings, args.out, args.iters, args.ours_checkpointing, args.smoke, args.weights,
+                              args.flops))
         result["meta"]["gradient_check"] = check
         _write(args.out, result["meta"], result["rows"])
         print(json.dumps(result["rows"], indent=1), flush=True)
