@@ -384,6 +384,7 @@ def compare(fb, args: argparse.Namespace, out: Path, iters: int, ours_checkpoint
         row = _counted(step, timed(step, iters, device), flops)
         rows[f"ours (engine), checkpointing {setting}"] = _per_image(row, args.train_batch_size)
         _write(out, meta, rows)
+        del step  # its AdamW moments and EMA shadows go before the next side is built
         adapter.denoiser.zero_grad(set_to_none=True)
         _free(device)
 
