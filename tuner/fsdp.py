@@ -2,7 +2,8 @@
 the denoiser's weights, gradients and optimizer state are sharded over the processes.
 
 accelerate shards the denoiser block by block (tuner/configs/accelerate/fsdp2.yaml: the model's _no_split_modules)
-and swaps the optimizer's parameters for the sharded ones. Then every parameter is a DTensor holding 1/N of the weight, and:
+and swaps the optimizer's parameters for the sharded ones. Then every parameter is a DTensor holding 1/N of the
+weight, and:
 
 - every backward reduce-scatters its gradients at once (`deferred_sync` defers nothing), so gradients stay sharded;
   deferring as DDP does would keep a full, unsharded gradient on every process until the last backward;
