@@ -2,12 +2,20 @@
 
     python -m benchmarks.flow_tuning --model flux --batches 1 2 --compare-batch 1 --flops --out benchmarks/results/flow
     python -m benchmarks.flow_tuning --model sd35 --batches 2 4 6 --compare-batch 2 --out benchmarks/results/flow
+    python -m benchmarks.flow_tuning --model sd35 --full-finetune --batches 1 2 --checkpointing off on \
+        --out benchmarks/results/flow
     python -m benchmarks.flow_tuning --smoke --out /tmp/flow      # tiny pipelines on the CPU: checks the script
 
 Every row is one optimizer step's gradient (sampling, decode, HPSv2.1 reward, backward) of a fixed plan, timed after a
 warm-up, with the peak CUDA memory over the timed steps. The reward is HPSv2.1 (open_clip ViT-H-14, random weights in
 the official checkpoint format, loaded through rewards.load, fp32 weights under bf16 autocast as tuner.train runs
 it). The LoRA (rank 64) sits on the attention projections of both streams, as train does by default.
+
+`--full-finetune` times full fine-tuning instead, as tuner.train runs it with train.full_finetune=true: every
+transformer weight trained, the whole pipeline in fp32 (master weights) under bf16 autocast, torch's AdamW (fp32
+moments), the optimizer step, gradient clipping and zeroing inside the timed step; each batch size with the
+transformer's own gradient checkpointing off and / or on (`--checkpointing`; the engine keeps one trained call's
+graph alive either way). Rows go to flow_tuning-<model>-full.json / .md.
 
 Side by side with each engine row, a plain autograd implementation of the same gradient (`naive_step`): every
 gradient-free call under no_grad, every trained call checkpointed whole (torch.utils.checkpoint), the chain's
@@ -97,6 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/flow"))
     ap.add_argument("--weights", type=Path, default=None,
                     help="folder for the random HPSv2.1 checkpoint, reused by later runs (default: --out/.weights)")
+    ap.add_argument("--full-finetune", action="store_true",
+                    help="full fine-tuning (fp32 weights, bf16 autocast, AdamW step timed) instead of the LoRA rows")
+    ap.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"],
+                    help="with --full-finetune: the transformer's gradient checkpointing in these rows")
+    ap.add_argument("--lr", type=float, default=1e-5, help="with --full-finetune: AdamW's learning rate")
     ap.add_argument("--smoke", action="store_true", help="tiny pipelines and reward on the CPU; measures nothing")
     args = ap.parse_args(argv)
     args.steps = args.steps or (6 if args.smoke else MODELS[args.model]["steps"])
@@ -106,9 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace, device: str):
-    """(adapter with a LoRA, HPSv2.1 reward, autocast factory) for the run's model."""
+    """(adapter with a LoRA, or fully trainable under --full-finetune; HPSv2.1 reward; autocast factory)."""
     from benchmarks import checkpoints as ck
 
+    full = args.full_finetune
     if args.smoke:
         from tuner.pipelines import TINY_PIPELINES
 
@@ -116,9 +130,13 @@ def build(args: argparse.Namespace, device: str):
     else:
         from benchmarks.flow_models import random_pipeline
 
-        pipe, dtype = random_pipeline(args.model), torch.bfloat16
+        dtype = torch.float32 if full else torch.bfloat16  # tuner.train: fp32 master weights for a full fine-tune
+        pipe = random_pipeline(args.model, dtype=dtype)
     adapter = adapter_from_pipeline(pipe, device=device, dtype=dtype)
-    add_lora(adapter.denoiser, rank=args.lora_rank, alpha=args.lora_rank, target_modules=list(adapter.lora_targets))
+    if full:
+        adapter.denoiser.requires_grad_(True).train()
+    else:
+        add_lora(adapter.denoiser, rank=args.lora_rank, alpha=args.lora_rank, target_modules=list(adapter.lora_targets))
     hps = (args.weights or Path(args.out) / ".weights") / ("tiny" if args.smoke else "full") / ck.HPS_FILE
     if not hps.is_file():
         ck.write_hps(hps, "ViT-H-14", seed=0)
@@ -142,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     with context:
         adapter, reward, autocast = build(args, device)
     params = [p for p in adapter.denoiser.parameters() if p.requires_grad]
+    if args.full_finetune:
+        full_finetune_rows(args, adapter, reward, autocast, params, device)
+        return
     batches = sorted(set(args.batches + ([args.compare_batch] if args.compare_batch else [])))
     cond = adapter.encode_prompts([PROMPT] * max(batches))  # encoded once; the text encoders then leave the GPU
     adapter.offload_text_encoders()
@@ -183,6 +204,62 @@ def main(argv: list[str] | None = None) -> None:
         meta["tflop_drtune_step_per_image"] = count_flops(step("engine", cases["drtune K=5"], 1)) / 1e12
         meta["floor_s_per_image"] = meta["tflop_drtune_step_per_image"] / peak if peak else None
         write(args.out, args.model, meta, rows)
+
+
+def full_finetune_rows(args, adapter, reward, autocast, params: list, device: str) -> None:
+    """Time full fine-tuning steps (gradient, clip, AdamW step, zeroing) at each batch size and checkpointing
+    setting; writes flow_tuning-<model>-full.json / .md after each row."""
+    cond = adapter.encode_prompts([PROMPT] * max(args.batches))
+    adapter.offload_text_encoders()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    plan = plans(args.steps)["drtune K=5"]
+    meta = _meta(args, adapter, device, None)
+    meta.update(lora_rank=None, optimizer=f"torch AdamW (lr {args.lr}, fp32 moments), clip 1.0, step inside the timing",
+                dtype="fp32 transformer and VAE (master weights), bf16 autocast, HPSv2.1 fp32 weights under bf16 "
+                      "autocast")
+    rows: dict = {}
+    for batch in args.batches:
+        for ckpt in args.checkpointing:
+            (adapter.denoiser.enable_gradient_checkpointing if ckpt == "on"
+             else adapter.denoiser.disable_gradient_checkpointing)()
+
+            def run(batch=batch):
+                kwargs = dict(height=args.resolution, width=args.resolution, guidance_scale=args.guidance,
+                              generator=torch.Generator(device).manual_seed(0))
+                with autocast():
+                    reward_backward(adapter, plan, cond[:batch], reward, [PROMPT] * batch, **kwargs)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            row = {"kind": "full", "plan": "drtune K=5", "batch": batch, "checkpointing": ckpt,
+                   "trained_steps": len(plan.trained), "stop": plan.stop, **_measured(run, args.iters)}
+            if row.get("s_per_iter") is not None:
+                row["s_per_image"] = row["s_per_iter"] / batch
+                row["fits_cap"] = row["peak_gib"] <= args.cap_gib
+            rows[f"full: drtune K=5 [batch {batch}, checkpointing {ckpt}]"] = row
+            print(row, flush=True)
+            write_full(args.out, args.model, meta, rows)
+
+
+def write_full(out: Path, model: str, meta: dict, rows: dict) -> None:
+    """flow_tuning-<model>-full.json and .md."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"flow_tuning-{model}-full.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    lines = [f"{meta['device']}, torch {meta['torch']}, diffusers {meta['diffusers']}; {meta['model']} "
+             f"({meta['transformer_params'] / 1e9:.2f}B parameters, all trained), {meta['resolution']} px, "
+             f"T={meta['steps']}, guidance {meta['guidance']}; {meta['dtype']}; {meta['optimizer']}; "
+             f"{meta['weights']}; {meta['date']}", "",
+             "| row | batch | gradient checkpointing | s / image | peak GiB |", "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if r.get("oom"):
+            lines.append(f"| {name} | {r['batch']} | {r['checkpointing']} | OOM | OOM |")
+        else:
+            lines.append(f"| {name} | {r['batch']} | {r['checkpointing']} | {r['s_per_image']:.2f} | "
+                         f"{r['peak_gib']:.1f} |")
+    (out / f"flow_tuning-{model}-full.md").write_text("\n".join(lines) + "\n")
 
 
 def _measured(fn, iters: int) -> dict:

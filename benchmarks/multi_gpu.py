@@ -119,7 +119,7 @@ def build_parts(args: argparse.Namespace, cfg: Config, accelerator) -> tuple[Ste
                             world_size=accelerator.num_processes, seed=t.seed)
     method = get_method(cfg.method, **cfg.method_options)
     optimizer = build_optimizer(params, cfg)
-    adapter.denoiser = prepare_denoiser(accelerator, unet)
+    adapter.denoiser, optimizer, params = prepare_denoiser(accelerator, unet, optimizer)
     gen = rank_generator(t.seed, accelerator.process_index)
     conditioning = prompt_conditioning(adapter, sampler, range(t.steps), cfg)
     parts = StepParts(cfg, accelerator, adapter, method, reward, sampler, optimizer, None, params, gen,

@@ -35,3 +35,16 @@ def test_script_smoke(tmp_path):
     assert {r["kind"] for r in result["rows"].values()} == {"engine", "naive"}
     assert all(r["s_per_image"] > 0 for r in result["rows"].values())
     assert "| engine: drtune K=5 [batch 1] |" in (tmp_path / "flow_tuning-flux.md").read_text()
+
+
+def test_full_finetune_smoke(tmp_path):
+    """--full-finetune: every weight trained and stepped by AdamW, one row per batch and checkpointing setting."""
+    main(["--smoke", "--model", "sd35", "--full-finetune", "--batches", "1", "--out", str(tmp_path),
+          "--weights", str(tmp_path / "w")])
+    result = json.loads((tmp_path / "flow_tuning-sd35-full.json").read_text())
+    rows = result["rows"]
+    assert [(r["batch"], r["checkpointing"]) for r in rows.values()] == [(1, "off"), (1, "on")]
+    assert all(r["kind"] == "full" and r["s_per_image"] > 0 for r in rows.values())
+    assert result["meta"]["lora_rank"] is None and "AdamW" in result["meta"]["optimizer"]
+    table = (tmp_path / "flow_tuning-sd35-full.md").read_text()
+    assert "| full: drtune K=5 [batch 1, checkpointing on] | 1 | on |" in table

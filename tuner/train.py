@@ -4,8 +4,9 @@
         prompts of this rank -> plan = method.plan(T, gen) -> engine.reward_backward(...) per micro-batch
         -> skip if non-finite -> clip -> optimizer step -> EMA -> log -> eval gallery -> checkpoint
 
-One process per GPU (accelerate); gradients are all-reduced once per optimizer step; only the main
-process logs and saves. `train_step` is one optimizer step (benchmarks/multi_gpu.py times it as is).
+One process per GPU (accelerate); gradients are all-reduced once per optimizer step (under FSDP, reduce-scattered at
+each backward: tuner/fsdp.py); only the main process logs and saves. `train_step` is one optimizer step
+(benchmarks/multi_gpu.py times it as is).
 On CPU with deterministic ops a resumed run reaches the same weights as an uninterrupted one: every
 random draw comes from saved generators or from (seed, step, rank).
 """
@@ -29,7 +30,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 from tqdm.auto import tqdm
 
 from tuner import checkpoint as ckpt
-from tuner import compile_cache, engine, lora, memory
+from tuner import compile_cache, engine, fsdp, lora, memory
 from tuner.config import Config, ConfigError, to_dict, validate
 from tuner.guards import augment as aug, normalize, pretrain, select
 from tuner.guards.penalty import BasePenalty
@@ -213,6 +214,7 @@ def evaluate(adapter, denoiser, conds, prompts: list[str], reward, cfg: Config,
                                         guidance_scale=s.guidance_scale, eta=s.eta).float()
     finally:
         adapter.denoiser, adapter.fp8 = trained, fp8
+        fsdp.reshard(denoiser)
     with autocast():
         scores = reward(images, prompts).float()
     parts = {f"eval/reward/{k}": float(v.float().mean()) for k, v in getattr(reward, "last_parts", {}).items()}
@@ -231,6 +233,7 @@ def optimizer_step(accelerator: Accelerator, optimizer, scaler, params: list[tor
     clip = max_grad_norm if max_grad_norm > 0 else float("inf")
     has_grads = any(p.grad is not None for p in params)
     norm = torch.nn.utils.clip_grad_norm_(params, clip) if has_grads else torch.zeros((), device=rewards.device)
+    norm = fsdp.full_tensor(norm)  # under FSDP a DTensor, already reduced over the processes
     values_bad = not (torch.isfinite(rewards).all() and math.isfinite(loss))
     local = torch.tensor([float(values_bad), float(not torch.isfinite(norm)), rewards.sum().item(), rewards.numel()],
                          device=rewards.device, dtype=torch.float64)
@@ -281,11 +284,24 @@ def add_trainable(denoiser: torch.nn.Module, cfg: Config, lora_targets: tuple[st
     return params
 
 
-def prepare_denoiser(accelerator: Accelerator, denoiser: torch.nn.Module) -> torch.nn.Module:
-    """The denoiser wrapped for this process group (DDP when there are several processes)."""
+def prepare_denoiser(accelerator: Accelerator, denoiser: torch.nn.Module, optimizer: torch.optim.Optimizer
+                     ) -> tuple[torch.nn.Module, torch.optim.Optimizer, list[torch.nn.Parameter]]:
+    """(denoiser wrapped for this process group, optimizer, trained parameters): DDP when there are several
+    processes; under accelerate's FSDP2 plugin the denoiser is sharded in place and the optimizer's parameters are
+    swapped for the sharded ones. The optimizer stays torch's own otherwise (the loop steps it itself)."""
+    if getattr(accelerator, "is_fsdp2", False):
+        denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+        return denoiser, optimizer, list(lora.trainable_parameters(denoiser).values())
     with warnings.catch_warnings():  # ranks run different numbers of forwards: buffers must never sync in forward
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-        return accelerator.prepare(denoiser)
+        wrapped = accelerator.prepare(denoiser)
+    return wrapped, optimizer, [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def plan_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The generator a sharded (FSDP) run draws the plan of (step, micro-batch) from, the same on every process: a
+    sharded forward is a collective, so every process must call the denoiser as many times, at the same early stop."""
+    return torch.Generator().manual_seed(_seed(seed, step, micro, 3))
 
 
 def rank_generator(seed: int, rank: int) -> torch.Generator:
@@ -314,6 +330,8 @@ class StepParts:
     step_hook: Callable[[int], None] | None = None
     penalty: BasePenalty | None = None  # guards.kl_weight: the engine's step term
     pretrain: Callable[[int, int], torch.Tensor] | None = None  # guards.pretrain_weight: (step, micro) -> loss
+    # FSDP: (step, micro) -> the generator of that micro-batch's plan, shared by the ranks; None: each rank's own
+    plans_from: Callable[[int, int], torch.Generator] | None = None
 
 
 @dataclasses.dataclass
@@ -361,19 +379,21 @@ def accumulate(parts: StepParts, step: int) -> tuple[list[engine.StepOutput], li
     for micro in range(t.grad_accum):
         prompts = parts.sampler.batch(step, micro)
         cond = parts.conditioning(prompts)
-        plans.append(parts.method.plan(s.num_steps, gen))
+        plan_gen = gen if parts.plans_from is None else parts.plans_from(step, micro)
+        plans.append(parts.method.plan(s.num_steps, plan_gen))
         if parts.pretrain is not None:  # its own graph, built and freed before the reward's
-            with acc.no_sync(denoiser), parts.autocast():
+            with fsdp.deferred_sync(acc, denoiser), parts.autocast():
                 loss = parts.pretrain(step, micro)
                 (loss * (cfg.guards.pretrain_weight * loss_scale)).backward()
             pretrain_sum += float(loss.detach())
         # earlier micro-batches accumulate locally; the engine syncs on the last backward of the last one
-        sync = acc.no_sync(denoiser) if micro < t.grad_accum - 1 else contextlib.nullcontext()
+        sync = fsdp.deferred_sync(acc, denoiser) if micro < t.grad_accum - 1 else contextlib.nullcontext()
         with sync, parts.autocast():
             outs.append(engine.reward_backward(
                 parts.adapter, plans[-1], cond, parts.reward, prompts, height=s.height, width=s.width,
                 guidance_scale=s.guidance_scale, generator=gen, loss_scale=loss_scale,
-                no_sync=lambda: acc.no_sync(denoiser), eta=s.eta, step_hook=parts.step_hook, step_term=parts.penalty))
+                no_sync=lambda: fsdp.deferred_sync(acc, denoiser), eta=s.eta, step_hook=parts.step_hook,
+                step_term=parts.penalty))
     extra = {}
     if parts.penalty is not None:
         extra["kl_penalty"] = parts.penalty.pop() / t.grad_accum
@@ -515,26 +535,37 @@ def auto_batch(cfg: Config, parts: StepParts, denoiser: torch.nn.Module, step: i
 
 def save_checkpoint(root: Path, step: int, *, accelerator: Accelerator, denoiser, ema: EMA | None, optimizer, scaler,
                     generators: dict[str, torch.Generator], meta: dict[str, Any], keep: int) -> None:
-    """All ranks write their RNG states into one temporary folder; the main process writes the rest and commits."""
+    """All ranks write their RNG states into one temporary folder; the main process writes the rest and commits
+    (under FSDP every rank first helps gather the whole weights, EMA and optimizer state)."""
     if accelerator.is_main_process:
         ckpt.begin(root, step)
     accelerator.wait_for_everyone()
     tmp = root / f"{ckpt.TMP_PREFIX}{ckpt.PREFIX}{step:08d}"
     ckpt.write_state(tmp, f"rng-{accelerator.process_index}.pt", ckpt.rng_state(generators))
+    sharded = fsdp.is_sharded(denoiser)
+    trained = trained_state(denoiser)
+    shadow = fsdp.full_state(ema.shadow) if ema is not None and sharded else getattr(ema, "shadow", None)
+    optim = fsdp.optimizer_state(denoiser, optimizer) if sharded else optimizer.state_dict()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ckpt.write_tensors(tmp, "trainable.safetensors", lora.trainable_state(denoiser))
-        if ema is not None:
-            ckpt.write_tensors(tmp, "ema.safetensors", ema.shadow)
-        ckpt.write_state(tmp, "optimizer.pt", {"optimizer": optimizer.state_dict(),
+        ckpt.write_tensors(tmp, "trainable.safetensors", trained)
+        if shadow is not None:
+            ckpt.write_tensors(tmp, "ema.safetensors", shadow)
+        ckpt.write_state(tmp, "optimizer.pt", {"optimizer": optim, "sharded": sharded,
                                                "scaler": scaler.state_dict() if scaler is not None else None})
         ckpt.commit(tmp, meta, keep)
     accelerator.wait_for_everyone()
 
 
+def trained_state(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained weights by name, whole (under FSDP gathered: every rank calls it)."""
+    state = lora.trainable_state(denoiser)
+    return fsdp.full_state(state) if fsdp.is_sharded(denoiser) else state
+
+
 def load_trained(denoiser: torch.nn.Module, folder: Path, name: str = "trainable.safetensors") -> None:
     """Copy a checkpoint's trained weights (`name`: trainable.safetensors, or ema.safetensors for the EMA) into the
-    denoiser, whose trained parameters (LoRA or full) must be the same set."""
+    denoiser, whose trained parameters (LoRA or full) must be the same set; sharded ones keep their own shard."""
     params = dict(denoiser.named_parameters())
     saved = ckpt.read_tensors(folder, name)
     expected = set(lora.trainable_state(denoiser))
@@ -542,9 +573,7 @@ def load_trained(denoiser: torch.nn.Module, folder: Path, name: str = "trainable
         missing, extra = sorted(expected - set(saved))[:3], sorted(set(saved) - expected)[:3]
         raise ConfigError(f"checkpoint {folder} does not match this run's trained weights (missing e.g. {missing}, "
                           f"unexpected e.g. {extra}); resume with the model, lora.* and train.full_finetune it was written with.")
-    with torch.no_grad():
-        for key, value in saved.items():
-            params[key].copy_(value)
+    fsdp.load_into(params, saved)
 
 
 def load_checkpoint(folder: Path, *, rank: int, denoiser, ema: EMA | None, optimizer, scaler,
@@ -554,11 +583,17 @@ def load_checkpoint(folder: Path, *, rank: int, denoiser, ema: EMA | None, optim
     load_trained(denoiser, folder)
     if ema is not None:
         if (folder / "ema.safetensors").is_file():
-            ema.shadow = {n: v.to(ema.shadow[n].device) for n, v in ckpt.read_tensors(folder, "ema.safetensors").items()}
+            ema.shadow = fsdp.shard_like(ckpt.read_tensors(folder, "ema.safetensors"), ema.shadow)
         else:
             ema.shadow = {n: p.detach().float().clone() for n, p in ema.params.items()}
     state = ckpt.read_state(folder, "optimizer.pt")
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("sharded", False) != fsdp.is_sharded(denoiser):
+        raise ConfigError(f"checkpoint {folder} was written {'with' if state.get('sharded') else 'without'} FSDP; "
+                          "resume it the same way (the optimizer state is laid out differently)")
+    if fsdp.is_sharded(denoiser):
+        fsdp.load_optimizer_state(denoiser, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     rng = folder / f"rng-{rank}.pt"
@@ -647,6 +682,7 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     """
     validate(cfg)  # cheap, and before any model loads (the command line has checked it already)
     accelerator = make_accelerator()
+    fsdp.check_config(cfg, accelerator)
     guard = memory.OOMGuard(cfg, accelerator.device, None, ckpt.latest)
     with contextlib.ExitStack() as stack, guard.watch():
         return _train(cfg, accelerator, guard, stack, reward_fn, pipeline, make_step_hook)
@@ -683,7 +719,6 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
     if t.compile:
         stack.enter_context(compile_cache.persistent(compile_cache.resolve(t.compile_cache, adapter, device)))
         adapter.compile()  # after the LoRA exists: its layers are part of the compiled blocks
-    step_hook = make_step_hook(params) if make_step_hook is not None else None
     reward = reward_fn if reward_fn is not None else build_reward(cfg, device)
     train_prompts, eval_prompts = load_prompt_sets(cfg.prompts)
     if g.select_every:
@@ -701,8 +736,11 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     if scaler is not None:
         scaler.scale(torch.ones((), device=device))  # creates the scale; the engine applies it through loss_scale
+    adapter.denoiser, optimizer, params = prepare_denoiser(accelerator, denoiser, optimizer)
+    sharded = fsdp.is_sharded(denoiser)  # FSDP2 shards in place: denoiser is the sharded module
+    step_hook = make_step_hook(params) if make_step_hook is not None else None
+    evaluates = main or sharded  # a sharded forward needs every process
     ema = EMA(lora.trainable_parameters(denoiser), t.ema_decay) if t.ema_decay > 0 else None
-    adapter.denoiser = prepare_denoiser(accelerator, denoiser)
     gen = rank_generator(t.seed, rank)
     generators = {"train": gen}
     augment = None
@@ -743,15 +781,18 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
         written = dataclasses.replace(cfg, train=dataclasses.replace(requested, batch_size=t.batch_size))
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(written), sort_keys=False))
         gallery_dir.mkdir(parents=True, exist_ok=True)
-        before_file = gallery_dir / "before.safetensors"
+    before_file = gallery_dir / "before.safetensors"
+    if evaluates:
         if resume_from is not None and before_file.is_file():
             before = ckpt.read_tensors(gallery_dir, before_file.name)["images"]
         else:
             guard.at(PHASE_EVAL, 0)
             with _model_weights(denoiser, ema, base=True):
                 before, before_rewards, parts = evaluate(adapter, denoiser, eval_conds, eval_prompts, reward, cfg, autocast)
-            ckpt.write_tensors(gallery_dir, before_file.name, {"images": before})
-            logger.log(0, {"eval/reward": before_rewards.mean(), **parts, **truth(before)})
+            if main:
+                ckpt.write_tensors(gallery_dir, before_file.name, {"images": before})
+                logger.log(0, {"eval/reward": before_rewards.mean(), **parts, **truth(before)})
+    if main:
         truth_file = run_dir / "ground_truth_before.json"
         if judge_captions and not truth_file.is_file():
             guard.at(PHASE_EVAL, 0)
@@ -791,8 +832,10 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
             run_selection(0)  # the base model is a candidate too
 
     # --- the loop
+    shared_plans = (lambda step, micro: plan_generator(t.seed, step, micro)) if sharded else None
     step_parts = StepParts(cfg, accelerator, adapter, method, train_reward, sampler, optimizer, scaler, params, gen,
-                           autocast, conditioning, step_hook, penalty, pretrain_loss(cfg, adapter, rank, world))
+                           autocast, conditioning, step_hook, penalty, pretrain_loss(cfg, adapter, rank, world),
+                           shared_plans)
     bar = tqdm(total=t.steps, initial=start, disable=not (main and cfg.log.progress), desc=f"{cfg.method}")
     stack.callback(bar.close)
     last, t_start, stopped_at = {}, time.perf_counter(), None
@@ -833,15 +876,16 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
                 f"The last good checkpoint is {kept or 'none (no checkpoint was written yet)'}. Check the reward "
                 f"on these images, lower train.lr, or raise train.max_nonfinite.")
         stop = bool(g.select_every) and done % g.select_every == 0 and run_selection(done)
-        if main and (done % cfg.log.eval_every == 0 or done == t.steps or stop):
+        if evaluates and (done % cfg.log.eval_every == 0 or done == t.steps or stop):
             guard.at(PHASE_EVAL, done)
             with _model_weights(denoiser, ema):
                 now, now_rewards, parts = evaluate(adapter, denoiser, eval_conds, eval_prompts, reward, cfg, autocast)
-            path = gallery_dir / f"step-{done:08d}.png"
-            gallery(before, now, eval_prompts, f"step {done}").save(path)
-            logger.image("gallery", path, done)
-            logger.log(done, {"eval/reward": now_rewards.mean(), **parts, **truth(now)})
             last = {"eval_reward": now_rewards.mean().item()}
+            if main:
+                path = gallery_dir / f"step-{done:08d}.png"
+                gallery(before, now, eval_prompts, f"step {done}").save(path)
+                logger.image("gallery", path, done)
+                logger.log(done, {"eval/reward": now_rewards.mean(), **parts, **truth(now)})
         if done % cfg.checkpoint.every == 0 or done == t.steps or stop:
             guard.at(PHASE_CHECKPOINT, done)
             save_checkpoint(run_dir / "checkpoints", done, accelerator=accelerator, denoiser=denoiser, ema=ema,
@@ -858,13 +902,19 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
     # --- final weights, reward curve, summary
     summary = {}
     best = ckpt.latest(run_dir / "best") if g.keep_best else None
+    final_dir = run_dir / ("unet" if hasattr(adapter.pipe, "unet") else "transformer")
+    if sharded:  # every process gathers the final (EMA) weights; the main one writes them below
+        with _model_weights(denoiser, ema):
+            final_state = trained_state(denoiser)
     if main:
         if best is not None:  # the best selection-scored weights become the final ones (EMA already applied)
             load_trained(denoiser, best)
             _, final_rewards, _ = evaluate(adapter, denoiser, eval_conds, eval_prompts, reward, cfg, autocast)
-        with _model_weights(denoiser, ema if best is None else None):
-            if t.full_finetune:
-                final = _save_denoiser(denoiser, run_dir / ("unet" if hasattr(adapter.pipe, "unet") else "transformer"))
+        with _model_weights(denoiser, ema if best is None and not sharded else None):
+            if sharded:
+                final = _save_state(denoiser, final_state, final_dir)
+            elif t.full_finetune:
+                final = _save_denoiser(denoiser, final_dir)
             else:
                 final = lora.save_lora(denoiser, run_dir / "lora", adapter.pipeline_class)
         truth_after = None
@@ -945,6 +995,17 @@ def _memory_summary(cfg: Config, device: torch.device, world: int, peaks: dict[s
         "peak_gib_steps": memory.gib(peaks["steps"]), "peak_gib_session": memory.gib(peaks["session"]) if total else None,
         "seconds_to_first_step": peaks["first_step_s"],
     }
+
+
+def _save_state(denoiser, state: dict[str, torch.Tensor], folder: Path) -> Path:
+    """A gathered (FSDP) denoiser as from_pretrained reads it: its config and one safetensors file of `state` and of
+    its persistent buffers (FSDP leaves those whole on every process)."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+
+    buffers = {k: v for k, v in denoiser.state_dict().items() if k not in state}
+    denoiser.save_config(folder)
+    ckpt.write_tensors(folder, SAFETENSORS_WEIGHTS_NAME, {**buffers, **state})
+    return folder
 
 
 def _summary(cfg: Config, rows: list[dict], run_dir: Path, final: Path, seconds: float, start: int, world: int,
