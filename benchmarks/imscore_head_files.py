@@ -50,9 +50,10 @@ TINY = {
 }
 
 
-def write_base(folder: Path, family: str, *, tiny: bool, weights: bool = False) -> Path:
-    """The base model's configuration and tokenizer files; with `weights`, also random base weights, which only
-    imscore reads (its constructor loads the base model before the head repo overwrites every tensor)."""
+def write_base(folder: Path, family: str, *, tiny: bool, seed: int = 0) -> Path:
+    """The base model's hub folder: config.json, preprocessor_config.json, tokenizer files and random weights saved
+    by transformers' save_pretrained (so under the hub's key names). Our reward reads only the configs and the
+    tokenizer (the head repo holds every tensor it uses); imscore's constructor loads these weights."""
     folder.mkdir(parents=True, exist_ok=True)
     spec = (TINY if tiny else FULL)[family]
     if family == "clip":
@@ -61,7 +62,7 @@ def write_base(folder: Path, family: str, *, tiny: bool, weights: bool = False) 
         write_clip_tokenizer(folder)
         (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer",
                                                                    "model_max_length": 77}))
-        CLIPConfig(**spec).save_pretrained(str(folder))
+        config = CLIPConfig(**spec)
         CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3,
                            image_mean=OPENAI_MEAN, image_std=OPENAI_STD).save_pretrained(str(folder))
     elif family == "siglip":
@@ -72,31 +73,29 @@ def write_base(folder: Path, family: str, *, tiny: bool, weights: bool = False) 
                                              ["max_position_embeddings"])
         tokenizer.save_pretrained(str(folder))
         ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-        SiglipConfig(text_config={**spec["text_config"], **ids}, vision_config=spec["vision_config"]).save_pretrained(
-            str(folder))
+        config = SiglipConfig(text_config={**spec["text_config"], **ids}, vision_config=spec["vision_config"])
         SiglipImageProcessor(size={"height": size, "width": size}, resample=3, image_mean=[0.5] * 3,
                              image_std=[0.5] * 3).save_pretrained(str(folder))
     else:
         from transformers import BitImageProcessor, Dinov2Config
 
-        Dinov2Config(**spec).save_pretrained(str(folder))
+        config = Dinov2Config(**spec)
         BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3,
                           do_convert_rgb=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(
             str(folder))
-    if weights:
-        _base_model(family, folder).save_pretrained(str(folder))
+    torch.manual_seed(seed)
+    _base_model(family, config).save_pretrained(str(folder))
     return folder
 
 
-def _base_model(family: str, folder: Path):
-    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, SiglipConfig, SiglipModel
+def _base_model(family: str, config):
+    from transformers import CLIPModel, Dinov2Model, SiglipModel
 
-    config = str(folder / "config.json")
-    if family == "clip":
-        return CLIPModel(CLIPConfig.from_json_file(config))
-    if family == "siglip":
-        return SiglipModel(SiglipConfig.from_json_file(config))
-    return Dinov2Model(Dinov2Config.from_json_file(config))
+    model = {"clip": CLIPModel, "siglip": SiglipModel, "dinov2": Dinov2Model}[family](config)
+    if family in ("clip", "siglip"):  # the trained models' logit scale (about 100 / 10) and SigLIP's bias (about -10)
+        with torch.no_grad():
+            model.logit_scale.fill_(4.6 if family == "clip" else 2.3)
+    return model
 
 
 def _sentencepiece_tokenizer(vocab_size: int, max_length: int):
@@ -110,26 +109,17 @@ def _sentencepiece_tokenizer(vocab_size: int, max_length: int):
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
-def random_backbone_state(family: str, base: Path, preference: bool, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights of the backbone imscore builds from `base` (transformers' own init), under imscore's keys."""
-    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, SiglipConfig, SiglipModel, SiglipVisionModel
+def backbone_state(family: str, base: Path, preference: bool) -> dict[str, torch.Tensor]:
+    """The base weights under imscore's keys: `model.` + the hub's names; rating heads hold the image tower only
+    (CLIP's at the top level, SigLIP's under transformers 4's `vision_model.` level)."""
+    from safetensors.torch import load_file
 
-    torch.manual_seed(seed)
-    config = str(base / "config.json")
-    if family == "clip":
-        model = CLIPModel(CLIPConfig.from_json_file(config))
-        model = model if preference else model.vision_model
-    elif family == "siglip":
-        cfg = SiglipConfig.from_json_file(config)
-        model = SiglipModel(cfg) if preference else SiglipVisionModel._from_config(cfg.vision_config)
-    else:
-        model = Dinov2Model(Dinov2Config.from_json_file(config))
-    prefix = "model.vision_model." if family == "siglip" and not preference else "model."  # transformers 4's layout
-    state = {prefix + k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
-    if preference:  # transformers' init puts the logit scale at log(1/0.07) or SigLIP's log(10), bias -10
-        state["model.logit_scale"] = torch.tensor([4.6] if family == "clip" else [2.3]).reshape(
-            state["model.logit_scale"].shape)
-    return state
+    state = load_file(str(base / "model.safetensors"))
+    if not preference and family == "clip":
+        state = {k[len("vision_model."):]: v for k, v in state.items() if k.startswith("vision_model.")}
+    elif not preference and family == "siglip":
+        state = {k: v for k, v in state.items() if k.startswith("vision_model.")}
+    return {f"model.{k}": v for k, v in state.items() if not k.endswith("position_ids")}
 
 
 def random_head_state(family: str, hidden: int, seed: int) -> dict[str, torch.Tensor]:
@@ -148,7 +138,7 @@ def write_head_repo(folder: Path, variant: str, base: Path, seed: int = 0) -> Pa
     """imscore's hub repo for `variant`: config.json (tag = `base`) and model.safetensors."""
     spec = VARIANTS[variant]
     folder.mkdir(parents=True, exist_ok=True)
-    state = random_backbone_state(spec.family, base, spec.preference, seed)
+    state = backbone_state(spec.family, base, spec.preference)
     options = {"tag": str(base)}
     if not spec.preference:
         hidden = json.loads((base / "config.json").read_text())
@@ -157,4 +147,30 @@ def write_head_repo(folder: Path, variant: str, base: Path, seed: int = 0) -> Pa
         options.update(expansion=EXPANSION, layers=LAYERS, freeze=-1, dropout=0.1)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(options, indent=2))
+    return folder
+
+
+# -- Aesthetic Shadow v2 (shadowlilac): a transformers ViT classifier folder ---------------------------------------------
+SHADOW_MEAN, SHADOW_STD = [0.65463551, 0.60715182, 0.61108185], [0.32903292, 0.32726001, 0.31909652]
+SHADOW_FULL = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                   image_size=1024, patch_size=14)  # ASSUMED ViT-H/14 at 1024 px (the repo's config is not readable here)
+SHADOW_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=256,
+                   patch_size=32)
+
+
+def write_shadow(folder: Path, *, tiny: bool, seed: int = 0, image_size: int | None = None) -> Path:
+    """Aesthetic Shadow v2's hub folder: config.json (labels hq, lq), preprocessor_config.json, model.safetensors."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    spec = dict(SHADOW_TINY if tiny else SHADOW_FULL)
+    if image_size is not None:
+        spec["image_size"] = image_size
+    torch.manual_seed(seed)
+    config = ViTConfig(**spec, id2label={0: "hq", 1: "lq"}, label2id={"hq": 0, "lq": 1})
+    model = ViTForImageClassification(config)
+    with torch.no_grad():  # a wider classifier than the init, so random weights spread P(hq) like a trained model
+        model.classifier.weight.mul_(20.0)
+    model.save_pretrained(str(folder))
+    ViTImageProcessor(size={"height": spec["image_size"], "width": spec["image_size"]}, resample=2,
+                      image_mean=SHADOW_MEAN, image_std=SHADOW_STD).save_pretrained(str(folder))
     return folder

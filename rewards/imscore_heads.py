@@ -29,6 +29,7 @@ from torch import nn
 from .base import Reward
 from .checkpoint import load_state_dict_strict, read_checkpoint
 from .errors import CheckpointMismatchError, CorruptCheckpointError
+from .hf_keys import fit_keys
 from .hub import resolve_file, resolve_folder
 from .preprocess import Normalize, center_crop, shortest_side_size
 
@@ -256,7 +257,7 @@ def load_backbone(backbone: nn.Module, state: dict, variant: str, source: Path) 
     stray = [k for k in state if not k.startswith(("model.", "head."))]
     if stray:
         raise CheckpointMismatchError(f"{variant}: {source} holds keys imscore's model does not have: {stray[:8]}")
-    own = align_tower_prefix(own, set(backbone.state_dict()))
+    own = fit_keys(own, set(backbone.state_dict()))
     load_state_dict_strict(backbone, own, reward=variant, source=f"{source} (model.* keys)", assign=True)
     for module in backbone.modules():
         for name, buffer in list(module._buffers.items()):
@@ -265,19 +266,6 @@ def load_backbone(backbone: nn.Module, state: dict, variant: str, source: Path) 
                     raise RuntimeError(f"{variant}: buffer {name} was not loaded; this transformers version adds state")
                 module._buffers[name] = torch.arange(buffer.shape[-1]).expand(buffer.shape).clone()
     backbone.eval()
-
-
-def align_tower_prefix(state: dict, own: set[str]) -> dict:
-    """Drop or add the `vision_model.` prefix where transformers versions disagree on it: 4.x saved a SigLIP image
-    tower as `vision_model.*`, 5.x modules hold those tensors at the top level (and the reverse)."""
-    prefix, out = "vision_model.", {}
-    for key, value in state.items():
-        if key not in own and key.startswith(prefix) and key[len(prefix):] in own:
-            key = key[len(prefix):]
-        elif key not in own and prefix + key in own:
-            key = prefix + key
-        out[key] = value
-    return out
 
 
 def load_head(head: RatingHead, state: dict, variant: str, source: Path) -> None:
