@@ -57,12 +57,15 @@ class ShadowAesthetic(Reward):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Resize to the processor's size (PIL's filter, 8-bit by default), then mean/std (float32)."""
-        resize = resize_pil_8bit if self.pil_8bit else resize_bicubic
-        return self.normalize(resize(images.float(), self.size, filter=self.filter))
+        x = images if images.dtype == torch.float64 else images.float()  # float64 stays (gradient checks)
+        x = resize_pil_8bit(x, self.size, filter=self.filter) if self.pil_8bit else resize_bicubic(
+            x, self.size, filter=self.filter)
+        return (x - self.normalize.mean.to(x.dtype)) / self.normalize.std.to(x.dtype)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The classifier's logits [B, labels] in float32."""
-        return self.model(pixel_values=self.preprocess(images).to(self.dtype)).logits.float()
+        """The classifier's logits [B, labels], float32 (float64 for a float64 model)."""
+        logits = self.model(pixel_values=self.preprocess(images).to(self.dtype)).logits
+        return logits if logits.dtype == torch.float64 else logits.float()
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         return self.logits(images).softmax(dim=-1)[:, self.hq_index]
