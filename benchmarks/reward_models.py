@@ -27,6 +27,10 @@ from benchmarks import checkpoints_mps as ck_mps
 
 MODEL_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip", "mps", "vqascore", "hpsv3")
 REWARDS = MODEL_REWARDS + ("symmetry", "sharpness")
+# Opt-in (--names): the second step of the zoo, one case per backbone and head kind; files written only when named.
+ZOO2_REWARDS = ("aesthetic-shadow", "pickscore-siglip", "pickscore-clip", "imreward-overall_rating-clip",
+                "imreward-overall_rating-siglip", "imreward-overall_rating-dinov2")
+KNOWN_REWARDS = REWARDS + ZOO2_REWARDS
 FILES_VERSION = 2  # bump when a writer changes: cached files of another version are rewritten
 
 PROMPTS = [
@@ -119,7 +123,29 @@ def write_files(root: Path, *, tiny: bool, rewards: tuple[str, ...] = REWARDS) -
         files["sources"]["vqascore"] = vqa["sources"]["vqascore"]
     if "hpsv3" in rewards:
         files["sources"]["hpsv3"] = hpsv3_sources(root, tiny=tiny)
+    for name in (r for r in ZOO2_REWARDS if r in rewards):
+        files["sources"][name] = zoo2_sources(root, name, tiny=tiny)
     return files
+
+
+def zoo2_sources(root: Path, name: str, *, tiny: bool) -> dict[str, Path]:
+    """Files of an opt-in reward under root/{full,tiny}/zoo2 (base folders shared), written once."""
+    from benchmarks import imscore_head_files as ih
+    from rewards.imscore_heads import VARIANTS
+
+    folder = Path(root) / ("tiny" if tiny else "full") / "zoo2"
+    if name == "aesthetic-shadow":
+        target = folder / "aesthetic-shadow-v2"
+        if not (target / "model.safetensors").is_file():
+            ih.write_shadow(target, tiny=tiny, image_size=1024)  # imscore resizes to 1024 whatever the config says
+        return {"checkpoint": target}
+    family = VARIANTS[name].family
+    base, repo = folder / f"base-{family}", folder / name
+    if not (base / "model.safetensors").is_file():
+        ih.write_base(base, family, tiny=tiny)
+    if not (repo / "model.safetensors").is_file():
+        ih.write_head_repo(repo, name, base)
+    return {"checkpoint": repo}
 
 
 def _cached(marker: Path, tiny: bool, write) -> dict:

@@ -7,9 +7,7 @@ and imscore's own `from_pretrained` must read every tensor of them strictly befo
 
 from __future__ import annotations
 
-import contextlib
 import json
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import rewards
 from benchmarks.imscore_head_files import write_base, write_head_repo
+from benchmarks.imscore_models import transformers_4_siglip_tower
 from rewards import CheckpointMismatchError, InputError, MissingFileError
 from rewards.imscore_heads import VARIANTS
 from tests.parity import TARGET_MEAN_DIFF_OVER_STD
@@ -66,27 +65,6 @@ def imscore_model(name: str, folder):
         if key.startswith("head."):
             assert torch.equal(own[key], value), key
     return model
-
-
-@contextlib.contextmanager
-def transformers_4_siglip_tower():
-    """imscore 0.0.11's SiglipAestheticScorer reads `SiglipVisionModel(...).vision_model`, the inner transformer of
-    transformers 4; under transformers 5 the model is that transformer. Give it the old nesting back (same modules,
-    the old `vision_model.` level in the keys), in imscore's module only."""
-    import imscore.aesthetic.model as module
-    from transformers import SiglipVisionModel
-
-    class Nested(torch.nn.Module):
-        def __init__(self, inner) -> None:
-            super().__init__()
-            self.vision_model, self.config = inner, inner.config
-
-        def forward(self, **kwargs):
-            return self.vision_model(**kwargs)
-
-    factory = mock.Mock(from_pretrained=lambda tag: Nested(SiglipVisionModel.from_pretrained(tag)))
-    with mock.patch.object(module, "SiglipVisionModel", factory):
-        yield
 
 
 @pytest.fixture(scope="module")
