@@ -38,7 +38,7 @@ from torch import nn
 
 from rewards.checkpoint import read_checkpoint
 
-IMSCORE_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "mps", "vqascore", "aesthetic-shadow",
+IMSCORE_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "mps", "vqascore", "aesthetic-shadow", "cyclereward",
                    "pickscore-siglip", "pickscore-clip", "imreward-overall_rating-clip", "imreward-overall_rating-siglip",
                    "imreward-overall_rating-dinov2")
 
@@ -68,7 +68,7 @@ def load(name: str, files: dict, *, device: str | torch.device, dtype: torch.dty
         raise ImportError("the imscore comparison needs imscore 0.0.11: pip install imscore==0.0.11")
     builders: dict[str, Callable[..., nn.Module]] = {
         "hpsv2.1": _hps, "pickscore": _pickscore, "aesthetic": _aesthetic, "imagereward": _imagereward, "mps": _mps,
-        "vqascore": _vqascore, "aesthetic-shadow": _shadow,
+        "vqascore": _vqascore, "aesthetic-shadow": _shadow, "cyclereward": _cyclereward,
         **{n: _own_head for n in IMSCORE_REWARDS if n.startswith(("pickscore-", "imreward-"))},
     }
     if name not in builders:
@@ -212,6 +212,24 @@ def _vqascore(files: dict, device: torch.device) -> nn.Module:
     state = _imscore_vqa_state(scorer, paths["checkpoint"])
     _load_strict(scorer, state, str(paths["checkpoint"]), assign=True)
     scorer.t5.set_input_embeddings(scorer.t5.shared)
+    return scorer
+
+
+def _cyclereward(files: dict, device: torch.device) -> nn.Module:
+    """imscore's CycleReward: its BLIP with the local vocabulary, built on the meta device, then the release
+    checkpoint's state dict loaded strictly (its keys are imscore's; the text position ids buffer aside)."""
+    import imscore.cyclereward.blip as blip
+    import imscore.cyclereward.model as module
+    from transformers import BertTokenizer
+
+    paths = files["sources"]["cyclereward"]
+    tokenizer = mock.Mock(from_pretrained=lambda _: _blip_tokenizer(BertTokenizer, paths["tokenizer"].parent))
+    with mock.patch.object(blip, "BertTokenizer", tokenizer), torch.device("meta"):
+        scorer = module.CycleReward()
+    state = read_checkpoint(paths["checkpoint"], reward="imscore cyclereward")
+    own = scorer.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.endswith("position_ids")}
+    _load_strict(scorer, state, str(paths["checkpoint"]), assign=True)
     return scorer
 
 
@@ -363,8 +381,8 @@ def _load_strict(module: nn.Module, state: dict, source: str, assign: bool = Fal
 
 @contextlib.contextmanager
 def tiny_imagereward(vision: dict, med: dict) -> Iterator[None]:
-    """While active, imscore's ImageReward has the ViT sizes `vision` (embed_dim, depth, num_heads) and BERT `med`
-    overrides, like ours under `rewards.imagereward.VISION` (smoke runs only)."""
+    """While active, imscore's ImageReward and CycleReward have the ViT sizes `vision` (embed_dim, depth, num_heads)
+    and BERT `med` overrides, like ours under `rewards.imagereward.VISION` (smoke runs only)."""
     if not available():
         yield
         return
@@ -379,6 +397,21 @@ def tiny_imagereward(vision: dict, med: dict) -> Iterator[None]:
     def small_vit(**kwargs):
         return vit(**{**kwargs, "depth": vision["depth"], "num_heads": vision["num_heads"]})
 
+    import imscore.cyclereward.blip as cycle_blip
+    import imscore.cyclereward.model as cycle
+
+    cycle_bl, cycle_vit = cycle.BLIP, cycle_blip.VisionTransformer
+
+    def small_cycle_blip(image_size: int = 224, **kwargs):
+        return cycle_bl(image_size=image_size, vision_width=vision["embed_dim"], **kwargs)
+
+    def small_cycle_vit(**kwargs):
+        return cycle_vit(**{**kwargs, "depth": vision["depth"], "num_heads": vision["num_heads"]})
+
     config = mock.Mock(from_dict=lambda d: BertConfig.from_dict({**d, **med}))
-    with mock.patch.multiple(module, BLIP=small_blip, VisionTransformer=small_vit, BertConfig=config):
+    with contextlib.ExitStack() as stack:  # CycleReward (imscore.cyclereward) is built from the same BLIP parts
+        stack.enter_context(mock.patch.multiple(module, BLIP=small_blip, VisionTransformer=small_vit,
+                                                BertConfig=config))
+        stack.enter_context(mock.patch.object(cycle, "BLIP", small_cycle_blip))
+        stack.enter_context(mock.patch.multiple(cycle_blip, VisionTransformer=small_cycle_vit, BertConfig=config))
         yield

@@ -28,7 +28,7 @@ from benchmarks import checkpoints_mps as ck_mps
 MODEL_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip", "mps", "vqascore", "hpsv3")
 REWARDS = MODEL_REWARDS + ("symmetry", "sharpness")
 # Opt-in (--names): the second step of the zoo, one case per backbone and head kind; files written only when named.
-ZOO2_REWARDS = ("aesthetic-shadow", "pickscore-siglip", "pickscore-clip", "imreward-overall_rating-clip",
+ZOO2_REWARDS = ("aesthetic-shadow", "cyclereward", "pickscore-siglip", "pickscore-clip", "imreward-overall_rating-clip",
                 "imreward-overall_rating-siglip", "imreward-overall_rating-dinov2")
 KNOWN_REWARDS = REWARDS + ZOO2_REWARDS
 FILES_VERSION = 2  # bump when a writer changes: cached files of another version are rewritten
@@ -130,7 +130,7 @@ def write_files(root: Path, *, tiny: bool, rewards: tuple[str, ...] = REWARDS) -
 
 def zoo2_sources(root: Path, name: str, *, tiny: bool) -> dict[str, Path]:
     """Files of an opt-in reward under root/{full,tiny}/zoo2 (base folders shared), written once."""
-    from benchmarks import imscore_head_files as ih
+    from benchmarks import zoo2_files as ih
     from rewards.imscore_heads import VARIANTS
 
     folder = Path(root) / ("tiny" if tiny else "full") / "zoo2"
@@ -139,6 +139,13 @@ def zoo2_sources(root: Path, name: str, *, tiny: bool) -> dict[str, Path]:
         if not (target / "model.safetensors").is_file():
             ih.write_shadow(target, tiny=tiny, image_size=1024)  # imscore resizes to 1024 whatever the config says
         return {"checkpoint": target}
+    if name == "cyclereward":
+        med = {**ck.MED_CONFIG, **(TINY_MED if tiny else {})}
+        target = folder / "cyclereward"
+        if not (target / "CycleReward-Combo.pth").is_file():
+            ih.write_cyclereward(target, PROMPTS, seed=0, med_config=med)
+        return {"checkpoint": target / "CycleReward-Combo.pth", "config": target / "med_config.json",
+                "tokenizer": target / "vocab.txt"}
     family = VARIANTS[name].family
     base, repo = folder / f"base-{family}", folder / name
     if not (base / "model.safetensors").is_file():

@@ -1,7 +1,7 @@
 """imscore's own rewards (rating heads on CLIP / SigLIP / DINOv2, Pick-a-Pic preference models): parity with imscore
 itself (the oracle for heads imscore trained), gradients, loading from imscore's hub layout, and errors.
 
-Tiny backbones of the real architectures; the files are written in imscore's layout (benchmarks.imscore_head_files)
+Tiny backbones of the real architectures; the files are written in imscore's layout (benchmarks.zoo2_files)
 and imscore's own `from_pretrained` must read every tensor of them strictly before it serves as the oracle.
 """
 
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rewards
-from benchmarks.imscore_head_files import write_base, write_head_repo
+from benchmarks.zoo2_files import write_base, write_head_repo
 from benchmarks.imscore_models import transformers_4_siglip_tower
 from rewards import CheckpointMismatchError, InputError, MissingFileError
 from rewards.imscore_heads import VARIANTS

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import rewards
-from benchmarks.imscore_head_files import write_shadow
+from benchmarks.zoo2_files import write_shadow
 from rewards import CheckpointMismatchError, InputError, MissingFileError
 from tests.parity import TARGET_MEAN_DIFF_OVER_STD
 

@@ -1,4 +1,6 @@
-"""Files of imscore's own rewards in imscore's hub layout, with random weights: a base folder per backbone (the
+"""Random-weight files, in their official formats, of the zoo's second step: Aesthetic Shadow's ViT folder,
+CycleReward's release checkpoint (`write_cyclereward`), and imscore's own rewards in imscore's hub layout: a base
+folder per backbone (the
 transformers config.json, preprocessor_config.json and tokenizer files a hub repo like openai/clip-vit-large-patch14
 holds) and a head repo (config.json naming the base as `tag`, model.safetensors with `model.*` and `head.<index>`
 tensors, the repeated head layer stored once, under its first index, as safetensors de-duplicates shared tensors;
@@ -174,3 +176,27 @@ def write_shadow(folder: Path, *, tiny: bool, seed: int = 0, image_size: int | N
     ViTImageProcessor(size={"height": spec["image_size"], "width": spec["image_size"]}, resample=2,
                       image_mean=SHADOW_MEAN, image_std=SHADOW_STD).save_pretrained(str(folder))
     return folder
+
+
+# -- CycleReward: the authors' release checkpoint (the CycleReward module's state dict) ----------------------------------
+def write_cyclereward(folder: Path, prompts: list[str], seed: int = 0, med_config: dict | None = None) -> dict:
+    """CycleReward-Combo.pth (keys blip.visual_encoder.*, blip.text_encoder.*, blip.{vision,text}_proj.*, mlp.layers.
+    {0,2,4,6,8}.*), med_config.json and a vocab.txt covering `prompts`; the ViT size is `rewards.imagereward.VISION`'s
+    when called (BLIP's, which CycleReward shares with ImageReward)."""
+    from benchmarks import checkpoints as ck
+    from rewards import cyclereward as cr
+    from rewards import imagereward as ir
+
+    folder.mkdir(parents=True, exist_ok=True)
+    med_config = dict(med_config or ck.MED_CONFIG)
+    state = {k: v for k, v in ck.random_imagereward_state(med_config, seed).items() if not k.startswith("mlp.")}
+    gen = torch.Generator().manual_seed(seed + 1)
+    for original, j in cr.HEAD_INDICES.items():
+        fan_in, fan_out = cr.HEAD_WIDTHS[j], cr.HEAD_WIDTHS[j + 1]
+        state[f"mlp.layers.{original}.weight"] = torch.randn(fan_out, fan_in, generator=gen) * 2.0 / fan_in**0.5
+        state[f"mlp.layers.{original}.bias"] = torch.randn(fan_out, generator=gen) * 0.1
+    (folder / ir.CONFIG_FILE).write_text(json.dumps(med_config, indent=2))
+    ck.write_vocab(folder / ir.VOCAB_FILE, prompts)
+    torch.save(state, folder / "CycleReward-Combo.pth")
+    return {"checkpoint": folder / "CycleReward-Combo.pth", "config": folder / ir.CONFIG_FILE,
+            "tokenizer": folder / ir.VOCAB_FILE}
