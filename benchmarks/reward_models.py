@@ -92,7 +92,9 @@ TINY_FLANT5 = {**ck.FLANT5_XXL, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_lay
 LAZY_REWARDS = ("vqascore", "hpsv3")  # their files (23 GB, 16 GB at full size) are written only when selected
 # Batch sizes of the full suite for rewards that cannot run its default (32, 8, 1): VQAScore holds 22.6 GB of bf16
 # weights and saves ~6.3 GB of activations per image for the backward (docs/rewards.md, vqascore card: Memory).
-BATCHES = {"vqascore": (8, 4, 1)}
+BATCHES = {"vqascore": (8, 4, 1),
+           # Aesthetic Shadow (assumed ViT-H/14 at 1024 px: 5,330 tokens x 32 blocks) saves several GB per image
+           "aesthetic-shadow": (4, 2, 1)}
 TINY_MED = {"num_hidden_layers": 1}
 
 
