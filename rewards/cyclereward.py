@@ -95,8 +95,9 @@ class CycleReward(Reward):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Shortest side to 224 (PIL bicubic), centre crop (rounded offset), OpenAI mean/std (float32)."""
-        pixels = resize_shortest_then_crop(images.float(), ir.IMAGE_SIZE, offset="round", pil_8bit=self.pil_8bit)
-        return self.normalize(pixels)
+        x = images if images.dtype == torch.float64 else images.float()  # float64 stays (gradient checks)
+        pixels = resize_shortest_then_crop(x, ir.IMAGE_SIZE, offset="round", pil_8bit=self.pil_8bit)
+        return (pixels - self.normalize.mean.to(pixels.dtype)) / self.normalize.std.to(pixels.dtype)
 
     def features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """First-token state [B, 768] of the prompt encoded with cross-attention to the image, in float32."""
@@ -104,13 +105,15 @@ class CycleReward(Reward):
         image = self.vision.forward_features(self.preprocess(images).to(self.vision.cls_token.dtype))
         out = self.text(input_ids=tokens[:, 0], attention_mask=tokens[:, 1], encoder_hidden_states=image,
                         is_decoder=False)
-        return out.last_hidden_state[:, 0].float()
+        first = out.last_hidden_state[:, 0]
+        return first if first.dtype == torch.float64 else first.float()
 
     def head_output(self, features: torch.Tensor) -> torch.Tensor:
-        """The head on features [B, 768]: float32 Linear layers with a GELU between them, like the official MLP."""
+        """The head on features [B, 768] (float32, or float64 for float64 features): Linear layers with a GELU
+        between them, like the official MLP."""
         x = features
         for i, layer in enumerate(self.head):
-            x = F.linear(x, layer.weight.float(), layer.bias.float())
+            x = F.linear(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
             x = F.gelu(x) if i < len(self.head) - 1 else x
         return x.squeeze(-1)
 

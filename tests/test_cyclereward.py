@@ -120,6 +120,21 @@ def test_gradients_reach_pixels(reward):
 
 
 @pytest.mark.slow
+def test_gradient_matches_finite_differences(official):
+    """float64, float resize (`score`, before the protocol's float32 output): autograd against a central difference."""
+    reward = _load(official, dtype=torch.float64, pil_8bit=False)
+    gen = torch.Generator().manual_seed(0)
+    x = (0.2 + 0.6 * torch.rand(1, 3, 120, 160, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    direction = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    reward.score(x, ["a cat"]).sum().backward()
+    eps = 1e-5
+    with torch.no_grad():
+        fd = (reward.score(x + eps * direction, ["a cat"]) - reward.score(x - eps * direction, ["a cat"])).sum() / (2 * eps)
+    analytic = (x.grad * direction).sum()
+    assert torch.allclose(analytic, fd, rtol=1e-5, atol=1e-9), (analytic.item(), fd.item())
+
+
+@pytest.mark.slow
 def test_safetensors_reupload_and_errors(official, reward, tmp_path):
     from safetensors.torch import save_file
 
