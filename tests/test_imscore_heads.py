@@ -176,3 +176,13 @@ def test_files_hold_the_hub_key_names(repos):
     (transformers 5: attention.q_proj); the reward fits them, as the parity test's scores show."""
     keys = load_file(str(repos["ava-rating-dinov2-sampled-True"] / "model.safetensors"))
     assert any(".attention.attention.query." in k for k in keys)
+
+
+@pytest.mark.parametrize("size", [(224, 301), (384, 384), (97, 130), (600, 500)])
+def test_matrix_resize_is_torchvision_bilinear(size):
+    """The resize imscore's transform does (F.interpolate bilinear, antialiased), as matrix products, float64."""
+    from rewards.preprocess import resize_bicubic
+
+    x = torch.rand(2, 3, 300, 400, dtype=torch.float64)
+    ref = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    assert torch.allclose(resize_bicubic(x, size, clamp=False, filter="bilinear"), ref, atol=1e-12, rtol=0)
