@@ -186,3 +186,17 @@ def test_matrix_resize_is_torchvision_bilinear(size):
     x = torch.rand(2, 3, 300, 400, dtype=torch.float64)
     ref = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     assert torch.allclose(resize_bicubic(x, size, clamp=False, filter="bilinear"), ref, atol=1e-12, rtol=0)
+
+
+def test_mixture_of_a_rating_and_a_preference_model(repos):
+    """A mixture of imscore heads is a reward like any other: weighted sum, prompts passed, gradient to pixels."""
+    names = ("imreward-overall_rating-clip", "pickscore-clip")
+    mix = rewards.combine({names[0]: 2.0, names[1]: 0.5}, sources={n: {"checkpoint": repos[n]} for n in names})
+    x = torch.rand(2, 3, 90, 120, requires_grad=True)
+    prompts = ["a cat", "a dog"]
+    total = mix(x, prompts)
+    with torch.no_grad():
+        parts = 2.0 * mix.part(names[0])(x) + 0.5 * mix.part(names[1])(x, prompts)
+    assert mix.needs_prompt and torch.allclose(total, parts, atol=1e-5)
+    total.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
