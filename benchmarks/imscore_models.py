@@ -38,9 +38,9 @@ from torch import nn
 
 from rewards.checkpoint import read_checkpoint
 
-IMSCORE_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "mps", "vqascore", "aesthetic-shadow", "cyclereward",
-                   "pickscore-siglip", "pickscore-clip", "imreward-overall_rating-clip", "imreward-overall_rating-siglip",
-                   "imreward-overall_rating-dinov2")
+IMSCORE_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "mps", "vqascore", "aesthetic-shadow",
+                   "cyclereward", "pickscore-siglip", "pickscore-clip", "imreward-overall_rating-clip",
+                   "imreward-overall_rating-siglip", "imreward-overall_rating-dinov2")
 
 
 def available() -> bool:

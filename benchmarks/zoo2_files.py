@@ -152,10 +152,10 @@ def write_head_repo(folder: Path, variant: str, base: Path, seed: int = 0) -> Pa
     return folder
 
 
-# -- Aesthetic Shadow v2 (shadowlilac): a transformers ViT classifier folder ---------------------------------------------
+# -- Aesthetic Shadow v2 (shadowlilac): a transformers ViT classifier folder ------------------------------------------
 SHADOW_MEAN, SHADOW_STD = [0.65463551, 0.60715182, 0.61108185], [0.32903292, 0.32726001, 0.31909652]
 SHADOW_FULL = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                   image_size=1024, patch_size=14)  # ASSUMED ViT-H/14 at 1024 px (the repo's config is not readable here)
+                   image_size=1024, patch_size=14)  # ASSUMED ViT-H/14 at 1024 px (the repo's config is unread here)
 SHADOW_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=256,
                    patch_size=32)
 
@@ -178,7 +178,7 @@ def write_shadow(folder: Path, *, tiny: bool, seed: int = 0, image_size: int | N
     return folder
 
 
-# -- CycleReward: the authors' release checkpoint (the CycleReward module's state dict) ----------------------------------
+# -- CycleReward: the authors' release checkpoint (the CycleReward module's state dict) -------------------------------
 def write_cyclereward(folder: Path, prompts: list[str], seed: int = 0, med_config: dict | None = None) -> dict:
     """CycleReward-Combo.pth (keys blip.visual_encoder.*, blip.text_encoder.*, blip.{vision,text}_proj.*, mlp.layers.
     {0,2,4,6,8}.*), med_config.json and a vocab.txt covering `prompts`; the ViT size is `rewards.imagereward.VISION`'s

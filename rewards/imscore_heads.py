@@ -238,7 +238,8 @@ def read_options(path: Path, variant: str) -> dict:
 
 def build_backbone(spec: Variant, base_dir: Path) -> nn.Module:
     """The transformers backbone of `spec` from the base config, on the meta device (every weight is loaded)."""
-    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, SiglipConfig, SiglipModel, SiglipVisionModel
+    from transformers import (CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, SiglipConfig, SiglipModel,
+                              SiglipVisionModel)
 
     config_file = str(base_dir / CONFIG_FILE)
     with torch.device("meta"):
