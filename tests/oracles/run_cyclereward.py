@@ -5,9 +5,10 @@ CycleReward-Combo.pth (its own module's state dict) and scores PNG images throug
     <oracle python> run_cyclereward.py job.json
 
 job.json: {"seed", "vocab_dir", "vit" ("large" as released, or BLIP's "base"), "cache_dir" (the checkpoint and
-med_config.json are written there, where cyclereward() looks for them), "med_config" (a dict), "head_std", "images": [png], "prompts": [str], "out" (a torch
-file with scores [N], the preprocessed pixels [N,3,224,224] and the head's input features [N,768])}. Only the
-standard library, torch and the official package are used, so nothing from the project under test leaks in.
+med_config.json are written there, where cyclereward() looks for them), "med_config" (a dict), "head_std",
+"images": [png], "prompts": [str], "out" (a torch file with scores [N], the preprocessed pixels [N,3,224,224] and
+the head's input features [N,768])}. Only the standard library, torch and the official package are used, so
+nothing from the project under test leaks in.
 """
 
 import json
