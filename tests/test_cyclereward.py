@@ -114,8 +114,8 @@ def test_scores_match_official(official, reward):
 
 @pytest.mark.slow
 def test_gradients_reach_pixels(reward):
-    x = torch.rand(2, 3, 150, 200, requires_grad=True)
-    reward(x, ["a cat", "a dog"]).sum().backward()
+    x = torch.rand(1, 3, 150, 200, requires_grad=True)
+    reward(x, ["a cat"]).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert reward.needs_prompt and reward.input_size == 224 and not any(p.requires_grad for p in reward.parameters())
 
