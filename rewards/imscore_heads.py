@@ -117,10 +117,9 @@ class ImscoreReward(Reward):
         self.geometry = geometry
         self.input_size = geometry["input_size"]
         self.normalize = Normalize(geometry["mean"], geometry["std"])
-        self.scale_note = (
-            ("logit_scale.exp() * cosine" + (" + logit_bias" if variant.family == "siglip" else ""))
-            if variant.preference else f"MLP rating, the scale of {variant.trained_on}"
-        ) + f" (imscore's {variant.repo_id}, trained on {variant.trained_on})"
+        formula = "logit_scale.exp() * cosine" + (" + logit_bias" if variant.family == "siglip" else "")
+        self.scale_note = (formula if variant.preference else "MLP rating, on the scale of its training ratings") + (
+            f" (imscore's {variant.repo_id}, trained on {variant.trained_on})")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -134,7 +133,7 @@ class ImscoreReward(Reward):
         if g["resize"] is not None:
             h, w = x.shape[-2:]
             size = g["resize"] if isinstance(g["resize"], tuple) else shortest_side_size(h, w, g["resize"])
-            if tuple(size) != (h, w):  # = F.interpolate(bilinear, antialias=True), as matrix products (fast backward)
+            if tuple(size) != (h, w):
                 x = resize_bicubic(x, tuple(size), clamp=False, filter="bilinear")
         if g["crop"] is not None:
             x = _crop(x, g["crop"])
@@ -166,9 +165,7 @@ class ImscoreReward(Reward):
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         if not self.variant.preference:
-            head = self.head
-            x = self.image_features(images)
-            return head(x.to(head.first.weight.dtype))
+            return self.head(self.image_features(images).to(self.head.first.weight.dtype))
         image = self.image_features(images)
         cosine = (image * self.text_features(prompts).to(image.dtype)).sum(-1)
         logit = _wide(self.backbone.logit_scale).exp() * cosine
