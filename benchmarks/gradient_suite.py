@@ -24,7 +24,9 @@ import torch
 from benchmarks import imscore_models
 from benchmarks.reward_models import (
     BATCHES,
+    KNOWN_REWARDS,
     MODEL_REWARDS,
+    ZOO2_REWARDS,
     REWARDS,
     load_ours,
     prompts_for,
@@ -53,7 +55,7 @@ class Variant:
 
 
 def _model(reward: str) -> bool:
-    return reward in MODEL_REWARDS
+    return reward in MODEL_REWARDS or reward in ZOO2_REWARDS
 
 
 def _compile_default(reward: str, dtype: str, batch: int) -> bool:
@@ -132,7 +134,7 @@ class Settings:
 
     def check(self) -> None:
         """Refuse unknown names with the known ones."""
-        for kind, given, known in (("reward", self.rewards, REWARDS), ("variant", self.variants, VARIANTS),
+        for kind, given, known in (("reward", self.rewards, KNOWN_REWARDS), ("variant", self.variants, VARIANTS),
                                    ("dtype", self.dtypes, DTYPES), ("impl", self.impls, ("ours", "imscore"))):
             bad = [g for g in given if g not in known]
             if bad:

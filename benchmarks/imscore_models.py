@@ -38,7 +38,9 @@ from torch import nn
 
 from rewards.checkpoint import read_checkpoint
 
-IMSCORE_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "mps", "vqascore")
+IMSCORE_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "mps", "vqascore", "aesthetic-shadow",
+                   "cyclereward", "pickscore-siglip", "pickscore-clip", "imreward-overall_rating-clip",
+                   "imreward-overall_rating-siglip", "imreward-overall_rating-dinov2")
 
 
 def available() -> bool:
@@ -66,11 +68,13 @@ def load(name: str, files: dict, *, device: str | torch.device, dtype: torch.dty
         raise ImportError("the imscore comparison needs imscore 0.0.11: pip install imscore==0.0.11")
     builders: dict[str, Callable[..., nn.Module]] = {
         "hpsv2.1": _hps, "pickscore": _pickscore, "aesthetic": _aesthetic, "imagereward": _imagereward, "mps": _mps,
-        "vqascore": _vqascore,
+        "vqascore": _vqascore, "aesthetic-shadow": _shadow, "cyclereward": _cyclereward,
+        **{n: _own_head for n in IMSCORE_REWARDS if n.startswith(("pickscore-", "imreward-"))},
     }
     if name not in builders:
         raise KeyError(f"imscore has no implementation of {name!r} in this benchmark; it has {', '.join(builders)}")
-    model = builders[name](files, torch.device(device))
+    builder = builders[name]
+    model = builder(files, torch.device(device)) if builder is not _own_head else _own_head(files, name)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -211,6 +215,95 @@ def _vqascore(files: dict, device: torch.device) -> nn.Module:
     return scorer
 
 
+def _cyclereward(files: dict, device: torch.device) -> nn.Module:
+    """imscore's CycleReward: its BLIP with the local vocabulary, built on the meta device, then the release
+    checkpoint's state dict loaded strictly (its keys are imscore's; the text position ids buffer aside)."""
+    import imscore.cyclereward.blip as blip
+    import imscore.cyclereward.model as module
+    from transformers import BertTokenizer
+
+    paths = files["sources"]["cyclereward"]
+    tokenizer = mock.Mock(from_pretrained=lambda _: _blip_tokenizer(BertTokenizer, paths["tokenizer"].parent))
+    with mock.patch.object(blip, "BertTokenizer", tokenizer), torch.device("meta"):
+        scorer = module.CycleReward()
+    state = read_checkpoint(paths["checkpoint"], reward="imscore cyclereward")
+    own = scorer.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.endswith("position_ids")}
+    _load_strict(scorer, state, str(paths["checkpoint"]), assign=True)
+    return scorer
+
+
+def _shadow(files: dict, device: torch.device) -> nn.Module:
+    """imscore's ShadowAesthetic on the benchmark's folder; its score (the two logits) softmaxed to P(hq), our score."""
+    import imscore.aesthetic.model as module
+    from transformers import ViTForImageClassification
+
+    folder = files["sources"]["aesthetic-shadow"]["checkpoint"]
+    with mock.patch.object(module, "ViTForImageClassification", _Redirect(ViTForImageClassification, folder)):
+        scorer = module.ShadowAesthetic()
+    labels = {v: int(k) for k, v in scorer.model.config.id2label.items()}
+    return _HighQuality(scorer, labels["hq"])
+
+
+class _HighQuality(nn.Module):
+    """imscore's ShadowAesthetic with a score of one number per image: the softmax probability of 'hq'."""
+
+    def __init__(self, scorer: nn.Module, index: int) -> None:
+        super().__init__()
+        self.scorer, self.index = scorer, index
+
+    def score(self, pixels: torch.Tensor, prompts=None) -> torch.Tensor:
+        logits = self.scorer.score(pixels, prompts)
+        return logits.reshape(len(pixels), -1).float().softmax(-1)[:, self.index]
+
+
+def _own_head(files: dict, name: str) -> nn.Module:
+    """imscore's own rating and preference models: their from_pretrained on the benchmark's repo folder, whose
+    config names the local base folder as `tag` (imscore's constructor loads the base from there, then the repo)."""
+    from imscore.aesthetic.model import CLIPAestheticScorer, Dinov2AestheticScorer, SiglipAestheticScorer
+    from imscore.preference.model import CLIPPreferenceScorer, SiglipPreferenceScorer
+
+    classes = {"pickscore-siglip": SiglipPreferenceScorer, "pickscore-clip": CLIPPreferenceScorer, "clip":
+               CLIPAestheticScorer, "siglip": SiglipAestheticScorer, "dinov2": Dinov2AestheticScorer}
+    cls = classes.get(name) or classes[name.rsplit("-", 1)[-1]]
+    with transformers_4_siglip_tower():
+        return cls.from_pretrained(str(files["sources"][name]["checkpoint"]))
+
+
+@contextlib.contextmanager
+def transformers_4_siglip_tower() -> Iterator[None]:
+    """imscore 0.0.11's SiglipAestheticScorer reads `SiglipVisionModel(...).vision_model`, the inner transformer of
+    transformers 4; under transformers 5 the model is that transformer. Give it the old nesting back (same modules,
+    the old `vision_model.` level in the keys), in imscore's module only; under transformers 4, change nothing."""
+    import imscore.aesthetic.model as module
+    from transformers import SiglipVisionModel
+
+    if _nests_vision_model():
+        yield
+        return
+
+    class Nested(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.vision_model, self.config = inner, inner.config
+
+        def forward(self, **kwargs):
+            return self.vision_model(**kwargs)
+
+    factory = mock.Mock(from_pretrained=lambda tag, **kw: Nested(SiglipVisionModel.from_pretrained(tag, **kw)))
+    with mock.patch.object(module, "SiglipVisionModel", factory):
+        yield
+
+
+def _nests_vision_model() -> bool:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    with torch.device("meta"):
+        model = SiglipVisionModel(SiglipVisionConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8,
+                                                     num_attention_heads=1))
+    return hasattr(model, "vision_model")
+
+
 def _on_meta(cls: type, config) -> nn.Module:
     with torch.device("meta"):
         return cls(config)
@@ -288,8 +381,8 @@ def _load_strict(module: nn.Module, state: dict, source: str, assign: bool = Fal
 
 @contextlib.contextmanager
 def tiny_imagereward(vision: dict, med: dict) -> Iterator[None]:
-    """While active, imscore's ImageReward has the ViT sizes `vision` (embed_dim, depth, num_heads) and BERT `med`
-    overrides, like ours under `rewards.imagereward.VISION` (smoke runs only)."""
+    """While active, imscore's ImageReward and CycleReward have the ViT sizes `vision` (embed_dim, depth, num_heads)
+    and BERT `med` overrides, like ours under `rewards.imagereward.VISION` (smoke runs only)."""
     if not available():
         yield
         return
@@ -304,6 +397,21 @@ def tiny_imagereward(vision: dict, med: dict) -> Iterator[None]:
     def small_vit(**kwargs):
         return vit(**{**kwargs, "depth": vision["depth"], "num_heads": vision["num_heads"]})
 
+    import imscore.cyclereward.blip as cycle_blip
+    import imscore.cyclereward.model as cycle
+
+    cycle_bl, cycle_vit = cycle.BLIP, cycle_blip.VisionTransformer
+
+    def small_cycle_blip(image_size: int = 224, **kwargs):
+        return cycle_bl(image_size=image_size, vision_width=vision["embed_dim"], **kwargs)
+
+    def small_cycle_vit(**kwargs):
+        return cycle_vit(**{**kwargs, "depth": vision["depth"], "num_heads": vision["num_heads"]})
+
     config = mock.Mock(from_dict=lambda d: BertConfig.from_dict({**d, **med}))
-    with mock.patch.multiple(module, BLIP=small_blip, VisionTransformer=small_vit, BertConfig=config):
+    with contextlib.ExitStack() as stack:  # CycleReward (imscore.cyclereward) is built from the same BLIP parts
+        stack.enter_context(mock.patch.multiple(module, BLIP=small_blip, VisionTransformer=small_vit,
+                                                BertConfig=config))
+        stack.enter_context(mock.patch.object(cycle, "BLIP", small_cycle_blip))
+        stack.enter_context(mock.patch.multiple(cycle_blip, VisionTransformer=small_cycle_vit, BertConfig=config))
         yield

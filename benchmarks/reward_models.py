@@ -27,6 +27,10 @@ from benchmarks import checkpoints_mps as ck_mps
 
 MODEL_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip", "mps", "vqascore", "hpsv3")
 REWARDS = MODEL_REWARDS + ("symmetry", "sharpness")
+# Opt-in (--names): the second step of the zoo, one case per backbone and head kind; files written only when named.
+ZOO2_REWARDS = ("aesthetic-shadow", "cyclereward", "pickscore-siglip", "pickscore-clip", "imreward-overall_rating-clip",
+                "imreward-overall_rating-siglip", "imreward-overall_rating-dinov2")
+KNOWN_REWARDS = REWARDS + ZOO2_REWARDS
 FILES_VERSION = 2  # bump when a writer changes: cached files of another version are rewritten
 
 PROMPTS = [
@@ -88,7 +92,9 @@ TINY_FLANT5 = {**ck.FLANT5_XXL, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_lay
 LAZY_REWARDS = ("vqascore", "hpsv3")  # their files (23 GB, 16 GB at full size) are written only when selected
 # Batch sizes of the full suite for rewards that cannot run its default (32, 8, 1): VQAScore holds 22.6 GB of bf16
 # weights and saves ~6.3 GB of activations per image for the backward (docs/rewards.md, vqascore card: Memory).
-BATCHES = {"vqascore": (8, 4, 1)}
+BATCHES = {"vqascore": (8, 4, 1),
+           # Aesthetic Shadow (assumed ViT-H/14 at 1024 px: 5,330 tokens x 32 blocks) saves several GB per image
+           "aesthetic-shadow": (4, 2, 1)}
 TINY_MED = {"num_hidden_layers": 1}
 
 
@@ -119,7 +125,36 @@ def write_files(root: Path, *, tiny: bool, rewards: tuple[str, ...] = REWARDS) -
         files["sources"]["vqascore"] = vqa["sources"]["vqascore"]
     if "hpsv3" in rewards:
         files["sources"]["hpsv3"] = hpsv3_sources(root, tiny=tiny)
+    for name in (r for r in ZOO2_REWARDS if r in rewards):
+        files["sources"][name] = zoo2_sources(root, name, tiny=tiny)
     return files
+
+
+def zoo2_sources(root: Path, name: str, *, tiny: bool) -> dict[str, Path]:
+    """Files of an opt-in reward under root/{full,tiny}/zoo2 (base folders shared), written once."""
+    from benchmarks import zoo2_files as ih
+    from rewards.imscore_heads import VARIANTS
+
+    folder = Path(root) / ("tiny" if tiny else "full") / "zoo2"
+    if name == "aesthetic-shadow":
+        target = folder / "aesthetic-shadow-v2"
+        if not (target / "model.safetensors").is_file():
+            ih.write_shadow(target, tiny=tiny, image_size=1024)  # imscore resizes to 1024 whatever the config says
+        return {"checkpoint": target}
+    if name == "cyclereward":
+        med = {**ck.MED_CONFIG, **(TINY_MED if tiny else {})}
+        target = folder / "cyclereward"
+        if not (target / "CycleReward-Combo.pth").is_file():
+            ih.write_cyclereward(target, PROMPTS, seed=0, med_config=med)
+        return {"checkpoint": target / "CycleReward-Combo.pth", "config": target / "med_config.json",
+                "tokenizer": target / "vocab.txt"}
+    family = VARIANTS[name].family
+    base, repo = folder / f"base-{family}", folder / name
+    if not (base / "model.safetensors").is_file():
+        ih.write_base(base, family, tiny=tiny)
+    if not (repo / "model.safetensors").is_file():
+        ih.write_head_repo(repo, name, base)
+    return {"checkpoint": repo}
 
 
 def _cached(marker: Path, tiny: bool, write) -> dict:

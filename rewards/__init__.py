@@ -20,6 +20,7 @@ from .errors import (
     UnknownRewardError,
     UnsafeCheckpointError,
 )
+from . import imscore_heads as _imscore_heads
 from .mixture import Mixture, combine
 from .registry import available, load, needs_prompt, register
 
@@ -35,6 +36,12 @@ register("shapes-clip", "rewards.clip_score:load_shapes_clip", needs_prompt=True
 register("mps", "rewards.mps:load_mps", needs_prompt=True)
 register("vqascore", "rewards.vqascore:load_vqascore", needs_prompt=True, dtype=torch.bfloat16)  # 11B parameters
 register("hpsv3", "rewards.hpsv3:load_hpsv3", needs_prompt=True)
+register("aesthetic-shadow", "rewards.shadow_aesthetic:load_shadow_aesthetic", needs_prompt=False)
+register("cyclereward", "rewards.cyclereward:load_cyclereward", needs_prompt=True, variant="Combo")
+register("cyclereward-i2t", "rewards.cyclereward:load_cyclereward", needs_prompt=True, variant="I2T")
+register("cyclereward-t2i", "rewards.cyclereward:load_cyclereward", needs_prompt=True, variant="T2I")
+for _name, _variant in _imscore_heads.VARIANTS.items():  # imscore's own heads: one name per hub repo
+    register(_name, "rewards.imscore_heads:load_imscore_head", needs_prompt=_variant.preference, variant=_name)
 
 __all__ = [
     "Reward",

@@ -45,3 +45,35 @@ def _from_hub(*, reward: str, role: str, repo_id: str, filename: str, revision: 
             f"{type(err).__name__}: {err}. Download it with `hf download {repo_id} {filename}`, "
             f"or pass {role}='/path/to/{filename}' to rewards.load({reward!r}, ...)."
         ) from err
+
+
+def resolve_folder(
+    source: str | os.PathLike | None,
+    *,
+    reward: str,
+    role: str,
+    repo_id: str,
+    required: tuple[str, ...],
+    patterns: tuple[str, ...] = ("*.json", "*.txt", "*.model"),
+) -> Path:
+    """Return a local folder for `role` of `reward` holding `required`: `source` if given, else the hub files of
+    `repo_id` matching `patterns` (configs and tokenizer files, never weights)."""
+    if source is not None:
+        folder = Path(source)
+        for name in required:
+            _local(folder if folder.is_dir() else folder.parent, reward=reward, role=role, filename=name)
+        return folder if folder.is_dir() else folder.parent
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
+    except Exception as err:  # offline, not cached, missing repo, network
+        raise MissingFileError(
+            f"{reward}: could not get the {role} files ({', '.join(required)}) of the Hugging Face repo '{repo_id}' "
+            f"(looked in the hub cache {constants.HF_HUB_CACHE}; HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}): "
+            f"{type(err).__name__}: {err}. Download them with `hf download {repo_id} --include '*.json' '*.txt' "
+            f"'*.model'`, or pass {role}='/path/to/folder' to rewards.load({reward!r}, ...)."
+        ) from err
+    for name in required:
+        _local(folder, reward=reward, role=role, filename=name)
+    return folder

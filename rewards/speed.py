@@ -82,9 +82,12 @@ def compiled_blocks(reward: Reward) -> list[nn.Module]:
     if layers is not None:
         blocks += list(layers)
     # ImageReward: ViT and cross-attending BERT; MPS: its CLIP image tower (every token is read) and condition branch;
-    # HPSv3: Qwen2-VL's vision blocks and decoder layers
+    # HPSv3: Qwen2-VL's vision blocks and decoder layers; imscore's heads and Aesthetic Shadow: their transformers image
+    # towers (layer paths of transformers 4 and 5)
     for owner, attr in (("vision", "blocks"), ("text", "encoder.layer"), ("clip", "vision_model.encoder.layers"),
-                        ("branch", "layers"), ("text", "layers")):
+                        ("branch", "layers"), ("text", "layers"), ("backbone", "vision_model.encoder.layers"),
+                        ("backbone", "encoder.layers"), ("backbone", "encoder.layer"), ("model", "vit.layers"),
+                        ("model", "vit.encoder.layer")):
         module = getattr(reward, owner, None)
         for name in attr.split("."):
             module = getattr(module, name, None)

@@ -35,6 +35,7 @@ PINS = (
     "hpsv3==1.0.0",  # HPSv3's official inferencer; it pins transformers 4.45.2, runs on the 4.49.0 above
     "omegaconf==2.3.0",  # hpsv3 reads its model config through OmegaConf
     "antlr4-python3-runtime==4.9.3",  # omegaconf's parser runtime
+    "cyclereward==0.1.7",  # CycleReward's official package; its score imports only what image-reward's does
 )
 ENV_VAR = "DRTUNE_ORACLE_ENV"
 PTH_NAME = "zz_drtune_main_env.pth"  # sorts last, after the pinned packages' own .pth files
