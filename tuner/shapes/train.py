@@ -269,23 +269,14 @@ def unet_loss(vae, scale: float, text_encoder, unet, abar: torch.Tensor, images:
     return (snr.clamp(max=MIN_SNR_GAMMA) / snr * ((pred.float() - noise) ** 2).mean((1, 2, 3))).mean()
 
 
-def train_unet(out: Path, s: Stage, device: torch.device, workers: int, time_limit: float) -> None:
-    """UNet + text encoder on the frozen VAE's latents: epsilon MSE with min-SNR weights, bf16 autocast, EMA."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
-
-    vae = AutoencoderKL.from_pretrained(out / "vae").to(device).eval().requires_grad_(False)
-    scale = vae.config.scaling_factor
-    tok = models.tokenizer()
-    text_encoder, unet = models.text_encoder(tok).to(device).train(), models.unet().to(device).train()
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    opt = _optimizer(params, s)
+def _fit_with_ema(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, s: Stage, log: "Log", data,
+                  loss_fn) -> int:
+    """The denoiser stages' loop: AdamW on loss_fn(batch, images), clipped at 1, EMA of the weights (warmed up), the
+    schedule of `s`, stopped by `log`'s time limit; the EMA weights end up in `params`. Returns the last step."""
     ema = [p.detach().clone() for p in params]
-    abar = models.scheduler("ddpm").alphas_cumprod.to(device)
-    log = Log(out / "logs" / "unet.jsonl", s, time_limit)
-    stream = Stream(s.batch, Tokens(tok, tok.model_max_length), drop_caption=CAPTION_DROP)
     step = 0
-    for step, batch, images in batches(stream, 0, s.steps, workers, device):
-        loss = unet_loss(vae, scale, text_encoder, unet, abar, images, batch["tokens"])
+    for step, batch, images in data:
+        loss = loss_fn(batch, images)
         _set_lr(opt, lr_at(step, s))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -299,6 +290,24 @@ def train_unet(out: Path, s: Stage, device: torch.device, workers: int, time_lim
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
+    return step
+
+
+def train_unet(out: Path, s: Stage, device: torch.device, workers: int, time_limit: float) -> None:
+    """UNet + text encoder on the frozen VAE's latents: epsilon MSE with min-SNR weights, bf16 autocast, EMA."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    vae = AutoencoderKL.from_pretrained(out / "vae").to(device).eval().requires_grad_(False)
+    scale = vae.config.scaling_factor
+    tok = models.tokenizer()
+    text_encoder, unet = models.text_encoder(tok).to(device).train(), models.unet().to(device).train()
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    opt = _optimizer(params, s)
+    abar = models.scheduler("ddpm").alphas_cumprod.to(device)
+    log = Log(out / "logs" / "unet.jsonl", s, time_limit)
+    stream = Stream(s.batch, Tokens(tok, tok.model_max_length), drop_caption=CAPTION_DROP)
+    step = _fit_with_ema(params, opt, s, log, batches(stream, 0, s.steps, workers, device),
+                         lambda batch, images: unet_loss(vae, scale, text_encoder, unet, abar, images, batch["tokens"]))
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder.eval(), tokenizer=tok, unet=unet.eval(), scheduler=models.scheduler("ddim"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -380,27 +389,13 @@ def train_flow(out: Path, s: Stage, device: torch.device, workers: int, time_lim
     tok = models.tokenizer(models.FLOW_TOKENS)
     params = [*transformer.train().parameters(), *text_encoder.train().parameters()]
     opt = _optimizer(params, s)
-    ema = [p.detach().clone() for p in params]
     log = Log(out / "logs" / "flow.jsonl", s, time_limit)
     log.write({**sources, "shift_factor": shift, "scaling_factor": scale,
                "transformer_parameters": sum(p.numel() for p in transformer.parameters())})
     stream = Stream(s.batch, Tokens(tok, models.FLOW_TOKENS), drop_caption=CAPTION_DROP)
-    step = 0
-    for step, batch, images in batches(stream, 0, s.steps, workers, device):
-        loss = flow_loss(vae, shift, scale, text_encoder, text_encoder_2, transformer, images, batch["tokens"])
-        _set_lr(opt, lr_at(step, s))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
-        log.step(step, 100, loss=loss)
-        if log.done(step, s):
-            break
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
+    step = _fit_with_ema(params, opt, s, log, batches(stream, 0, s.steps, workers, device),
+                         lambda batch, images: flow_loss(vae, shift, scale, text_encoder, text_encoder_2, transformer,
+                                                         images, batch["tokens"]))
     pipe = StableDiffusion3Pipeline(
         transformer=transformer.eval(), scheduler=models.flow_scheduler(), vae=vae, text_encoder=text_encoder.eval(),
         tokenizer=tok, text_encoder_2=text_encoder_2, tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
