@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
 import numpy as np
+import pytest
+
+ParityRun = Callable[[Path], tuple[dict, Any, dict]]  # workdir -> (metrics, our reward, paths of the files)
 
 TARGET_MEAN_DIFF_OVER_STD = 1e-4  # 8-bit path (the default) vs the official scorer on 8-bit photographs
 
@@ -39,3 +47,23 @@ def float_path_differences(official: np.ndarray, ours_float: np.ndarray) -> dict
         "float_path_score_abs_diff_max_over_std": float(diff.max() / spread),
         "float_path_score_rel_diff_mean": float((diff / np.abs(official)).mean()),
     }
+
+
+def measured(run: ParityRun) -> dict:
+    """`run`'s parity numbers, made in a temporary folder with the reward freed after (the cards' figures)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics, reward, _ = run(Path(tmp))
+        del reward
+        gc.collect()
+    return metrics
+
+
+def module_run(run: ParityRun, name: str):
+    """A module-scoped fixture giving `run`'s (metrics, reward, paths), made once for all tests of the module."""
+    @pytest.fixture(scope="module")
+    def parity(tmp_path_factory):
+        metrics, reward, paths = run(tmp_path_factory.mktemp(name))
+        yield metrics, reward, paths
+        del reward
+        gc.collect()
+    return parity

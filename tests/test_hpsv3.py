@@ -10,11 +10,9 @@ HPSv3.safetensors from them, and scores real photographs with `HPSv3RewardInfere
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import json
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from PIL import Image
 import rewards
 from benchmarks import hpsv3_files as files
 from rewards import hpsv3 as h3
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run
 
 ORACLE = Path(__file__).parent / "oracles"
 SEED = 0
@@ -152,19 +150,10 @@ def _inputs(reward, images: torch.Tensor, prompt: str) -> tuple[torch.Tensor, to
 
 def measure_parity() -> dict:
     """Parity numbers for the card."""
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics, reward, _ = run_parity(Path(tmp))
-        del reward
-        gc.collect()
-    return metrics
+    return measured(run_parity)
 
 
-@pytest.fixture(scope="module")
-def parity(tmp_path_factory):
-    metrics, reward, paths = run_parity(tmp_path_factory.mktemp("hpsv3"))
-    yield metrics, reward, paths
-    del reward
-    gc.collect()
+parity = module_run(run_parity, "hpsv3")
 
 
 # -- parity -------------------------------------------------------------------------------------------------------

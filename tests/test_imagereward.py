@@ -12,7 +12,6 @@ import gc
 import importlib.util
 import json
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from PIL import Image
 import rewards
 from benchmarks.checkpoints import MED_CONFIG, write_vocab
 from rewards import imagereward as ir
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run
 
 ORACLE = Path(__file__).parent / "oracles"
 SEED = 0
@@ -174,19 +173,10 @@ def _sources(paths: dict) -> dict:
 
 def measure_parity() -> dict:
     """Parity numbers for the card (docs/parity.py imports this)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics, reward, _ = run_parity(Path(tmp))
-        del reward
-        gc.collect()
-    return metrics
+    return measured(run_parity)
 
 
-@pytest.fixture(scope="module")
-def parity(tmp_path_factory):
-    metrics, reward, paths = run_parity(tmp_path_factory.mktemp("imagereward"))
-    yield metrics, reward, paths
-    del reward
-    gc.collect()
+parity = module_run(run_parity, "imagereward")
 
 
 # -- parity -------------------------------------------------------------------------------------------------

@@ -9,12 +9,10 @@ same files through rewards.load and scores the same PNGs.
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import json
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from PIL import Image
 import rewards
 from rewards import vqascore as vq
 from rewards.preprocess import quantize_8bit, resize_bicubic
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run
 
 ORACLE = Path(__file__).parent / "oracles"
 SEED = 0
@@ -175,19 +173,10 @@ def _compare(ours: dict, official: dict, prefix: str) -> dict:
 
 def measure_parity() -> dict:
     """Parity numbers for the card."""
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics, reward, _ = run_parity(Path(tmp))
-        del reward
-        gc.collect()
-    return metrics
+    return measured(run_parity)
 
 
-@pytest.fixture(scope="module")
-def parity(tmp_path_factory):
-    metrics, reward, paths = run_parity(tmp_path_factory.mktemp("vqascore"))
-    yield metrics, reward, paths
-    del reward
-    gc.collect()
+parity = module_run(run_parity, "vqascore")
 
 
 # -- parity -------------------------------------------------------------------------------------------------
