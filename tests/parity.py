@@ -67,3 +67,20 @@ def module_run(run: ParityRun, name: str):
         del reward
         gc.collect()
     return parity
+
+
+def photographs() -> list[np.ndarray]:
+    """Real photographs (scikit-image's) at several sizes and aspect ratios, uint8 HxWx3."""
+    from PIL import Image
+    from skimage import data
+
+    camera = np.repeat(data.camera()[:, :, None], 3, axis=2)
+    tiny = np.asarray(Image.fromarray(data.astronaut()).resize((160, 120), Image.LANCZOS))
+    return [
+        data.astronaut(),  # 512 x 512
+        data.coffee(),  # 400 x 600, landscape
+        data.chelsea(),  # 300 x 451, landscape, odd width
+        camera[:, 100:400],  # 512 x 300, portrait
+        tiny,  # 120 x 160, smaller than 224
+        data.coffee()[:, 150:350],  # 400 x 200, portrait, narrower than 224
+    ]

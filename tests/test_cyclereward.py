@@ -24,7 +24,7 @@ from benchmarks.checkpoints import MED_CONFIG, write_vocab
 from rewards import CheckpointMismatchError, InputError, MissingFileError
 from rewards import cyclereward as cr
 from rewards import imagereward as ir
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, photographs
 
 ORACLE = Path(__file__).parent / "oracles"
 BLIP_BASE_VIT = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0)
@@ -42,11 +42,8 @@ PROMPTS = [
 
 
 def _images() -> list[np.ndarray]:
-    from skimage import data
-
-    camera = np.repeat(data.camera()[:, :, None], 3, axis=2)
-    tiny = np.asarray(Image.fromarray(data.astronaut()).resize((160, 120), Image.LANCZOS))
-    return [data.astronaut(), data.coffee(), data.chelsea(), camera[:, 100:400], tiny, data.coffee()[:, 150:350]]
+    """The parity photographs."""
+    return photographs()
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:

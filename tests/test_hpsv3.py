@@ -24,7 +24,7 @@ from PIL import Image
 import rewards
 from benchmarks import hpsv3_files as files
 from rewards import hpsv3 as h3
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run, photographs
 
 ORACLE = Path(__file__).parent / "oracles"
 SEED = 0
@@ -41,19 +41,8 @@ PROMPTS = [
 
 
 def _images() -> list[np.ndarray]:
-    """Real photographs at several sizes and aspect ratios, uint8 HxWx3."""
-    from skimage import data
-
-    camera = np.repeat(data.camera()[:, :, None], 3, axis=2)
-    tiny = np.asarray(Image.fromarray(data.astronaut()).resize((160, 120), Image.LANCZOS))
-    return [
-        data.astronaut(),  # 512 x 512: downscaled to 448 x 448
-        data.coffee(),  # 400 x 600, landscape: downscaled to 364 x 532
-        data.chelsea(),  # 300 x 451, odd width
-        camera[:, 100:400],  # 512 x 300, portrait
-        tiny,  # 120 x 160: upscaled to 392 x 532
-        data.coffee()[:, 150:350],  # 400 x 200, portrait
-    ]
+    """The parity photographs."""
+    return photographs()
 
 
 def _to_tensor(arr: np.ndarray) -> torch.Tensor:

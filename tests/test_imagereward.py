@@ -23,7 +23,7 @@ from PIL import Image
 import rewards
 from benchmarks.checkpoints import MED_CONFIG, write_vocab
 from rewards import imagereward as ir
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run, photographs
 
 ORACLE = Path(__file__).parent / "oracles"
 SEED = 0
@@ -40,19 +40,8 @@ PROMPTS = [
 
 
 def _images() -> list[np.ndarray]:
-    """Real photographs at several sizes and aspect ratios, uint8 HxWx3."""
-    from skimage import data
-
-    camera = np.repeat(data.camera()[:, :, None], 3, axis=2)
-    tiny = np.asarray(Image.fromarray(data.astronaut()).resize((160, 120), Image.LANCZOS))
-    return [
-        data.astronaut(),  # 512 x 512
-        data.coffee(),  # 400 x 600, landscape
-        data.chelsea(),  # 300 x 451, landscape, odd width
-        camera[:, 100:400],  # 512 x 300, portrait
-        tiny,  # 120 x 160, smaller than 224
-        data.coffee()[:, 150:350],  # 400 x 200, portrait, narrower than 224
-    ]
+    """The parity photographs."""
+    return photographs()
 
 
 def _oracle_python() -> Path:

@@ -24,7 +24,7 @@ from PIL import Image
 import rewards
 from rewards import vqascore as vq
 from rewards.preprocess import quantize_8bit, resize_bicubic
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run, photographs
 
 ORACLE = Path(__file__).parent / "oracles"
 SEED = 0
@@ -49,20 +49,10 @@ ANSWER_GAIN, ANSWER_LEAN = 8.0, 2.0  # "Yes" and "</s>" logits vary most and lea
 
 
 def _images() -> list[np.ndarray]:
-    """Real photographs at several sizes and aspect ratios, uint8 HxWx3."""
+    """The parity photographs, and a 336 x 336 crop that needs no resize."""
     from skimage import data
 
-    camera = np.repeat(data.camera()[:, :, None], 3, axis=2)
-    tiny = np.asarray(Image.fromarray(data.astronaut()).resize((160, 120), Image.LANCZOS))
-    return [
-        data.astronaut(),  # 512 x 512: square, downscaled
-        data.coffee(),  # 400 x 600, landscape: padded top and bottom
-        data.chelsea(),  # 300 x 451, landscape, odd padding
-        camera[:, 100:400],  # 512 x 300, portrait: padded left and right
-        tiny,  # 120 x 160: upscaled
-        data.coffee()[:, 150:350],  # 400 x 200, portrait
-        data.rocket()[:336, :336],  # 336 x 336: no resize at all
-    ]
+    return [*photographs(), data.rocket()[:336, :336]]
 
 
 def _corpus() -> list[str]:
