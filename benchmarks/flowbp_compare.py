@@ -307,27 +307,16 @@ def our_step(args, adapter, reward, cond, prompts: list[str], plans: list, devic
     return step
 
 
-def timed(step, iters: int, device: str) -> dict:
+def timed(step, iters: int) -> dict:
     """Seconds per optimizer step over `iters` steps after one warm-up, and the peak memory over them (a row that
     runs out of memory says so)."""
+    from benchmarks.tuner_methods import measure
+
     try:
-        return _timed(step, iters, device)
+        row = measure(step, iters)
     except torch.OutOfMemoryError:
         return {"s_per_step": None, "peak_gib": None, "oom": True}
-
-
-def _timed(step, iters: int, device: str) -> dict:
-    step()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    sync()
-    seconds = (time.perf_counter() - start) / iters
-    return {"s_per_step": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0}
+    return {"s_per_step": row["s_per_iter"], "peak_gib": row["peak_gib"]}
 
 
 def compare(fb, args: argparse.Namespace, out: Path, iters: int, ours_checkpointing: list[str], smoke: bool,
@@ -381,7 +370,7 @@ def compare(fb, args: argparse.Namespace, out: Path, iters: int, ours_checkpoint
     for setting in ours_checkpointing:
         adapter.denoiser.load_state_dict(base)
         step = our_step(args, adapter, reward, cond, prompts, plans, device, setting == "on")
-        row = _counted(step, timed(step, iters, device), flops)
+        row = _counted(step, timed(step, iters), flops)
         rows[f"ours (engine), checkpointing {setting}"] = _per_image(row, args.train_batch_size)
         _write(out, meta, rows)
         del step  # its AdamW moments and EMA shadows go before the next side is built
@@ -395,7 +384,7 @@ def compare(fb, args: argparse.Namespace, out: Path, iters: int, ours_checkpoint
     their_cond = cond.to(dtype=torch.bfloat16) if smoke else cond  # smoke: bf16 weights take bf16 inputs
     step, drawn = flowbp_step(fb, args, transformer, vae_bf16, adapter.scheduler.config, reward, their_cond, prompts,
                               device)
-    row = _counted(step, timed(step, iters, device), flops)
+    row = _counted(step, timed(step, iters), flops)
     row["same_plans_as_ours"] = drawn == plans
     rows["FlowBP (its DRTune step)"] = _per_image(row, args.train_batch_size)
     _write(out, meta, rows)

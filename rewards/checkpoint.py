@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -9,6 +10,14 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointMismatchError, CorruptCheckpointError, UnsafeCheckpointError
+
+
+def read_json(path: str | Path, *, reward: str, what: str = "file") -> dict:
+    """A JSON file of a checkpoint (a config, a processor config, an index) as a dict, or an error naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise CorruptCheckpointError(f"{reward}: could not read the {what} {path}: {err}") from err
 
 
 def read_checkpoint(path: str | Path, *, reward: str) -> dict:

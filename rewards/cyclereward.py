@@ -23,7 +23,6 @@ from torch import nn
 from . import imagereward as ir
 from .base import Reward
 from .checkpoint import load_state_dict_strict, read_checkpoint
-from .errors import CheckpointMismatchError
 from .hub import resolve_file
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Normalize, resize_shortest_then_crop
 
@@ -42,31 +41,8 @@ MED_CONFIG = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads"
 
 def convert_checkpoint(state: dict[str, torch.Tensor], *, name: str, source: str) -> dict[str, torch.Tensor]:
     """Map the original CycleReward state dict (blip.*, mlp.layers.*) to this module's keys; unknown keys are errors."""
-    out, unknown = {}, []
-    for key, value in state.items():
-        if key == ir.POSITION_IDS:
-            ir._check_position_ids(value, source)
-        elif key in ir.UNUSED_KEYS:
-            continue
-        elif (new := _convert_key(key)) is not None:
-            out[new] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointMismatchError(
-            f"{name}: {source} holds {len(unknown)} keys CycleReward does not have ({', '.join(sorted(unknown)[:8])}). "
-            f"Is this CycleReward-<variant>.pth from {RELEASE_URL.format(variant='<variant>')}?")
-    return out
-
-
-def _convert_key(key: str) -> str | None:
-    for old, new in ir.PREFIXES.items():
-        if key.startswith(old):
-            return new + key[len(old):]
-    parts = key.split(".")
-    if len(parts) == 4 and parts[:2] == ["mlp", "layers"] and parts[2].isdigit() and int(parts[2]) in HEAD_INDICES:
-        return f"head.{HEAD_INDICES[int(parts[2])]}.{parts[3]}"
-    return None
+    return ir.convert_checkpoint(state, source=source, head_indices=HEAD_INDICES, name=name,
+                                 expected=f"CycleReward-<variant>.pth from {RELEASE_URL.format(variant='<variant>')}")
 
 
 class CycleReward(Reward):

@@ -28,7 +28,6 @@ states depend on it. Only the ~20 system tokens before the image are image-indep
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Reward
-from .checkpoint import load_state_dict_strict, read_checkpoint
+from .checkpoint import load_state_dict_strict, read_checkpoint, read_json
 from .errors import CheckpointMismatchError, CorruptCheckpointError, InputError, MissingFileError
 from .hub import resolve_file
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Normalize, resize_bicubic, resize_pil_8bit
@@ -146,14 +145,6 @@ def convert_key(key: str) -> str | None:
         if index.isdigit() and int(index) in HEAD_INDICES and param in ("weight", "bias"):
             return f"head.{HEAD_INDICES.index(int(index))}.{param}"
     return None
-
-
-def read_json(path: str | os.PathLike, what: str) -> dict:
-    """A JSON file of the base model, with an error that says which file was unreadable."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise CorruptCheckpointError(f"{NAME}: could not read the {what} {path}: {err}") from err
 
 
 def build_configs(config: dict, vocab_size: int):
@@ -344,8 +335,8 @@ def load_hpsv3(
     chat-template and processor files (`base`: a folder holding them, else the hub repo Qwen/Qwen2-VL-7B-Instruct;
     its 16 GB weights are never fetched). `pil_8bit=False` resizes in floating point instead of PIL's 8 bits."""
     ckpt = resolve_file(checkpoint, reward=NAME, role="checkpoint", repo_id=REPO_ID, filename=CHECKPOINT_FILE)
-    config = read_json(_base_file(base, CONFIG_FILE, "base"), "config")
-    processor = read_json(_base_file(base, PROCESSOR_FILE, "base"), "image-processor config")
+    config = read_json(_base_file(base, CONFIG_FILE, "base"), reward=NAME, what="config")
+    processor = read_json(_base_file(base, PROCESSOR_FILE, "base"), reward=NAME, what="image-processor config")
     files = [_base_file(base, name, "base") for name in TOKENIZER_FILES]
     template = _chat_template(base, files[2])
     tokenizer = load_tokenizer(files[0].parent)
@@ -370,9 +361,10 @@ def _chat_template(base, tokenizer_config: Path) -> str:
     """The processor's chat template (chat_template.json, what the official processor renders with), else the
     tokenizer's (tokenizer_config.json)."""
     try:
-        template = read_json(_base_file(base, CHAT_TEMPLATE_FILE, "base"), "chat template").get("chat_template")
+        chat_template = _base_file(base, CHAT_TEMPLATE_FILE, "base")
+        template = read_json(chat_template, reward=NAME, what="chat template").get("chat_template")
     except MissingFileError:
-        template = read_json(tokenizer_config, "tokenizer config").get("chat_template")
+        template = read_json(tokenizer_config, reward=NAME, what="tokenizer config").get("chat_template")
     if not isinstance(template, str):
         raise CorruptCheckpointError(
             f"{NAME}: neither {CHAT_TEMPLATE_FILE} nor {tokenizer_config} holds a chat template"

@@ -12,7 +12,6 @@ them (`pil_8bit=False`: float resize).
 
 from __future__ import annotations
 
-import json
 import os
 from functools import partial
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Reward
-from .checkpoint import load_state_dict_strict, read_checkpoint
+from .checkpoint import load_state_dict_strict, read_checkpoint, read_json
 from .errors import CheckpointMismatchError, CorruptCheckpointError, MissingFileError
 from .hub import resolve_file
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Normalize, resize_shortest_then_crop
@@ -51,48 +50,47 @@ POSITION_IDS = "blip.text_encoder.embeddings.position_ids"  # a buffer; must be 
 RENAMED = "keys renamed blip.visual_encoder.* -> vision.*, blip.text_encoder.* -> text.*, mlp.layers.* -> head.*"
 
 
-def convert_checkpoint(state_dict: dict[str, torch.Tensor], *, source: str = CHECKPOINT_FILE) -> dict:
-    """Map the original ImageReward state dict to this module's keys; unknown or malformed keys are errors."""
+def convert_checkpoint(state_dict: dict[str, torch.Tensor], *, source: str = CHECKPOINT_FILE,
+                       head_indices: dict[int, int] = HEAD_INDICES, name: str = NAME,
+                       expected: str = f"the original {CHECKPOINT_FILE} from the Hugging Face repo {REPO_ID}") -> dict:
+    """Map the original state dict of ImageReward (or of a reward on its BLIP modules with another head layout, such
+    as CycleReward) to this module's keys; unknown or malformed keys are errors naming `name` and `expected`."""
     out, unknown = {}, []
     for key, value in state_dict.items():
         if key == POSITION_IDS:
-            _check_position_ids(value, source)
+            _check_position_ids(value, source, name)
         elif key in UNUSED_KEYS:
             continue
-        elif (new := _convert_key(key)) is not None:
+        elif (new := _convert_key(key, head_indices)) is not None:
             out[new] = value
         else:
             unknown.append(key)
     if unknown:
         shown = ", ".join(sorted(unknown)[:8]) + (f" ... and {len(unknown) - 8} more" if len(unknown) > 8 else "")
         raise CheckpointMismatchError(
-            f"{NAME}: {source} holds {len(unknown)} keys that ImageReward does not have ({shown}). "
-            f"Is this the original {CHECKPOINT_FILE} from the Hugging Face repo {REPO_ID}?"
+            f"{name}: {source} holds {len(unknown)} keys that {name} does not have ({shown}). Is this {expected}?"
         )
     return out
 
 
-def _convert_key(key: str) -> str | None:
+def _convert_key(key: str, head_indices: dict[int, int] = HEAD_INDICES) -> str | None:
     for old, new in PREFIXES.items():
         if key.startswith(old):
             return new + key[len(old) :]
     parts = key.split(".")
-    if len(parts) == 4 and parts[:2] == ["mlp", "layers"] and parts[2].isdigit() and int(parts[2]) in HEAD_INDICES:
-        return f"head.{HEAD_INDICES[int(parts[2])]}.{parts[3]}"
+    if len(parts) == 4 and parts[:2] == ["mlp", "layers"] and parts[2].isdigit() and int(parts[2]) in head_indices:
+        return f"head.{head_indices[int(parts[2])]}.{parts[3]}"
     return None
 
 
-def _check_position_ids(value: torch.Tensor, source: str) -> None:
+def _check_position_ids(value: torch.Tensor, source: str, name: str = NAME) -> None:
     if not torch.equal(value.reshape(-1).long(), torch.arange(value.numel())):
-        raise CheckpointMismatchError(f"{NAME}: {source}: {POSITION_IDS} is not 0, 1, 2, ...; the file is damaged.")
+        raise CheckpointMismatchError(f"{name}: {source}: {POSITION_IDS} is not 0, 1, 2, ...; the file is damaged.")
 
 
 def read_med_config(path: str | os.PathLike) -> dict:
     """Read BLIP's med_config.json (a BERT config) and check the fields the score depends on."""
-    try:
-        config = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise CorruptCheckpointError(f"{NAME}: could not read the config {path}: {err}") from err
+    config = read_json(path, reward=NAME, what="config")
     wanted = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     absent = [k for k in wanted if k not in config]
     if absent:

@@ -17,7 +17,6 @@ antialiased, on the float tensor), centre crop and normalisation.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Reward
-from .checkpoint import load_state_dict_strict, read_checkpoint
+from .checkpoint import load_state_dict_strict, read_checkpoint, read_json
 from .errors import CheckpointMismatchError, CorruptCheckpointError
 from .hf_keys import fit_keys
 from .hub import resolve_file, resolve_folder
@@ -136,7 +135,7 @@ class ImscoreReward(Reward):
             if tuple(size) != (h, w):
                 x = resize_bicubic(x, tuple(size), clamp=False, filter="bilinear")
         if g["crop"] is not None:
-            x = _crop(x, g["crop"])
+            x = center_crop(x, tuple(g["crop"]), offset="round")
         if not g["normalize"]:
             return x
         return (x - self.normalize.mean.to(x.dtype)) / self.normalize.std.to(x.dtype)  # float64 stays float64
@@ -179,14 +178,6 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if size[0] == size[1]:
-        return center_crop(x, size[0], offset="round")
-    h, w = x.shape[-2:]
-    top, left = int(round((h - size[0]) / 2.0)), int(round((w - size[1]) / 2.0))
-    return x[..., top : top + size[0], left : left + size[1]]
-
-
 # -- loading -----------------------------------------------------------------------------------------------------------
 def load_imscore_head(
     *,
@@ -224,10 +215,7 @@ def load_imscore_head(
 
 def read_options(path: Path, variant: str) -> dict:
     """The constructor arguments imscore saved in the repo's config.json (tag, expansion, layers)."""
-    try:
-        options = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise CorruptCheckpointError(f"{variant}: could not read {path}: {err}") from err
+    options = read_json(path, reward=variant, what="config")
     if "tag" not in options:
         raise CorruptCheckpointError(f"{variant}: {path} names no backbone `tag`; is it imscore's config.json?")
     return {"expansion": 4, "layers": 3, **options}

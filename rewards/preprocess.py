@@ -198,18 +198,20 @@ def longest_side_size(height: int, width: int, size: int) -> tuple[int, int]:
     return round(height * scale), round(width * scale)
 
 
-def center_crop(images: torch.Tensor, size: int, offset: str = "round") -> torch.Tensor:
-    """Crop the central size x size window; offset 'round' (torchvision) or 'floor' (Hugging Face)."""
+def center_crop(images: torch.Tensor, size: int | tuple[int, int], offset: str = "round") -> torch.Tensor:
+    """Crop the central size x size (or (height, width)) window; offset 'round' (torchvision) or 'floor' (Hugging
+    Face)."""
     h, w = images.shape[-2:]
-    if h < size or w < size:
-        raise ValueError(f"center_crop needs an image of at least {size}x{size}, got {h}x{w}")
+    ch, cw = (size, size) if isinstance(size, int) else size
+    if h < ch or w < cw:
+        raise ValueError(f"center_crop needs an image of at least {ch}x{cw}, got {h}x{w}")
     if offset == "round":
-        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
     elif offset == "floor":
-        top, left = (h - size) // 2, (w - size) // 2
+        top, left = (h - ch) // 2, (w - cw) // 2
     else:
         raise ValueError(f"offset must be 'round' or 'floor', got {offset!r}")
-    return images[..., top : top + size, left : left + size]
+    return images[..., top : top + ch, left : left + cw]
 
 
 def pad_to_square(images: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:

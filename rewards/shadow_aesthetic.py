@@ -9,7 +9,6 @@ arithmetic, as the pipeline sees it; `pil_8bit=False` resizes in floating point.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from .base import Reward
-from .checkpoint import load_state_dict_strict, read_checkpoint
+from .checkpoint import load_state_dict_strict, read_checkpoint, read_json
 from .errors import CheckpointMismatchError, CorruptCheckpointError
 from .hf_keys import fit_keys
 from .hub import resolve_file
@@ -120,10 +119,7 @@ def _weights_file(checkpoint: PathLike | None) -> Path:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        config = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise CorruptCheckpointError(f"{NAME}: could not read {path}: {err}") from err
+    config = read_json(path, reward=NAME, what="processor config")
     missing = [k for k in ("size", "image_mean", "image_std") if k not in config]
     if missing or not {"height", "width"} <= set(config.get("size", {})):
         raise CorruptCheckpointError(f"{NAME}: {path} lacks {missing or 'size height/width'}; is it the ViT processor "

@@ -19,7 +19,6 @@ and what t2v_metrics runs); see docs/rewards.md for memory and speed.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from .base import Reward
-from .checkpoint import read_checkpoint
+from .checkpoint import read_checkpoint, read_json
 from .errors import CheckpointMismatchError, CorruptCheckpointError, InputError, MissingFileError
 from .hub import resolve_file
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Normalize, resize_bicubic, resize_pil_8bit
@@ -63,14 +62,6 @@ RENAMED = "keys renamed vision_tower.vision_tower.* -> vision.*, mm_projector.* 
 
 
 # -- files -----------------------------------------------------------------------------------------------------
-def read_json(path: str | os.PathLike, what: str) -> dict:
-    """A JSON file as a dict, or an error naming the file."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise CorruptCheckpointError(f"{NAME}: could not read the {what} {path}: {err}") from err
-
-
 def check_config(config: dict, source: str) -> dict:
     """The CLIP-T5 fields the score depends on, checked: projector type, selected layer and feature."""
     absent = [k for k in ("d_model", "num_layers", "num_heads", "d_ff", "vocab_size") if k not in config]
@@ -90,7 +81,7 @@ def vision_config(path: str | os.PathLike | None):
 
     if path is None:
         return CLIPVisionConfig(**CLIP_L_336)
-    config = read_json(path, "vision config")
+    config = read_json(path, reward=NAME, what="vision config")
     fields = config.get("vision_config", config)
     keep = {k: v for k, v in fields.items() if k in CLIP_L_336 or k in ("num_channels", "attention_dropout")}
     return CLIPVisionConfig(**keep)
@@ -135,7 +126,7 @@ def weight_files(checkpoint: str | os.PathLike | None, config_path: Path) -> lis
 
 def _shards(index: Path, folder: Path | None) -> list[Path]:
     """The shard files an index's weight_map names, from `folder` (the index's own) or the hub."""
-    names = sorted(set(read_json(index, "weight index").get("weight_map", {}).values()))
+    names = sorted(set(read_json(index, reward=NAME, what="weight index").get("weight_map", {}).values()))
     if not names:
         raise CorruptCheckpointError(f"{NAME}: {index} maps no weights; download it again.")
     where = None if folder is None else index.parent
@@ -347,7 +338,7 @@ def load_vqascore(
     config_path = resolve_file(checkpoint if checkpoint is None or Path(checkpoint).is_dir()
                                else Path(checkpoint).parent, reward=NAME, role="checkpoint", repo_id=REPO_ID,
                                filename=CONFIG_FILE)
-    config = check_config(read_json(config_path, "config"), str(config_path))
+    config = check_config(read_json(config_path, reward=NAME, what="config"), str(config_path))
     files = weight_files(checkpoint, config_path)
     tok = load_tokenizer(resolve_file(tokenizer, reward=NAME, role="tokenizer", repo_id=TOKENIZER_REPO,
                                       filename=TOKENIZER_FILE))

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import gc
+import json
 import math
 import time
 import warnings
@@ -833,9 +833,9 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
 
     # --- the loop
     shared_plans = (lambda step, micro: plan_generator(t.seed, step, micro)) if sharded else None
-    step_parts = StepParts(cfg, accelerator, adapter, method, train_reward, sampler, optimizer, scaler, params, gen,
-                           autocast, conditioning, step_hook, penalty, pretrain_loss(cfg, adapter, rank, world),
-                           shared_plans)
+    step_parts = dataclasses.replace(  # the trial steps' parts, with the layout chosen and the guarded reward
+        step_parts, cfg=cfg, reward=train_reward, sampler=sampler, plans_from=shared_plans,
+        pretrain=pretrain_loss(cfg, adapter, rank, world) if auto else step_parts.pretrain)
     bar = tqdm(total=t.steps, initial=start, disable=not (main and cfg.log.progress), desc=f"{cfg.method}")
     stack.callback(bar.close)
     last, t_start, stopped_at = {}, time.perf_counter(), None

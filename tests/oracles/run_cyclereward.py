@@ -35,19 +35,14 @@ def install_shims(vocab_dir, vit):
 
 def write_random_checkpoint(path, med_config_path, head_std, seed):
     """The official module with random weights (its own init), a wider head so scores spread; saved as the release
-    files are: the module's state dict."""
+    files are: the module's state dict (the head's init and the saving are ImageReward's oracle's: the same MLP)."""
     import torch
     from cyclereward.model import CycleReward
 
+    from run_imagereward import write_random_checkpoint as save_with_wide_head  # this folder, stdlib imports only
+
     torch.manual_seed(seed)
-    model = CycleReward(device="cpu", med_config=med_config_path)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for layer in model.mlp.layers:
-            if isinstance(layer, torch.nn.Linear):
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * head_std / layer.in_features**0.5)
-                layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen) * 0.1)
-    torch.save(model.state_dict(), path)
+    save_with_wide_head(CycleReward(device="cpu", med_config=med_config_path), path, head_std, seed)
 
 
 def main(job_path):
