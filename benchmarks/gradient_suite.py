@@ -36,6 +36,8 @@ from benchmarks.reward_models import (
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 EAGER_ONLY = ("vqascore",)  # rewards.speed has no fast path for these: only eager and the preprocess component
+# Too large for a second, float32 copy beside the measured one (7B, 11B): their bf16 cases get no float32 reference.
+NO_FP32_REFERENCE = ("hpsv3", "vqascore")
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ class Suite:
         self.inputs_cache: dict[tuple, tuple] = {}
         self.flops_cache: dict[tuple, int] = {}
         self.reference: dict[tuple, torch.Tensor] = {}
+        self.fp32_scores: dict[tuple, torch.Tensor | None] = {}
         self.compiled = False
         _raise_recompile_limit()
 
@@ -264,6 +267,22 @@ class Suite:
         if VARIANTS[case.variant].channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images.detach().requires_grad_(True), prompts
+
+    def fp32_reference(self, case: Case, images: torch.Tensor, prompts: list[str]) -> torch.Tensor | None:
+        """Our eager float32 scores of a low-precision case's images (the same values, upcast): the yardstick a
+        low-precision variant's rounding is judged by. None for float32 cases and rewards too large for a copy."""
+        if case.dtype == "fp32" or case.reward in NO_FP32_REFERENCE or not _model(case.reward):
+            return None
+        key = (case.reward, case.batch)
+        if key not in self.fp32_scores:
+            model = load_ours(case.reward, self.files, device=self.settings.device, dtype=torch.float32)
+            with torch.no_grad():
+                self.fp32_scores[key] = model(images.detach().float(), prompts).float().cpu()
+            del model
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return self.fp32_scores[key]
 
     def flops(self, case: Case, fn, images: torch.Tensor, prompts: list[str]) -> int:
         """FLOPs of one forward+backward (FlopCounterMode, eager), shared by variants of the same computation."""

@@ -68,7 +68,7 @@ def test_reward_gradient(benchmark, suite: Suite, case: Case) -> None:
         synchronize(device)
         first_s = time.perf_counter() - start
         _check(case, scores, grad)
-        info = _agreement(suite, case, scores)
+        info = _agreement(suite, case, scores, images, prompts)
         flops = suite.flops(case, fn, images, prompts)
         del scores, grad
         peak, base = _timed(benchmark, suite, step)
@@ -107,12 +107,16 @@ def _check(case: Case, scores: torch.Tensor, grad: torch.Tensor) -> None:
     assert grad.abs().sum() > 0, f"{case.id}: the gradient is zero"
 
 
-def _agreement(suite: Suite, case: Case, scores: torch.Tensor) -> dict:
-    """Scores and, for every case but our eager one, their distance to our eager scores on the same images."""
+def _agreement(suite: Suite, case: Case, scores: torch.Tensor, images: torch.Tensor, prompts: list[str]) -> dict:
+    """Scores and, for every case but our eager one, their distance to our eager scores on the same images; for a
+    bf16 case also its distance to our float32 scores, which our bf16 eager case's own distance puts in scale."""
     key = (case.reward, case.dtype, case.batch)
     info = {"score_mean": float(scores.detach().float().mean())}
     if VARIANTS[case.variant].component:
         return info
+    fp32 = suite.fp32_reference(case, images, prompts)
+    if fp32 is not None:
+        info["score_rel_diff_vs_fp32"] = relative_difference(scores, fp32)
     if case.impl == "ours" and case.variant == "eager":
         suite.reference[key] = scores.detach().float().cpu()
     elif key in suite.reference:

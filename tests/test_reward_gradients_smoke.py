@@ -111,3 +111,27 @@ def test_targets_compare_our_best_variant_with_imscore():
     (target,) = goals(*rows_from(slower))
     assert target["best_variant"] == "eager" and target["meets_2x_no_more_memory"] is False
     assert target["meets_58pct_peak"] is False
+
+
+def test_a_variant_further_from_float32_than_eager_does_not_count():
+    from benchmarks.reward_gradients import ROUNDING_TOLERANCE, goals, rows_from
+
+    def rec(variant: str, median: float, vs_fp32: float) -> dict:
+        record = _record("ours", variant, median, 10.0)
+        record["extra_info"]["score_rel_diff_vs_fp32"] = vs_fp32
+        return record
+
+    records = [rec("eager", 0.09, 0.2), rec("fast", 0.06, 0.2 * ROUNDING_TOLERANCE),
+               rec("compile", 0.04, 0.2 * ROUNDING_TOLERANCE * 1.01)]
+    rows, peak = rows_from(records)
+    assert {r["variant"]: r["counts"] for r in rows} == {"eager": True, "fast": True, "compile": False}
+    (target,) = goals(rows, peak)
+    assert target["best_variant"] == "fast"  # the faster compiled variant rounds too far from float32
+
+
+def test_bf16_rows_carry_their_distance_to_float32(run):
+    rows = [r for r in run["data"]["rows"] if r["impl"] == "ours" and r["dtype"] == "bf16" and not r["component"]]
+    measured = [r for r in rows if r["reward"] not in ("hpsv3", "vqascore", "symmetry", "sharpness")]
+    assert measured and all(r["score_rel_diff_vs_fp32"] is not None for r in measured)
+    assert all(0 < r["score_rel_diff_vs_fp32"] < 0.1 for r in measured)  # bf16 rounding of tiny models: small, not 0
+    assert all(r["score_rel_diff_vs_fp32"] is None for r in run["data"]["rows"] if r["dtype"] == "fp32")
