@@ -5,6 +5,7 @@ base model's on the same prompts and seeds. Spread is the sample standard deviat
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -327,6 +328,8 @@ def report(profile: str, results: Path | None = None) -> Path:
     p = PROFILES[profile]
     out, _ = paths(profile, results)
     res = Results(p, read_rows(out / "results.jsonl"))
+    if "fair" in p.groups:
+        return _fair_report(profile, res, out)
     sections = [f"# Reproduction study, profile `{profile}`", "", _settings_line(p.settings, res), "",
                 "## Held-out gain of the tuned reward, equal iterations and images per step", "",
                 methods_table(res), "", "![gains](methods.png)", "",
@@ -360,6 +363,20 @@ def report(profile: str, results: Path | None = None) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(sections))
     print(f"wrote {path} and {len(plots)} plots")
+    return path
+
+
+def _fair_report(profile: str, res: Results, out: Path) -> Path:
+    """report.md (and fair.json, fronts.png) of a fair-test profile."""
+    from benchmarks.reproduction import fair
+
+    lrs = ", ".join(f"{lr:g}" for lr in res.s.lrs)
+    head = [f"# The fair test, profile `{profile}`", "", _settings_line(res.s, res).replace(
+        f"AdamW lr {res.s.lr:g}", f"AdamW lr {lrs} (guards: {res.s.guard_lr:g})"), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(head + fair.sections(res, out)))
+    (out / "fair.json").write_text(json.dumps(fair.summary(res), indent=1) + "\n")
+    print(f"wrote {path}, fair.json and fronts.png")
     return path
 
 

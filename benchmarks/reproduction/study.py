@@ -55,6 +55,11 @@ class Settings:
     centered_prompts: str = "shapes_centered"  # the "centered" group: symmetry where captions allow it
     cost_steps: int = 20  # per-method cost, run alone (--workers 1)
     grid_prompts: int = 8  # images per row of the sample grids
+    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)  # the fair test: every method at each (log-spaced)
+    fair_rewards: tuple[str, ...] = ("symmetry", "sharpness", "shapes-clip")
+    guard_lr: float = 3e-3  # the guards group: DRTune where it hacks, with each guard
+    judge_captions: int = 0  # held-out captions the ground-truth judge scores before and after each run (0: off)
+    judge_seeds: int = 2  # noise seeds per judge caption
 
 
 @dataclass(frozen=True)
@@ -69,13 +74,18 @@ class Cell:
     steps: int
     prompts: str | None = None  # None: the profile's prompts
     groups: tuple[str, ...] = field(default=(), compare=False)
+    lr: float | None = None  # None: the profile's learning rate
+    guards: tuple[tuple[str, Any], ...] = ()  # guards.* options of the tuner (tuples for lists)
 
     @property
     def id(self) -> str:
         """A file-name-safe unique name: variant, reward, prompts, steps, seed."""
         opts = "-".join(f"{_ABBREV.get(k, k)}{_short(v)}" for k, v in self.options)
         where = f"__{self.prompts}" if self.prompts else ""
-        return f"{self.method}{'-' + opts if opts else ''}__{self.reward}{where}__n{self.steps}__s{self.seed}"
+        lr = f"__lr{self.lr:g}" if self.lr is not None else ""
+        guards = "".join(f"__{_ABBREV.get(k, k)}{_short(v)}" for k, v in self.guards)
+        return (f"{self.method}{'-' + opts if opts else ''}__{self.reward}{where}__n{self.steps}{lr}{guards}"
+                f"__s{self.seed}")
 
     def method_options(self) -> dict[str, Any]:
         """The options as the tuner's method_options."""
@@ -83,11 +93,14 @@ class Cell:
 
 
 _ABBREV = {"num_trained": "K", "early_stop_range": "m", "detach_input": "sg", "spacing": "", "min_steps": "min",
-           "max_steps": "max"}
+           "max_steps": "max", "kl_weight": "kl", "pretrain_weight": "pt", "pretrain_data": "ptdata",
+           "augment": "aug", "normalize": "norm", "select_every": "sel", "select_metric": "by", "keep_best": "best"}
 
 
 def _short(value: Any) -> str:
-    return {True: "T", False: "F"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+    if isinstance(value, bool):
+        return {True: "T", False: "F"}[value]
+    return "+".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 @dataclass(frozen=True)
@@ -99,19 +112,38 @@ class Profile:
     groups: tuple[str, ...]
     methods: tuple[str, ...] | None = None  # main-comparison labels to keep (None = all)
     rewards: tuple[str, ...] = REWARDS
+    guards: tuple[str, ...] | None = None  # labels of GUARDS the guards group runs (None = all)
 
 
-GROUPS = ("methods", "stopgrad", "k", "spacing", "early_stop", "centered", "hacking", "cost")
+GROUPS = ("methods", "stopgrad", "k", "spacing", "early_stop", "centered", "hacking", "cost", "fair", "guards")
+# The guards group (issue 22): DRTune at Settings.guard_lr with each guard of docs/tuner.md alone. keep-best selects
+# by the ground-truth judge on its own selection captions and seeds: an oracle selection, the most it can give.
+GUARDS = {
+    "no guard": (),
+    "KL 1.0": (("kl_weight", 1.0),),
+    "pretraining loss 1.0": (("pretrain_weight", 1.0), ("pretrain_data", "shapes")),
+    "augment crop+shift+noise": (("augment", ("crop", "shift", "noise")),),
+    "normalize": (("normalize", "total"),),
+    "keep-best (judge)": (("select_every", 10), ("select_metric", "shapes-judge"), ("keep_best", True)),
+}
 FULL = Settings()
 CPU = Settings(steps=20, batch_size=2, num_steps=10, warmup_steps=2, num_eval=8, heldout_seeds=(0,), drtune_k=3,
                early_stop=3, k_sweep=(1, 2, 3, 5, 10), early_stop_sweep=(1, 3, 5, 10), hacking_steps=80, cost_steps=10)
 PROFILES = {
-    "full": Profile("full", FULL, GROUPS[:-1]),  # cost runs alone: --groups cost --workers 1
+    "full": Profile("full", FULL, GROUPS[:7]),  # cost runs alone: --groups cost --workers 1
+    # The fair test of the paper's claim (issue 22): every method at each learning rate, scored by the checkers too.
+    "fair": Profile("fair", dataclasses.replace(FULL, judge_captions=128), ("fair", "guards"),
+                    rewards=FULL.fair_rewards),
     "pilot": Profile("pilot", CPU, ("methods", "stopgrad")),
     # The CI test (tests/test_reproduction.py): the pilot's DRTune and ReFL on symmetry; the in-loop evaluation
     # only at the start and the end (it draws on its own generators: the runs and held-out scores are the same).
     "ci": Profile("ci", dataclasses.replace(CPU, eval_every=20), ("methods",), methods=("DRTune", "ReFL"),
                   rewards=("symmetry",)),
+    # The fair test's CI run (tests/test_reproduction_fair.py): DRTune at two rates, one guard, a tiny judge.
+    "fair-ci": Profile("fair-ci", dataclasses.replace(CPU, steps=4, eval_every=4, lrs=(1e-3, 1e-2), guard_lr=1e-2,
+                                                      seeds=(0,), judge_captions=4, judge_seeds=1, num_eval=4),
+                       ("fair", "guards"), methods=("DRTune",), rewards=("symmetry",),
+                       guards=("no guard", "KL 1.0")),
 }
 
 
@@ -138,7 +170,7 @@ def drtune_variant(s: Settings, label: str, **changes: Any) -> tuple[str, str, d
 def group_variants(group: str, p: Profile) -> list[tuple[str, str, dict[str, Any]]]:
     """(label, method, options) of a group's variants."""
     s = p.settings
-    if group in ("methods", "centered"):
+    if group in ("methods", "centered", "fair"):
         keep = p.methods or tuple(variants(s))
         return [(label, *variants(s)[label]) for label in keep]
     if group == "cost":
@@ -157,6 +189,8 @@ def group_variants(group: str, p: Profile) -> list[tuple[str, str, dict[str, Any
         return [drtune_variant(s, f"DRTune m={m}", early_stop_range=m) for m in s.early_stop_sweep]
     if group == "hacking":
         return [drtune_variant(s, "DRTune, long")]
+    if group == "guards":
+        return [drtune_variant(s, "DRTune")]
     raise ValueError(f"unknown group {group!r}; groups: {GROUPS}")
 
 
@@ -180,11 +214,23 @@ def cells(p: Profile, groups: tuple[str, ...] | None = None) -> list[Cell]:
         prompts = s.centered_prompts if group == "centered" else None
         for seed in seeds:
             for reward in rewards:
-                for label, method, opts in group_variants(group, p):
-                    cell = Cell(label, method, canonical_options(method, opts), reward, seed, steps, prompts, (group,))
-                    seen = out.get(cell.id)
-                    out[cell.id] = cell if seen is None else dataclasses.replace(seen, groups=seen.groups + (group,))
+                for lr, guard, guards in _rates_and_guards(group, p):
+                    for label, method, opts in group_variants(group, p):
+                        cell = Cell(label + guard, method, canonical_options(method, opts), reward, seed, steps,
+                                    prompts, (group,), lr, guards)
+                        seen = out.get(cell.id)
+                        out[cell.id] = cell if seen is None else dataclasses.replace(seen, groups=seen.groups + (group,))
     return list(out.values())
+
+
+def _rates_and_guards(group: str, p: Profile) -> list[tuple[float | None, str, tuple[tuple[str, Any], ...]]]:
+    """(learning rate, label suffix, guards) of a group's runs: the fair test's rates, the guards group's guards."""
+    s = p.settings
+    if group == "fair":
+        return [(lr, "", ()) for lr in s.lrs]
+    if group == "guards":
+        return [(s.guard_lr, f", {label}", GUARDS[label]) for label in p.guards or GUARDS]
+    return [(None, "", ())]
 
 
 # ---------------------------------------------------------------- one cell
@@ -200,11 +246,13 @@ def config(cell: Cell, s: Settings, runs: Path):
         "method": cell.method, "method_options": cell.method_options(), "reward": cell.reward,
         "sampling": {"scheduler": "ddim", "num_steps": s.num_steps, "guidance_scale": s.guidance_scale,
                      "height": 64, "width": 64},
-        "train": {"steps": cell.steps, "batch_size": s.batch_size, "lr": s.lr, "warmup_steps": s.warmup_steps,
-                  "max_grad_norm": s.max_grad_norm, "seed": cell.seed},
+        "train": {"steps": cell.steps, "batch_size": s.batch_size, "lr": cell.lr or s.lr,
+                  "warmup_steps": s.warmup_steps, "max_grad_norm": s.max_grad_norm, "seed": cell.seed},
+        "guards": {k: list(v) if isinstance(v, tuple) else v for k, v in cell.guards},
         "lora": {"rank": 8, "alpha": 8.0},
         "prompts": {"file": cell.prompts or s.prompts, "num_eval": s.num_eval},
-        "log": {"eval_every": eval_every, "tensorboard": False, "progress": False},
+        "log": {"eval_every": eval_every, "tensorboard": False, "progress": False,
+                "judge_captions": s.judge_captions, "judge_seeds": s.judge_seeds},
         "checkpoint": {"every": cell.steps, "keep": 1},
     }))
 
@@ -349,7 +397,8 @@ def run_cell(cell: Cell, s: Settings, runs: Path) -> dict[str, Any]:
     row = {
         "id": cell.id, "label": cell.label, "groups": list(cell.groups), "method": cell.method,
         "options": cell.method_options(), "reward": cell.reward, "seed": cell.seed, "steps": cell.steps,
-        "prompts": cell.prompts,
+        "prompts": cell.prompts, "lr": cell.lr or s.lr, "guards": dict(cell.guards),
+        "ground_truth": summary.get("ground_truth"),
         "settings": dataclasses.asdict(s), "status": "ok",
         "heldout": {k: statistics.fmean(v) for k, v in scores.items()}, "heldout_per_image": scores,
         "wall_seconds": round(trained_s, 2), **_train_stats(run_dir, s.max_grad_norm),
