@@ -117,3 +117,20 @@ def test_sweep_table_lists_the_base_model_once_and_each_setting(tmp_path):
     lines = table(log).splitlines()
     assert len(lines) == 5 and lines[2].startswith("| base model (5 x 2 seeds)") and "| 60.0 |" in lines[2]
     assert "| 80.0 |" in lines[3] and "| 100.0 |" in lines[4]
+
+
+def test_relation_config_validates_and_its_caption_sets_are_disjoint():
+    from benchmarks.shapes_relation import CONFIG
+    from tuner.config import load_config, validate
+    from tuner.prompts import read_prompts
+    from tuner.shapes.judge import held_out_captions
+
+    cfg = validate(load_config(str(CONFIG), []))
+    assert cfg.reward == "shapes-relation" and cfg.log.judge_captions == 128 and cfg.log.judge_seeds == 2
+    train, gallery, select = (set(read_prompts(f)) for f in ("shapes_pairs", "shapes_pairs_gallery",
+                                                              "shapes_pairs_select"))
+    test = set(held_out_captions(cfg.log.judge_captions, exclude=train))
+    assert (len(train), len(gallery), len(select)) == (240, 6, 32)
+    assert not (train & gallery or train & select or train & test or gallery & select or gallery & test or select & test)
+    pairs = {s.caption for s in data.ShapesData(0).scenes(0, 1000) if len(s.shapes) == 2}
+    assert train <= pairs  # the training seed's two-shape captions
