@@ -33,6 +33,7 @@ register("clip", "rewards.clip_score:load_clip", needs_prompt=True)
 register("symmetry", "rewards.lowlevel:load_symmetry", needs_prompt=False)
 register("sharpness", "rewards.lowlevel:load_sharpness", needs_prompt=False)
 register("shapes-clip", "rewards.clip_score:load_shapes_clip", needs_prompt=True)
+register("shapes-relation", "rewards.shapes_relation:load_shapes_relation", needs_prompt=True)
 register("mps", "rewards.mps:load_mps", needs_prompt=True)
 register("vqascore", "rewards.vqascore:load_vqascore", needs_prompt=True, dtype=torch.bfloat16)  # 11B parameters
 register("hpsv3", "rewards.hpsv3:load_hpsv3", needs_prompt=True)

@@ -157,13 +157,15 @@ def load_clip(
     return reward.to(device)
 
 
-def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, pil_8bit: bool = True) -> ClipScore:
-    """The reward of an open_clip model folder (the layout `open_clip.create_model("local-dir:...")` reads)."""
+def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, pil_8bit: bool = True,
+                 cls: type[ClipScore] = ClipScore) -> ClipScore:
+    """The reward (`cls`, a ClipScore) of an open_clip model folder (the layout `open_clip.create_model("local-dir:...")`
+    reads)."""
     config, preprocess, weights = openclip.read_folder(folder, reward="clip")
     net = openclip.load_model(config, weights, reward="clip", device=device, dtype=dtype)
     tokenizer = openclip.get_tokenizer(f"local-dir:{folder}")
     preprocess = openclip.preprocess_config(config, overrides=preprocess)
-    reward = ClipScore(net, tokenizer, preprocess, folder.name, pil_8bit=pil_8bit)
+    reward = cls(net, tokenizer, preprocess, folder.name, pil_8bit=pil_8bit)
     return reward.to(device)
 
 

@@ -163,3 +163,12 @@ def test_plans_are_deterministic_given_the_generator():
 def test_invalid_plans(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Plan(**kwargs)
+
+
+def test_drtune_first_steps_trains_only_early_steps_and_still_runs_to_the_stop():
+    plans = _plans(DRTune(num_trained=2, early_stop_range=3, first_steps=6), 20)
+    assert {p.stop for p in plans} == {17, 18, 19}
+    assert {p.trained for p in plans} == {(0, 3), (1, 4), (2, 5)}  # stride 3 over steps 0..5, every offset
+    assert all(p.grad_from == p.trained[0] and p.detach_input for p in plans)
+    with pytest.raises(ValueError, match="first_steps must be a positive integer"):
+        get_method("drtune", first_steps=0)

@@ -115,17 +115,20 @@ class DRTune(Method):
     the whole chain (FLUX.1-schnell's 4 steps, say) is refused: no plan of the method could train K steps.
     Ablations (the paper's defaults are on): detach_input = False lets the gradient flow through the denoiser
     input of the trained steps (no stop-gradient); spacing = "last" trains the last K steps that run instead
-    of K equally spaced ones.
+    of K equally spaced ones. first_steps = n (ours, default off) spaces the K trained steps over the first n steps
+    only, where a layout is decided: the chain still runs to the stop step, the later steps untrained.
     """
 
     num_trained: int = 5
     early_stop_range: int = 10
     detach_input: bool = True
     spacing: str = "equal"
+    first_steps: int | None = None
     name = "drtune"
 
     def __post_init__(self) -> None:
-        _positive(self.name, num_trained=self.num_trained, early_stop_range=self.early_stop_range)
+        _positive(self.name, num_trained=self.num_trained, early_stop_range=self.early_stop_range,
+                  first_steps=self.first_steps)
         if not isinstance(self.detach_input, bool):
             raise ValueError(f"drtune: option detach_input must be true or false, got {self.detach_input!r}")
         if self.spacing not in SPACINGS:
@@ -138,7 +141,7 @@ class DRTune(Method):
         self.check_fits(num_steps)
         stop = _early_stop(num_steps, self.early_stop_range, generator)
         if self.spacing == "equal":
-            trained = spaced_steps(stop + 1, self.num_trained, generator)
+            trained = spaced_steps(min(stop + 1, self.first_steps or stop + 1), self.num_trained, generator)
         else:
             trained = last_steps(stop + 1, self.num_trained)
         return Plan(num_steps, stop, True, trained, detach_input=self.detach_input, grad_from=trained[0])

@@ -237,7 +237,7 @@ def _backgrounds(t: dict[str, torch.Tensor], gx: torch.Tensor, gy: torch.Tensor)
     return base + (other - base) * w[:, None]
 
 
-def _blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Per-image separable gaussian blur (sigma 0 leaves the image as it is), replicate padding."""
     b, c, h, w = images.shape
     offsets = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, device=images.device, dtype=images.dtype)
@@ -265,9 +265,9 @@ def render_tensors(t: dict[str, torch.Tensor], device: torch.device | str = "cpu
             d = torch.where(kind == i, shape_sdf(name, px, py, r), d)
         alpha = (0.5 - d).clamp(0, 1)[:, None]
         image = image * (1 - alpha) + t["color"][:, k, :, None, None] * alpha
-    blur = t["background"][:, 2]
-    if bool((blur > 0).any()):
-        image = torch.where((blur > 0)[:, None, None, None], _blur(image, blur), image)
+    sigma = t["background"][:, 2]
+    if bool((sigma > 0).any()):
+        image = torch.where((sigma > 0)[:, None, None, None], blur(image, sigma), image)
     return image.clamp(0, 1)
 
 
@@ -301,7 +301,19 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def relation_swapped(scene: Scene) -> str:
+    """The caption of a two-shape scene with the opposite relation (left of <-> right of, above <-> below)."""
+    return caption(dataclasses.replace(scene, relation=OPPOSITE[scene.relation]))
+
+
+def colours_swapped(scene: Scene) -> str:
+    """The caption of a two-shape scene with its shapes' colours exchanged (the same caption if they match)."""
+    first, second = (dataclasses.replace(s) for s in scene.shapes)
+    first.color, second.color = second.color, first.color
+    return caption(dataclasses.replace(scene, shapes=[first, second]))
 
 
 def mismatched_caption(scene: Scene, rng: random.Random) -> tuple[str, str]:
@@ -324,7 +336,7 @@ def mismatched_caption(scene: Scene, rng: random.Random) -> tuple[str, str]:
     elif fact == "size":
         target.size = rng.choice([s for s in SIZES if s != target.size])
     elif fact == "where":
-        other.relation = _OPPOSITE[scene.relation] if len(shapes) == 2 else rng.choice(
+        other.relation = OPPOSITE[scene.relation] if len(shapes) == 2 else rng.choice(
             [p for p in PLACES if p != scene.relation])
     elif fact == "background":
         used = {s.color for s in shapes}

@@ -4,6 +4,7 @@ then shapes-flow, an SD3-style flow-matching transformer on the same VAE and tex
     python -m tuner.shapes.train --out build/shapes                 # shapes-sd's stages; the CLIP in a second process
     python -m tuner.shapes.train --out build/shapes --stage flow    # one of vae clip unet eval flow flow-eval
     python -m tuner.shapes.train --out build/shapes --install       # copy the results to where the package ships them
+    python -m tuner.shapes.train --out build/shapes --stage relation # a relation CLIP from the CLIP (not shipped)
 
 Read top to bottom: the data stream, one loop per model, then evaluation (tuner/shapes/evaluate.py).
 Every image is made on the fly from (seed, index) (tuner/shapes/data.py): stream seed 0 trains, seed 1 is
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from tuner.shapes import models
-from tuner.shapes.data import ShapesData, mismatched_caption, render_tensors, scene_tensors
+from tuner.shapes.data import (ShapesData, blur, colours_swapped, mismatched_caption, relation_swapped,
+                               render_tensors, scene_tensors)
 
 PACKAGE_PIPELINE = Path(__file__).parent / "model"
 PACKAGE_CLIP = Path(__file__).parents[2] / "rewards" / "weights" / "shapes-clip"
@@ -54,6 +56,7 @@ STAGES = {
     "clip": Stage(steps=6000, batch=512, lr=1e-3, warmup=300, weight_decay=0.1),
     "unet": Stage(steps=16000, batch=512, lr=6e-4, warmup=500, weight_decay=0.01),
     "flow": Stage(steps=30000, batch=256, lr=4e-4, warmup=500, weight_decay=0.01),
+    "relation": Stage(steps=2000, batch=128, lr=2e-4, warmup=50, weight_decay=0.1),
 }
 VAE_KL_WEIGHT = 1e-5  # per latent element, against per-pixel L1: keeps the latent smooth, the decoder sharp
 CAPTION_DROP = 0.1  # UNet and flow: share of empty captions, for classifier-free guidance
@@ -77,8 +80,9 @@ class Stream(torch.utils.data.Dataset):
     """Batch i of the training stream: scene tensors (rendered later, on the GPU) and caption token ids."""
 
     def __init__(self, batch: int, tokens: Tokens | None = None, drop_caption: float = 0.0, negatives: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, relation_negatives: bool = False):
         self.batch, self.tokens, self.drop, self.negatives, self.data = batch, tokens, drop_caption, negatives, ShapesData(seed)
+        self.relation_negatives = relation_negatives
 
     def __len__(self) -> int:
         return 1 << 40
@@ -91,6 +95,11 @@ class Stream(torch.utils.data.Dataset):
             out["tokens"] = self.tokens(["" if rng.random() < self.drop else s.caption for s in scenes])
             if self.negatives:
                 out["negative_tokens"] = self.tokens([mismatched_caption(s, rng)[0] for s in scenes])
+            if self.relation_negatives:  # pairs: the relation, then the colours swapped; one shape: other facts
+                out["relation_tokens"] = self.tokens([relation_swapped(s) if len(s.shapes) == 2 else
+                                                      mismatched_caption(s, rng)[0] for s in scenes])
+                out["colour_tokens"] = self.tokens([colours_swapped(s) if len(s.shapes) == 2 else
+                                                    mismatched_caption(s, rng)[0] for s in scenes])
         return out
 
 
@@ -249,6 +258,86 @@ def train_clip(out: Path, s: Stage, device: torch.device, workers: int, time_lim
         if log.done(step, s):
             break
     models.save_clip(model.eval(), tok, out / "clip")
+    log.close(step + 1)
+
+
+# ------------------------------------------------------------------------------------------------ relation CLIP
+RELATION_NOISE = 0.08  # largest standard deviation of the pixel noise the relation CLIP trains under
+RELATION_BLUR = 1.5  # largest gaussian blur sigma (pixels) it trains under, in half of the images
+RELATION_ADVERSARY = 1.0  # L2 radius (pixels in [0, 1]) of the one-step adversarial perturbation; 0: none
+
+
+def _degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Training views that look more like a decoder's output: random pixel noise and, in half the images, blur."""
+    b = len(images)
+    sigma = torch.rand(b, generator=generator) * RELATION_BLUR * (torch.rand(b, generator=generator) < 0.5)
+    images = torch.where((sigma > 0)[:, None, None, None], blur(images, sigma.to(images.device)), images)
+    scale = torch.rand(b, 1, 1, 1, generator=generator) * RELATION_NOISE
+    noise = torch.randn(images.shape, generator=generator) * scale
+    return (images + noise.to(images.device)).clamp(0, 1)
+
+
+def _relation_loss(model, images: torch.Tensor, batch: dict[str, torch.Tensor], mean, std) -> torch.Tensor:
+    """InfoNCE of each image against every caption of the batch and its three hard negatives (relation swapped,
+    colours swapped, one other fact), and of each caption against every image."""
+    with _autocast(images.device):
+        image = F.normalize(model.encode_image((images - mean) / std).float(), dim=-1)
+        tokens = torch.cat([batch[k] for k in ("tokens", "relation_tokens", "colour_tokens", "negative_tokens")])
+        text = F.normalize(model.encode_text(tokens).float(), dim=-1)
+    logits = model.logit_scale.exp() * image @ text.T  # [B, 4B]
+    labels = torch.arange(len(image), device=images.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, : len(image)].T, labels)) / 2
+
+
+def _adversarial(model, images: torch.Tensor, batch: dict[str, torch.Tensor], mean, std, radius: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Images moved one gradient step (L2 norm `radius` per image, from a random start) to raise the loss: training
+    on them makes the model's image gradients follow what the picture shows rather than pixel patterns."""
+    start = torch.randn(images.shape, generator=generator).to(images.device)
+    start = start / start.flatten(1).norm(dim=1)[:, None, None, None] * radius * 0.5
+    x = (images + start).clamp(0, 1).requires_grad_(True)
+    (grad,) = torch.autograd.grad(_relation_loss(model, x, batch, mean, std), x)
+    step = grad / grad.flatten(1).norm(dim=1).clamp(min=1e-12)[:, None, None, None] * radius
+    return (images + step).clamp(0, 1).detach()
+
+
+def train_relation(out: Path, s: Stage, device: torch.device, workers: int, time_limit: float,
+                   adversary: float = RELATION_ADVERSARY) -> None:
+    """A relation CLIP: the shapes CLIP (<out>/clip, else the shipped one) fine-tuned on the training
+    seed's images with each pair's relation-swapped and colour-swapped captions as hard negatives, on noisy, blurred
+    and adversarially perturbed views, meant to give an image gradient that moves shapes rather than pixels. Writes
+    <out>/relation, an open_clip folder: rewards.load("shapes-relation", checkpoint=<out>/relation) scores with it.
+    Not shipped: tuning on it did no better than on shapes-clip (docs/tuner.md, relation runs)."""
+    import open_clip
+
+    source = out / "clip" if (out / "clip" / "open_clip_model.safetensors").is_file() else PACKAGE_CLIP
+    model = open_clip.create_model(f"local-dir:{source}").float().to(device).train()
+    tok = models.tokenizer()
+    opt = _optimizer(list(model.parameters()), s)
+    mean = torch.tensor(models.CLIP_PREPROCESS["mean"], device=device)[:, None, None]
+    std = torch.tensor(models.CLIP_PREPROCESS["std"], device=device)[:, None, None]
+    log = Log(out / "logs" / "relation.jsonl", s, time_limit)
+    log.write({"init": "shipped shapes-clip" if source == PACKAGE_CLIP else str(source), "adversary": adversary})
+    stream = Stream(s.batch, Tokens(tok, models.CLIP["text_cfg"]["context_length"]), negatives=True,
+                    relation_negatives=True)
+    generator = torch.Generator().manual_seed(0)
+    step = 0
+    for step, batch, images in batches(stream, 0, s.steps, workers, device):
+        images = _degrade(images, generator)
+        if adversary > 0:
+            images = _adversarial(model, images, batch, mean, std, adversary, generator)
+        loss = _relation_loss(model, images, batch, mean, std)
+        _set_lr(opt, lr_at(step, s))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        log.step(step, 20, loss=loss)
+        if log.done(step, s, warm=5, probe=20):
+            break
+    models.save_clip(model.eval(), tok, out / "relation")
     log.close(step + 1)
 
 
@@ -432,7 +521,8 @@ def install(out: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tuner.shapes.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for models, logs and figures")
-    p.add_argument("--stage", default="all", choices=["all", "vae", "clip", "unet", "eval", "flow", "flow-eval"])
+    p.add_argument("--stage", default="all",
+                   choices=["all", "vae", "clip", "unet", "eval", "flow", "flow-eval", "relation"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=4, help="data worker processes per stage")
     for name, s in STAGES.items():
@@ -445,6 +535,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="attention heads of 32 channels of shapes-flow")
     p.add_argument("--flow-init", type=Path, help="a flow pipeline folder this stage wrote, to go on training it "
                    "(its architecture and latent scaling; a new learning-rate schedule)")
+    p.add_argument("--relation-adversary", type=float, default=RELATION_ADVERSARY,
+                   help="L2 radius of the relation stage's adversarial views (0: none)")
     p.add_argument("--eval-samples", type=int, default=512)
     p.add_argument("--flow-eval-captions", type=int, default=128, help="held-out captions of flow-eval")
     p.add_argument("--flow-eval-seeds", default="0,1,2,3", help="noise seeds of flow-eval, comma-separated (>= 3)")
@@ -480,7 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     def flow(*a) -> None:
         train_flow(*a, layers=args.flow_layers, heads=args.flow_heads, init=args.flow_init)
 
-    run = {"vae": train_vae, "clip": train_clip, "unet": train_unet, "flow": flow}
+    def relation(*a) -> None:
+        train_relation(*a, adversary=args.relation_adversary)
+
+    run = {"vae": train_vae, "clip": train_clip, "unet": train_unet, "flow": flow, "relation": relation}
     if args.stage in run:
         run[args.stage](args.out, _stage(args, args.stage), device, args.workers,
                         getattr(args, f"{args.stage}_time_limit"))
