@@ -85,3 +85,13 @@ def test_runner_paces_each_variant_by_its_own_cells():
     assert runner._fits(job("draft-k5"), elapsed, pace, stop_min)  # median 0.7: 46 s
     assert not runner._fits(job("draft-k5"), 440.0, pace, stop_min)
     assert runner._fits(job(slow), elapsed, {}, stop_min) and runner._fits(job(slow), elapsed, pace, None)
+
+
+def test_committed_results_still_match_their_cells():
+    """Every committed row of the full study is a cell of the profile today (a new method option must not rename
+    cells, or the study would rerun them and the report lose them)."""
+    from benchmarks.reproduction.study import RESULTS, read_rows
+
+    ids = {c.id for c in cells(PROFILES["full"]) + cells(PROFILES["full"], groups=("cost",))}
+    rows = [r for r in read_rows(RESULTS / "full" / "results.jsonl") if r["label"] != "base"]
+    assert len(rows) > 100 and all(r["id"] in ids for r in rows)

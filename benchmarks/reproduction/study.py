@@ -194,12 +194,18 @@ def group_variants(group: str, p: Profile) -> list[tuple[str, str, dict[str, Any
     raise ValueError(f"unknown group {group!r}; groups: {GROUPS}")
 
 
+# Method options added after results were recorded, left out of ids and rows at these (default) values so that
+# earlier results keep matching their cells.
+LATER_OPTIONS = {"first_steps": None}
+_ABSENT = object()
+
+
 def canonical_options(method: str, options: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """Options with the method's defaults filled in, so equal runs get equal ids whatever the group."""
     from tuner.methods import get_method
 
     full = dataclasses.asdict(get_method(method, **options))
-    return tuple(sorted(full.items()))
+    return tuple(sorted((k, v) for k, v in full.items() if LATER_OPTIONS.get(k, _ABSENT) != v))
 
 
 def cells(p: Profile, groups: tuple[str, ...] | None = None) -> list[Cell]:
