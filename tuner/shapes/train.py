@@ -229,6 +229,17 @@ def _latent_scale_and_psnr(vae, device: torch.device, n: int = 1024) -> tuple[fl
 
 
 # ------------------------------------------------------------------------------------------------ CLIP
+def _clip_step(model, opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, s: Stage) -> None:
+    """One optimizer step of a CLIP stage: scheduled lr, clipped gradient, logit scale kept within CLIP's bound."""
+    _set_lr(opt, lr_at(step, s))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+
+
 def train_clip(out: Path, s: Stage, device: torch.device, workers: int, time_limit: float) -> None:
     """open_clip CLIP, contrastive with one hard negative caption per image (one fact changed, NegCLIP-style)."""
     tok = models.tokenizer()
@@ -247,13 +258,7 @@ def train_clip(out: Path, s: Stage, device: torch.device, workers: int, time_lim
         logits = model.logit_scale.exp() * image @ text.T  # [B, 2B]: each image against captions and negatives
         labels = torch.arange(len(image), device=device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, : len(image)].T, labels)) / 2
-        _set_lr(opt, lr_at(step, s))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        _clip_step(model, opt, loss, step, s)
         log.step(step, 50, loss=loss, logit_scale=model.logit_scale.exp())
         if log.done(step, s):
             break
@@ -327,13 +332,7 @@ def train_relation(out: Path, s: Stage, device: torch.device, workers: int, time
         if adversary > 0:
             images = _adversarial(model, images, batch, mean, std, adversary, generator)
         loss = _relation_loss(model, images, batch, mean, std)
-        _set_lr(opt, lr_at(step, s))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        _clip_step(model, opt, loss, step, s)
         log.step(step, 20, loss=loss)
         if log.done(step, s, warm=5, probe=20):
             break
