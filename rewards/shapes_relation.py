@@ -14,9 +14,14 @@ caption, and agrees with the ground-truth judge on shapes-sd's samples: docs/sha
 the shapes domain (`checkpoint`), such as the one `python -m tuner.shapes.train --stage relation` fine-tunes from it
 with these hard negatives on noisy, blurred and adversarially perturbed views. Captions must follow the shapes
 grammar (tuner/shapes/data.py).
+
+`blur` (Gaussian sigma in pixels of the input image, default 0: none) shows the CLIP only a low-pass view: a layout
+survives it, while the fine pixel patterns that fool a CLIP (docs/shapes.md, "Can the CLIP tell a relation apart?")
+do not, so tuning on the blurred score has to move shapes rather than paint over them.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -63,14 +68,26 @@ def alternatives(caption: str) -> list[str]:
                      f"or two shapes and their relation; tuner/shapes/data.py)")
 
 
+def low_pass(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """`images` under a Gaussian blur of `sigma` pixels (reflected borders); unchanged for sigma 0."""
+    if sigma <= 0:
+        return images
+    from kornia.filters import gaussian_blur2d
+
+    size = 2 * math.ceil(3 * sigma) + 1
+    return gaussian_blur2d(images, (size, size), (sigma, sigma), border_type="reflect")
+
+
 class RelationScore(ClipScore):
     """log P(caption | image) among the caption and its differently placed alternatives, under a shapes CLIP."""
 
     name = "shapes-relation"
     scale_note = "log-probability in (-inf, 0]: 0 = the captioned layout, log(1/3) = no preference among a pair's 3"
 
+    blur: float = 0.0
+
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        image = openclip.image_features(self.model, self.preprocess(images)).float()
+        image = openclip.image_features(self.model, self.preprocess(low_pass(images, self.blur))).float()
         options = [[p, *alternatives(p)] for p in prompts]
         text = self.text_features([c for group in options for c in group])
         scale = self.model.logit_scale.exp().float()
@@ -83,7 +100,13 @@ class RelationScore(ClipScore):
 
 
 def load_shapes_relation(*, device: torch.device, dtype: torch.dtype, checkpoint: str | os.PathLike | None = None,
-                         pil_8bit: bool = True) -> RelationScore:
-    """The relation reward on the shipped shapes CLIP, or on the shapes open_clip folder `checkpoint`."""
+                         pil_8bit: bool = True, blur: float = 0.0) -> RelationScore:
+    """The relation reward on the shipped shapes CLIP, or on the shapes open_clip folder `checkpoint`; `blur`: the
+    Gaussian sigma (pixels) of the low-pass view the CLIP sees (see the module docstring)."""
+    blur = float(blur)
+    if blur < 0:
+        raise InputError(f"shapes-relation: blur must be a sigma in pixels >= 0, got {blur}")
     folder = Path(checkpoint) if checkpoint is not None else SHAPES_CLIP_DIR
-    return _load_folder(folder, device, dtype, pil_8bit, cls=RelationScore)
+    reward = _load_folder(folder, device, dtype, pil_8bit, cls=RelationScore)
+    reward.blur = blur
+    return reward

@@ -134,3 +134,32 @@ def test_relation_config_validates_and_its_caption_sets_are_disjoint():
     assert not (train & gallery or train & select or train & test or gallery & select or gallery & test or select & test)
     pairs = {s.caption for s in data.ShapesData(0).scenes(0, 1000) if len(s.shapes) == 2}
     assert train <= pairs  # the training seed's two-shape captions
+
+
+def test_blurred_relation_reward_scores_the_blurred_image_and_resists_the_one_step_attack():
+    from scipy.ndimage import gaussian_filter
+
+    from rewards.shapes_relation import low_pass
+    from tuner.shapes.discriminate import attacked
+
+    sharp, blurred = rewards.load("shapes-relation"), rewards.load("shapes-relation", blur=2)
+    scenes = pair_scenes(32, seed=1)
+    images, captions = data.render(scenes), [s.caption for s in scenes]
+    oracle = torch.from_numpy(gaussian_filter(images.numpy(), sigma=(0, 0, 2, 2), mode="mirror", truncate=3.0))
+    torch.testing.assert_close(blurred(images, captions), sharp(oracle, captions), atol=1e-4, rtol=0)
+    traded = data.render([_traded(s) for s in scenes])
+    assert bool((blurred(images, captions) > blurred(traded, captions)).all())
+    clip = rewards.load("shapes-clip")
+    kept = {b: attacked(lambda x, p, b=b: clip(low_pass(x, b), p), scenes, radius=2.0)
+            for b in (0.0, 2.0)}
+    assert kept[2.0] > kept[0.0] + 0.3, kept
+    with pytest.raises(rewards.InputError, match="blur"):
+        rewards.load("shapes-relation", blur=-1)
+
+
+def test_reward_sources_take_numeric_load_options():
+    from benchmarks.shapes_relation import CONFIG
+    from tuner.config import load_config, validate
+
+    cfg = validate(load_config(str(CONFIG), ["reward_sources={shapes-relation: {blur: 2}}"]))
+    assert cfg.reward_sources == {"shapes-relation": {"blur": 2.0}}

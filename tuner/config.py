@@ -149,7 +149,8 @@ class Config:
     method: str = opt("drtune", "Tuning method: drtune, refl, draft, draft-lv or alignprop.")
     method_options: dict[str, Any] = opt({}, "Options of the method, e.g. {num_trained: 5, early_stop_range: 10} for drtune.")
     reward: Union[str, dict[str, float]] = opt("hpsv2.1", "Reward name, or a weighted mixture {name: weight}.")
-    reward_sources: dict[str, dict[str, str]] = opt({}, "Local files per reward, e.g. {hpsv2.1: {checkpoint: path}}.")
+    reward_sources: dict[str, dict[str, Union[str, bool, float]]] = opt(
+        {}, "Local files and load options per reward, e.g. {hpsv2.1: {checkpoint: path}}, {shapes-relation: {blur: 2}}.")
     resume: Union[str, None] = opt(None, "Resume from a checkpoint folder, a run folder, or latest.")
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
