@@ -163,3 +163,29 @@ def test_reward_sources_take_numeric_load_options():
 
     cfg = validate(load_config(str(CONFIG), ["reward_sources={shapes-relation: {blur: 2}}"]))
     assert cfg.reward_sources == {"shapes-relation": {"blur": 2.0}}
+
+
+def test_selftrain_keeps_the_samples_the_reward_calls_right():
+    from benchmarks.shapes_selftrain import kept_by_reward
+
+    scenes = pair_scenes(16, seed=1)
+    images = torch.cat([data.render(scenes), data.render([_traded(s) for s in scenes])])
+    kept = kept_by_reward(images, [s.caption for s in scenes] * 2, keep=0.9)
+    assert bool(kept[:16].all()) and not bool(kept[16:].any())
+
+
+def test_selftrain_table_lists_each_logged_run(tmp_path):
+    from benchmarks.shapes_selftrain import flipped, table
+
+    log = tmp_path / "log.jsonl"
+    row = {"source": "none", "trained": "nothing", "steps": 0, "lr": 1e-3, "guidance": 5.0, "flip_relations": True,
+           "after": {"colors": [3, 4], "background": [4, 4], "place": [1, 2], "relation": [1, 4], "all": [2, 4]},
+           "seconds": 7}
+    log.write_text(json.dumps(row) + "\n")
+    lines = table(log).splitlines()
+    assert len(lines) == 3
+    assert lines[2].endswith("| relation flipped | - | 75.0 | 100.0 | 50.0 | 25.0 | 50.0 | 7 |")
+    pair = "a red circle left of a blue square on a white background"
+    assert flipped(pair) == "a red circle right of a blue square on a white background"
+    single = "a red circle in the top left corner on a white background"
+    assert flipped(single) == single
