@@ -13,7 +13,8 @@ the judge): what more supervised training gives at the same budget. Both: LoRA r
 weight) on the UNet's attention projections (the relation config's), AdamW, batches of 16, one timestep of the
 20-step DDIM schedule per batch (tuner.guards.pretrain.denoising_loss). The judge then samples the tuned model on the
 relation config's 128 held-out captions (dataset seed 1) x 2 noise seeds, 20 DDIM steps at guidance 5 (`--guidance`),
-and one JSON line goes to --log. `--source none` judges the base model; `--flip-relations` samples each pair caption
+and one JSON line goes to --log. `--text-encoder` trains every text-encoder weight too (the tuner keeps it
+frozen). `--source none` judges the base model; `--flip-relations` samples each pair caption
 with the opposite relation from the same noise and judges it against the original caption.
 """
 from __future__ import annotations
@@ -81,6 +82,26 @@ def flipped(caption: str) -> str:
     return alternatives(caption)[0] if len(parse_caption(caption).shapes) == 2 else caption
 
 
+def trainable_encoding(adapter) -> Callable:
+    """adapter.encode_prompts with the gradient kept (the text encoder's last hidden state, as diffusers' SD
+    pipelines take it; checked equal to the frozen path before it is used). Conditional embeddings only: the
+    denoising loss calls the model on the caption alone."""
+    from tuner.pipelines.base import Conditioning
+
+    pipe = adapter.pipe
+
+    def encode(prompts: list[str], negatives: list[str] | None = None) -> Conditioning:
+        tok = pipe.tokenizer
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        return Conditioning(pipe.text_encoder(ids.to(adapter.device))[0])
+
+    with torch.no_grad():
+        probe = ["a red circle left of a blue square on a white background"]
+        torch.testing.assert_close(encode(probe).prompt_embeds, adapter.encode_prompts(probe).prompt_embeds)
+    return encode
+
+
 def fine_tune(adapter, draw: Callable, args: argparse.Namespace) -> None:
     """args.steps AdamW steps of the denoising loss on draw's batches, on a LoRA or (args.full) every UNet weight."""
     from tuner import lora
@@ -91,6 +112,10 @@ def fine_tune(adapter, draw: Callable, args: argparse.Namespace) -> None:
         params = list(adapter.denoiser.parameters())
     else:
         params = lora.add_lora(adapter.denoiser, rank=8, alpha=8.0, target_modules=list(adapter.lora_targets))
+    if args.text_encoder:
+        adapter.encode_prompts = trainable_encoding(adapter)
+        adapter.pipe.text_encoder.requires_grad_(True)
+        params += list(adapter.pipe.text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     g = torch.Generator().manual_seed(1)
     for step in range(args.steps):
@@ -100,6 +125,8 @@ def fine_tune(adapter, draw: Callable, args: argparse.Namespace) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+    if args.text_encoder:
+        del adapter.encode_prompts  # back to the class's frozen encoding, now with the trained weights
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -127,6 +154,8 @@ def run(args: argparse.Namespace) -> dict:
             verdicts += judge.judge_each(samples, held_out)
     counts = judge.tallies(verdicts)
     trained = "nothing" if draw is None else "full UNet" if args.full else "LoRA rank 8"
+    if draw is not None and args.text_encoder:
+        trained += " + text encoder"
     row = {"source": args.source, "trained": trained, "steps": args.steps, "lr": args.lr, "guidance": args.guidance,
            "flip_relations": args.flip_relations, "seeds": args.seeds, "keep": args.keep, **info,
            "after": {k: list(counts[k]) for k in CHECKS if k in counts}, "seconds": round(time.time() - start),
@@ -165,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flip-relations", action="store_true",
                    help="sample each pair caption with the opposite relation (same noise) and judge it against the "
                         "original caption: how much the relation words move the shapes")
+    p.add_argument("--text-encoder", action="store_true", help="also train every text-encoder weight")
     p.add_argument("--full", action="store_true", help="train every UNet weight instead of a LoRA")
     p.add_argument("--log", type=Path, default=LOG)
     p.add_argument("--table", action="store_true", help="print the log as a markdown table and exit")
