@@ -189,3 +189,21 @@ def test_selftrain_table_lists_each_logged_run(tmp_path):
     assert flipped(pair) == "a red circle right of a blue square on a white background"
     single = "a red circle in the top left corner on a white background"
     assert flipped(single) == single
+
+
+def test_selftrain_fine_tune_trains_the_text_encoder_and_restores_the_frozen_encoding():
+    import argparse
+
+    from benchmarks.shapes_selftrain import batches, fine_tune
+    from tuner import pipelines, shapes
+
+    adapter = pipelines.load_adapter(str(shapes.MODEL_DIR), device=torch.device("cpu"), dtype=torch.float32)
+    args = argparse.Namespace(full=False, text_encoder=True, lr=1e-3, steps=1)
+    draw, info = batches("rendered", adapter, [], args)
+    before = {k: v.clone() for k, v in adapter.pipe.text_encoder.state_dict().items()}
+    fine_tune(adapter, draw, args)
+    after = adapter.pipe.text_encoder.state_dict()
+    assert info == {} and any(not torch.equal(before[k], after[k]) for k in before)
+    assert "encode_prompts" not in vars(adapter)
+    assert adapter.encode_prompts(["a red circle left of a blue square on a white background"]).prompt_embeds \
+        .requires_grad is False
