@@ -162,6 +162,26 @@ def test_oom_message_on_cuda_names_the_peak_and_the_device(monkeypatch):
 # ---------------------------------------------------------------- train.batch_size: auto
 
 
+def test_device_bytes_reads_a_cap_for_the_bare_cuda_device(monkeypatch):
+    """torch.cuda.get_per_process_memory_fraction takes an index and refuses torch.device("cuda") (seen on the GPU
+    machine: the OOM message itself failed under a cap); device_bytes must pass the current index."""
+    def fraction(device):
+        if isinstance(device, torch.device) and device.index is None:
+            raise ValueError("Expected a torch.device with a specified index or an integer, but got:cuda")
+        assert device == 3
+        return 0.25
+
+    class Properties:
+        total_memory = 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", fraction)
+    assert memory.device_bytes(torch.device("cuda")) == 20 * 2**30
+    assert memory.device_bytes(torch.device("cuda", 3)) == 20 * 2**30
+
+
 def test_choose_batch_size_takes_the_largest_divisor_that_fits():
     """A device whose trial peaks are 10 GiB resident + 1 GiB of state + 9.5 GiB a prompt, with 80 GiB to use."""
     def probe(b):

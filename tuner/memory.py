@@ -134,8 +134,9 @@ def device_bytes(device: torch.device) -> int | None:
     torch.cuda.set_per_process_memory_fraction (1 unless capped); None off CUDA."""
     if not tracks_memory(device):
         return None
-    total = torch.cuda.get_device_properties(device).total_memory
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # the fraction needs one
+    total = torch.cuda.get_device_properties(index).total_memory
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(index)
     return int(total * fraction)
 
 
