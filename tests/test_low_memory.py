@@ -261,3 +261,24 @@ def test_benchmark_smoke(tmp_path):
         assert not row["oom"] and row.get("error") is None, (name, row)
         assert row["steps_timed"] >= 1 and row["s_per_image"] > 0 and row["summary"]["memory"] == row["memory"]
     assert "| sdxl-low-16 |" in (tmp_path / "low_memory.md").read_text()
+
+
+def test_low_memory_loads_the_reward_after_the_text_encoders_leave_the_gpu(tmp_path, monkeypatch):
+    """On the GPU, FLUX.1-dev's transformer and T5-XXL alone fill a 32 GiB cap: the reward must load after the
+    prompts are encoded and the text encoders moved off."""
+    import tuner.train as T
+
+    events, offload, build = [], SDXLAdapter.offload_text_encoders, T.build_reward
+
+    def offloaded(self):
+        events.append("text encoders off")
+        return offload(self)
+
+    def built(cfg, device):
+        events.append("reward")
+        return build(cfg, device)
+
+    monkeypatch.setattr(SDXLAdapter, "offload_text_encoders", offloaded)
+    monkeypatch.setattr(T, "build_reward", built)
+    _run(tmp_path, "order", "train.memory=low", "train.steps=1")
+    assert events[:2] == ["text encoders off", "reward"]

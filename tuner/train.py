@@ -719,7 +719,6 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
     if t.compile:
         stack.enter_context(compile_cache.persistent(compile_cache.resolve(t.compile_cache, adapter, device)))
         adapter.compile()  # after the LoRA exists: its layers are part of the compiled blocks
-    reward = reward_fn if reward_fn is not None else build_reward(cfg, device)
     train_prompts, eval_prompts = load_prompt_sets(cfg.prompts)
     if g.select_every:
         train_prompts, select_prompts = select.split_prompts(train_prompts, eval_prompts, file=g.select_prompts,
@@ -762,6 +761,9 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
     layouts = ([make_sampler(b, per // b) for b in memory.divisors(per)] if auto
                else [make_sampler(t.batch_size, t.grad_accum)])
     conditioning = prompt_conditioning(adapter, layouts, range(start, t.steps), cfg)
+    # Loaded once the prompts are encoded: low-memory mode has moved the text encoders off the GPU by now (T5-XXL
+    # and a FLUX.1-dev transformer alone fill a 32 GiB card).
+    reward = reward_fn if reward_fn is not None else build_reward(cfg, device)
     step_parts = StepParts(cfg, accelerator, adapter, method, reward, layouts[-1], optimizer, scaler, params, gen,
                            autocast, conditioning, step_hook, penalty, pretrain_loss(cfg, adapter, rank, world))
     if auto:
