@@ -455,6 +455,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="folder for the random HPSv2.1 checkpoint, reused by later runs (default: --out/.weights)")
     ap.add_argument("--ours-checkpointing", nargs="+", choices=["on", "off"], default=["on", "off"])
     ap.add_argument("--flops", action="store_true", help="count one more step's FLOPs on each side (same plan)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="images per step on both sides instead of FlowBP's 8 per GPU (its batch does not fit one "
+                         "80 GB card: docs/benchmarks.md)")
     ap.add_argument("--check-only", action="store_true", help="the tiny-model gradient check alone")
     ap.add_argument("--smoke", action="store_true", help="tiny SD3 on the CPU, batch 2, 64 px, T=6: checks the script")
     args = ap.parse_args(argv)
@@ -465,7 +468,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"gradient_check": check}
     if not args.check_only:
         small = dict(h=64, w=64, rollout_steps=6, sampling_steps=6, train_batch_size=2) if args.smoke else {}
-        settings = flowbp_settings(fb, **small)
+        batch = {"train_batch_size": args.batch} if args.batch else {}
+        settings = flowbp_settings(fb, **{**small, **batch})
         result.update(compare(fb, settings, args.out, args.iters, args.ours_checkpointing, args.smoke, args.weights,
                               args.flops))
         result["meta"]["gradient_check"] = check

@@ -16,7 +16,8 @@ SOURCE = ROOT / ".flowbp"
 def test_flowbp_rollout_gradient_matches_the_engine_and_the_harness_runs(tmp_path):
     from benchmarks.flowbp_compare import main
 
-    result = main(["--flowbp", str(SOURCE), "--smoke", "--iters", "1", "--flops", "--out", str(tmp_path)])
+    result = main(["--flowbp", str(SOURCE), "--smoke", "--iters", "1", "--flops", "--batch", "1", "--out",
+                   str(tmp_path)])
     check = result["gradient_check"]
     # FlowBP rounds latents and timesteps to bf16 at every step: agreement to bf16 rounding (a few percent), far
     # closer than the engine's gradient for other trained steps of the same chain
@@ -28,7 +29,7 @@ def test_flowbp_rollout_gradient_matches_the_engine_and_the_harness_runs(tmp_pat
     assert set(rows) == {"ours (engine), checkpointing on", "ours (engine), checkpointing off",
                          "FlowBP (its DRTune step)"}
     assert rows["FlowBP (its DRTune step)"]["same_plans_as_ours"]
-    assert all(r["images_per_s"] > 0 and r["tflop_per_step"] > 0 for r in rows.values())
+    assert all(r["images_per_s"] > 0 and r["tflop_per_step"] > 0 and r["batch"] == 1 for r in rows.values())
     assert (tmp_path / "flowbp_compare.md").read_text().count("| ours (engine)") == 2
 
 
