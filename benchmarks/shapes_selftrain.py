@@ -53,8 +53,8 @@ def kept_by_reward(images: torch.Tensor, captions: list[str], keep: float) -> to
     return score > math.log(keep)
 
 
-def batches(source: str, adapter, captions: list[str], args) -> tuple[Callable, dict]:
-    """step -> (images, captions) of the chosen source, and what to log about it."""
+def batches(source: str, adapter, captions: list[str], args) -> tuple[Callable | None, dict]:
+    """step -> (images, captions) of the chosen source (None: no training), and what to log about it."""
     if source == "none":
         return None, {}
     if source == "rendered":

@@ -148,7 +148,9 @@ def sections(res: Results, out: Path) -> list[str]:
 
 def summary(res: Results) -> dict[str, Any]:
     """The fair test as numbers (per reward and method: points, front, best within MATCHED_LOSS)."""
-    return {reward: {label: {"points": points(res, reward, label), "front": front(points(res, reward, label)),
-                             "best_within": best_within(points(res, reward, label))}
-                     for label in labels(res)} for reward in res.p.rewards}
+    return {reward: {label: _summary(points(res, reward, label)) for label in labels(res)} for reward in res.p.rewards}
+
+
+def _summary(pts: list[tuple[float, float, float]]) -> dict[str, Any]:
+    return {"points": pts, "front": front(pts), "best_within": best_within(pts)}
 

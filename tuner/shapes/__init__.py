@@ -6,8 +6,8 @@
 `data` makes the captioned images, `models` holds the architectures, `train` trains them (python -m
 tuner.shapes.train), `evaluate` measures how well samples follow their captions, `judge` is the hardened
 ground-truth judge of that (`judge.judge(images, captions)`: per-check pass rates), `broken` breaks scenes on
-purpose to test it, `discriminate` measures whether a reward tells a pair's relation from the swapped one. Its CLIP, trained on the
-same data, is the reward `shapes-clip`. The model card is docs/shapes.md.
+purpose to test it, `discriminate` measures whether a reward tells a pair's relation from the swapped one. Its
+CLIP, trained on the same data, is the reward `shapes-clip`. The model card is docs/shapes.md.
 """
 from pathlib import Path
 
