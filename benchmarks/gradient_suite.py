@@ -325,6 +325,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def out_of_memory(run: Callable[[], None], release: Callable[[], None]) -> str | None:
+    """Run `run`; on a device out-of-memory error return its first line, after `release` and with the error's
+    traceback (whose frames hold the case's tensors) already gone, so the cases after it start on a clean device."""
+    try:
+        run()
+        return None
+    except torch.OutOfMemoryError as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+    release()
+    return f"out of memory ({message})"
+
+
 def gradient(fn, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, d(sum of scores)/d(images))."""
     scores = fn(images, prompts)

@@ -21,6 +21,7 @@ from benchmarks.gradient_suite import (
     Suite,
     append_jsonl,
     gradient,
+    out_of_memory,
     profile_summary,
     relative_difference,
     stats_of,
@@ -52,6 +53,12 @@ def test_reward_gradient(benchmark, suite: Suite, case: Case) -> None:
     if suite.out_of_time():
         append_jsonl(suite.settings.jsonl, {"skipped": case.id, "reason": "time budget"})
         pytest.skip(f"time budget of {suite.settings.budget:.0f} s spent")
+    error = out_of_memory(lambda: _measure(benchmark, suite, case), suite.release)
+    if error:
+        pytest.fail(f"{case.id}: {error}", pytrace=False)
+
+
+def _measure(benchmark, suite: Suite, case: Case) -> None:
     variant, device = VARIANTS[case.variant], suite.device
     start = time.perf_counter()
     fn, module = suite.prepare(case)

@@ -135,3 +135,30 @@ def test_bf16_rows_carry_their_distance_to_float32(run):
     assert measured and all(r["score_rel_diff_vs_fp32"] is not None for r in measured)
     assert all(0 < r["score_rel_diff_vs_fp32"] < 0.1 for r in measured)  # bf16 rounding of tiny models: small, not 0
     assert all(r["score_rel_diff_vs_fp32"] is None for r in run["data"]["rows"] if r["dtype"] == "fp32")
+
+
+def test_an_out_of_memory_case_frees_its_tensors_before_the_next_case():
+    """HPSv3 at batch 32 once left every later case out of memory: the failed case's traceback kept its tensors."""
+    import gc
+    import weakref
+
+    import torch
+
+    from benchmarks.gradient_suite import out_of_memory
+
+    alive = []
+
+    def case() -> None:
+        activations = torch.ones(1024)
+        alive.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    def release() -> None:
+        gc.collect()
+        alive.append(alive[0]() is None)
+
+    assert out_of_memory(case, release) == "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)"
+    assert alive[1] is True, "the case's tensors were still referenced when the device memory was released"
+    assert out_of_memory(lambda: None, release) is None and len(alive) == 2
+    with pytest.raises(ValueError):
+        out_of_memory(lambda: (_ for _ in ()).throw(ValueError("not a memory error")), release)
