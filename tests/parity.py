@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +15,7 @@ import pytest
 ParityRun = Callable[[Path], tuple[dict, Any, dict]]  # workdir -> (metrics, our reward, paths of the files)
 
 TARGET_MEAN_DIFF_OVER_STD = 1e-4  # 8-bit path (the default) vs the official scorer on 8-bit photographs
+ORACLES = Path(__file__).parent / "oracles"
 
 
 def summarize(official: np.ndarray, ours: np.ndarray, cosines: np.ndarray, float_path=None, **extra) -> dict:
@@ -84,3 +87,18 @@ def photographs() -> list[np.ndarray]:
         tiny,  # 120 x 160, smaller than 224
         data.coffee()[:, 150:350],  # 400 x 200, portrait, narrower than 224
     ]
+
+
+def oracle_python() -> Path:
+    """The shared oracle environment's interpreter (tests/oracles/build.py), built on first use; raises
+    OracleBuildError with pip's output if the environment cannot be built."""
+    spec = importlib.util.spec_from_file_location("oracles_build", ORACLES / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build.build()
+
+
+def run_oracle(script: str, job: Path, name: str) -> None:
+    """Run tests/oracles/`script` on `job` in the oracle environment; fail with its output if it fails."""
+    proc = subprocess.run([str(oracle_python()), str(ORACLES / script), str(job)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"the official {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

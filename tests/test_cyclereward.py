@@ -8,9 +8,7 @@ our module builds by default) and scores real photographs through its README usa
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
 from pathlib import Path
 from unittest import mock
 
@@ -24,9 +22,8 @@ from benchmarks.checkpoints import MED_CONFIG, write_vocab
 from rewards import CheckpointMismatchError, InputError, MissingFileError
 from rewards import cyclereward as cr
 from rewards import imagereward as ir
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD, photographs
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, photographs, run_oracle
 
-ORACLE = Path(__file__).parent / "oracles"
 BLIP_BASE_VIT = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0)
 SMALL_MED = {**MED_CONFIG, "num_hidden_layers": 2}
 HEAD_STD = 3.0
@@ -50,13 +47,6 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(a)).permute(2, 0, 1)[None].float() / 255
 
 
-def _oracle_python() -> Path:
-    spec = importlib.util.spec_from_file_location("oracles_build", ORACLE / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    return build.build()
-
-
 @pytest.fixture(scope="module")
 def official(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("cyclereward")
@@ -69,9 +59,7 @@ def official(tmp_path_factory) -> dict:
     job = {"seed": 0, "vocab_dir": str(work), "vit": "base", "cache_dir": str(work), "med_config": SMALL_MED,
            "head_std": HEAD_STD, "images": [str(p) for p in pngs], "prompts": PROMPTS, "out": str(work / "out.pt")}
     (work / "job.json").write_text(json.dumps(job))
-    proc = subprocess.run([str(_oracle_python()), str(ORACLE / "run_cyclereward.py"), str(work / "job.json")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, f"the official CycleReward failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_oracle("run_cyclereward.py", work / "job.json", "CycleReward")
     out = torch.load(work / "out.pt", weights_only=True)
     return {**out, "checkpoint": work / "CycleReward-Combo.pth", "config": work / ir.CONFIG_FILE,
             "tokenizer": work / ir.VOCAB_FILE}

@@ -10,7 +10,6 @@ HPSv3.safetensors from them, and scores real photographs with `HPSv3RewardInfere
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import time
@@ -24,9 +23,8 @@ from PIL import Image
 import rewards
 from benchmarks import hpsv3_files as files
 from rewards import hpsv3 as h3
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run, photographs
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run, photographs, run_oracle
 
-ORACLE = Path(__file__).parent / "oracles"
 SEED = 0
 HEAD_GAIN = 2.0  # head init gain in the random checkpoint, so that random-weight scores spread
 INIT_STD = 0.2  # weights std of the random base model: sharper attention, so the prompt moves the score too
@@ -56,18 +54,9 @@ def write_base(folder: Path) -> dict:
     return files.write_qwen2vl_base(folder, files.tiny_qwen2vl(length + 32, initializer_range=INIT_STD), corpus)
 
 
-def _oracle_python() -> Path:
-    spec = importlib.util.spec_from_file_location("oracles_build", ORACLE / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    return build.build()
-
-
 def run_official(job: Path) -> None:
     """Run the official package on `job` in the oracle environment (building that environment first if needed)."""
-    cmd = [str(_oracle_python()), str(ORACLE / "run_hpsv3.py"), str(job)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"the official HPSv3 failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_oracle("run_hpsv3.py", job, "HPSv3")
 
 
 def _differences(ours: torch.Tensor, official: torch.Tensor, prefix: str) -> dict:

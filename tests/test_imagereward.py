@@ -9,9 +9,7 @@ loads that file through rewards.load and scores the same PNGs.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,9 +21,8 @@ from PIL import Image
 import rewards
 from benchmarks.checkpoints import MED_CONFIG, write_vocab
 from rewards import imagereward as ir
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run, photographs
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run, photographs, run_oracle
 
-ORACLE = Path(__file__).parent / "oracles"
 SEED = 0
 HEAD_STD = 2.0  # head init gain in the random checkpoint (the official 1/769 std makes every score equal)
 PROMPTS = [
@@ -44,18 +41,9 @@ def _images() -> list[np.ndarray]:
     return photographs()
 
 
-def _oracle_python() -> Path:
-    spec = importlib.util.spec_from_file_location("oracles_build", ORACLE / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    return build.build()  # raises OracleBuildError with pip's output if the environment cannot be built
-
-
 def run_official(job: Path) -> None:
     """Run the official package on `job` in the oracle environment (building that environment first if needed)."""
-    cmd = [str(_oracle_python()), str(ORACLE / "run_imagereward.py"), str(job)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"the official ImageReward failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_oracle("run_imagereward.py", job, "ImageReward")
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,8 @@ same files through rewards.load and scores the same PNGs.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -24,9 +22,8 @@ from PIL import Image
 import rewards
 from rewards import vqascore as vq
 from rewards.preprocess import quantize_8bit, resize_bicubic
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run, photographs
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run, photographs, run_oracle
 
-ORACLE = Path(__file__).parent / "oracles"
 SEED = 0
 PROMPTS = [
     "an astronaut in a white space suit, studio portrait",
@@ -61,18 +58,9 @@ def _corpus() -> list[str]:
     return texts * 4 + ["Yes", "yes", "No", "no", "Yes, it does.", "yes or no"] * 20
 
 
-def _oracle_python() -> Path:
-    spec = importlib.util.spec_from_file_location("oracles_build", ORACLE / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    return build.build()
-
-
 def run_official(job: Path) -> None:
     """Run the official package on `job` in the oracle environment (building that environment first if needed)."""
-    cmd = [str(_oracle_python()), str(ORACLE / "run_vqascore.py"), str(job)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"the official VQAScore failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_oracle("run_vqascore.py", job, "VQAScore")
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
