@@ -102,3 +102,20 @@ def run_oracle(script: str, job: Path, name: str) -> None:
     """Run tests/oracles/`script` on `job` in the oracle environment; fail with its output if it fails."""
     proc = subprocess.run([str(oracle_python()), str(ORACLES / script), str(job)], capture_output=True, text=True)
     assert proc.returncode == 0, f"the official {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def scores_with_taps(reward, batches: list, prompts: list[str], taps: dict[str, list], hooks: list) -> dict:
+    """Scores of `batches` (image batches, `prompts` in order) without gradients, float64, with what `hooks` (handles
+    of hooks that append to `taps`) caught, concatenated; the hooks are removed after."""
+    import torch
+
+    scores, start = [], 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                scores.append(reward(batch, prompts[start : start + len(batch)]).double())
+                start += len(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {"scores": torch.cat(scores), **{k: torch.cat(v) for k, v in taps.items()}}

@@ -21,7 +21,7 @@ from PIL import Image
 import rewards
 from benchmarks.checkpoints import MED_CONFIG, write_vocab
 from rewards import imagereward as ir
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run, photographs, run_oracle
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run, photographs, run_oracle, scores_with_taps
 
 SEED = 0
 HEAD_STD = 2.0  # head init gain in the random checkpoint (the official 1/769 std makes every score equal)
@@ -115,16 +115,7 @@ def _score_with_taps(reward, images: list[torch.Tensor], prompts: list[str]) -> 
         reward.vision.norm.register_forward_hook(lambda m, i, o: taps["image_embeds"].append(o.double())),
         reward.text.register_forward_hook(lambda m, i, o: taps["features"].append(o.last_hidden_state[:, 0].double())),
     ]
-    scores, start = [], 0
-    try:
-        with torch.no_grad():
-            for batch in images:
-                scores.append(reward(batch, prompts[start : start + len(batch)]).double())
-                start += len(batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {"scores": torch.cat(scores), **{k: torch.cat(v) for k, v in taps.items()}}
+    return scores_with_taps(reward, images, prompts, taps, hooks)
 
 
 def _compare(ours: dict, official: dict, prefix: str) -> dict:

@@ -22,7 +22,7 @@ from PIL import Image
 import rewards
 from rewards import vqascore as vq
 from rewards.preprocess import quantize_8bit, resize_bicubic
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run, photographs, run_oracle
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run, photographs, run_oracle, scores_with_taps
 
 SEED = 0
 PROMPTS = [
@@ -123,16 +123,7 @@ def _scores(reward, batches: list[torch.Tensor], prompts: list[str]) -> dict:
     hooks = [reward.vision.register_forward_pre_hook(lambda m, a, k: taps["pixels"].append(k["pixel_values"].double()),
                                                      with_kwargs=True),
              reward.projector.register_forward_hook(lambda m, i, o: taps["tokens"].append(o.double()))]
-    scores, start = [], 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                scores.append(reward(batch, prompts[start : start + len(batch)]).double())
-                start += len(batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {"scores": torch.cat(scores), **{k: torch.cat(v) for k, v in taps.items()}}
+    return scores_with_taps(reward, batches, prompts, taps, hooks)
 
 
 def _compare(ours: dict, official: dict, prefix: str) -> dict:
