@@ -93,7 +93,11 @@ VARIANTS = {v.name: v for v in (
     Variant("max-autotune", "compile with mode='max-autotune-no-cudagraphs' (long autotuning; not in the default run)",
             (("compile", {**COMPILE, "mode": "max-autotune-no-cudagraphs"}),), cuda_only=True,
             default=lambda r, d, b: False),
+    Variant("recompute", "rewards.load(recompute=True): each block's activations recomputed in the backward (memory "
+            "for time; not in the default run)", (("recompute", True),),
+            default=lambda r, d, b: _model(r) and d == "bf16" and b >= 8),
 )}
+ANY_REWARD = ("recompute",)  # variants that apply to EAGER_ONLY rewards too (no change to the computation)
 DEFAULT_VARIANTS = ("eager", "fast", "compile", "compile-cudagraphs", "cudnn", "tf32", "channels-last", "preprocess")
 
 
@@ -174,7 +178,7 @@ def _runs(settings: Settings, name: str, reward: str, dtype: str, batch: int) ->
     v = VARIANTS[name]
     if name == "eager" or dtype not in v.dtypes or (v.cuda_only and settings.device != "cuda"):
         return False
-    if not _model(reward) or (reward in EAGER_ONLY and not v.component):
+    if not _model(reward) or (reward in EAGER_ONLY and not v.component and name not in ANY_REWARD):
         return False
     return settings.everywhere or v.default(reward, dtype, 32 if settings.smoke else batch)  # smoke: as at batch 32
 

@@ -224,10 +224,12 @@ def _paths(files: dict) -> dict:
 
 
 def load_ours(
-    name: str, files: dict, *, device: str, dtype: torch.dtype, fast: bool = False, compile: bool | dict = False
+    name: str, files: dict, *, device: str, dtype: torch.dtype, fast: bool = False, compile: bool | dict = False,
+    recompute: bool = False,
 ) -> rewards.Reward:
     """Our reward `name` from the written files, as a user loads it; the per-call input check off, as in the tuner."""
-    reward = rewards.load(name, device=device, dtype=dtype, fast=fast, compile=compile, **files["sources"][name])
+    reward = rewards.load(name, device=device, dtype=dtype, fast=fast, compile=compile, recompute=recompute,
+                          **files["sources"][name])
     reward.check_values = False
     return reward
 

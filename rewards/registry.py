@@ -49,11 +49,13 @@ def load(
     dtype: torch.dtype | None = None,
     fast: bool = False,
     compile: bool | dict = False,
+    recompute: bool = False,
     **sources,
 ) -> Reward:
     """Build reward `name` from local files given in `sources` (else the hub), frozen, on `device` in `dtype`.
 
-    `fast=True` and `compile=True` (or a dict of torch.compile options) speed up the gradient; see rewards.speed."""
+    `fast=True` and `compile=True` (or a dict of torch.compile options) speed up the gradient; `recompute=True`
+    trades time for memory (activation checkpointing of each block); see rewards.speed."""
     entry = _entry(name)
     module_name, func_name = entry.target.split(":")
     factory = getattr(importlib.import_module(module_name), func_name)
@@ -63,10 +65,10 @@ def load(
     if reward.needs_prompt != entry.needs_prompt:
         raise RuntimeError(f"reward {name!r} is registered with needs_prompt={entry.needs_prompt} but is {reward.needs_prompt}")
     reward.eval().requires_grad_(False)
-    if fast or compile:
+    if fast or compile or recompute:
         from .speed import optimize
 
-        optimize(reward, fast=fast, compile=compile)
+        optimize(reward, fast=fast, compile=compile, recompute=recompute)
     return reward
 
 

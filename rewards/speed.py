@@ -11,25 +11,34 @@ compile: fast, plus `torch.compile` of every repeated transformer block on the i
     about one block's time). It fuses LayerNorms, GELUs, residual adds and casts, and removes most of eager
     PyTorch's per-op overhead; scores differ from eager by kernel rounding. `compile` may be a dict of
     `torch.compile` options, e.g. {"mode": "max-autotune-no-cudagraphs"} or {"dynamic": False}.
+recompute: memory for time, the same function: each repeated block keeps only its input for the backward and
+    recomputes its activations there (activation checkpointing, `torch.utils.checkpoint`, non-reentrant), so a
+    gradient through a large scorer (HPSv3's 7B decoder, VQAScore's 11B) holds one block's activations instead of
+    all of them, for about one more forward. Combines with `fast` and `compile`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .base import Reward
 
 
-def optimize(reward: Reward, *, fast: bool = False, compile: bool | dict = False) -> Reward:
+def optimize(reward: Reward, *, fast: bool = False, compile: bool | dict = False, recompute: bool = False) -> Reward:
     """Apply the speed-ups in place (see the module docstring) and return `reward`; `compile` implies `fast`."""
     options = _compile_options(compile)
     for part in _parts(reward):
         if fast or options is not None:
             _restructure(part)
+        if recompute:
+            for block in recomputed_blocks(part):
+                _recompute_in_backward(block)
         if options is not None:
             for block in compiled_blocks(part):
                 block.compile(**options)
@@ -72,8 +81,9 @@ def _hf_vision_layers(reward: Reward) -> nn.ModuleList | None:
     return None
 
 
-def compiled_blocks(reward: Reward) -> list[nn.Module]:
-    """The repeated blocks on `reward`'s image path that `compile` compiles; a class-token-only block stays eager."""
+def compiled_blocks(reward: Reward, class_token: bool = False) -> list[nn.Module]:
+    """The repeated blocks on `reward`'s image path that `compile` compiles; a class-token-only block stays eager
+    (`class_token=True` lists it too)."""
     blocks: list[nn.Module] = []
     visual = _open_clip_visual(reward)
     if visual is not None:
@@ -93,7 +103,33 @@ def compiled_blocks(reward: Reward) -> list[nn.Module]:
             module = getattr(module, name, None)
         if isinstance(module, nn.ModuleList):
             blocks += list(module)
-    return [b for b in blocks if not isinstance(b, (ClassTokenBlock, ClassTokenLayer))]
+    return [b for b in blocks if class_token or not isinstance(b, (ClassTokenBlock, ClassTokenLayer))]
+
+
+def recomputed_blocks(reward: Reward) -> list[nn.Module]:
+    """The repeated blocks whose activations `recompute` drops: compile's blocks and the class-token-only ones, and
+    VQAScore's (its CLIP layers, T5 encoder and decoder blocks; its T5 runs without a key-value cache)."""
+    blocks = compiled_blocks(reward, class_token=True)
+    for owner, attr in (("vision", "encoder.layers"), ("t5", "encoder.block"), ("t5", "decoder.block")):
+        module = getattr(reward, owner, None)
+        for name in attr.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, nn.ModuleList):
+            blocks += [b for b in module if all(b is not seen for seen in blocks)]
+    return blocks
+
+
+def _recompute_in_backward(block: nn.Module) -> None:
+    """Make `block` save only its inputs for the backward and recompute its activations there (idempotent)."""
+    if "forward" not in vars(block):  # a partial, not a closure: a deep copy of the reward rebinds it to the copy
+        block.forward = functools.partial(_forward_recomputed, block)
+
+
+def _forward_recomputed(block: nn.Module, *args, **kwargs):
+    forward = type(block).forward.__get__(block)
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 # -- fast: restructured towers --------------------------------------------------------------------------------------
