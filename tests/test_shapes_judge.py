@@ -169,3 +169,53 @@ def test_spread_is_mean_and_sample_std_over_seeds():
     from tuner.shapes.judge import spread
 
     assert spread([0.5, 0.7, 0.6, 0.8]) == "65.0 +- 12.9 (50.0, 70.0, 60.0, 80.0)"
+
+
+def _lora_folder(folder, scale: float):
+    """A LoRA of shapes-sd's attention projections, saved as the tuner saves one: B = 0 (the identity) or random."""
+    from diffusers import StableDiffusionPipeline
+
+    from tuner import lora, pipelines, shapes
+
+    adapter = pipelines.load_adapter(str(shapes.MODEL_DIR), device=torch.device("cpu"), dtype=torch.float32)
+    params = lora.add_lora(adapter.pipe.unet, rank=2, alpha=2.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    lora.save_lora(adapter.pipe.unet, folder, StableDiffusionPipeline)
+    return folder
+
+
+def test_command_judges_a_lora_on_the_base_models_samples(tmp_path):
+    """An identity LoRA reproduces the base model's verdicts; a random one changes its samples: the LoRA is loaded."""
+    import json
+
+    from tuner.shapes.judge import _adapter, main, sample_shapes_sd
+
+    identity, random_lora = _lora_folder(tmp_path / "identity", 0.0), _lora_folder(tmp_path / "random", 0.3)
+    out = tmp_path / "judged.json"
+    args = ["--captions=3", "--first=2", "--seeds=0", "--steps=2", "--broken=0", "--device=cpu", f"--out={out}"]
+    assert main([*args, f"--lora={identity}"]) == 0
+    models = json.loads(out.read_text())["models"]
+    assert models[str(identity)]["tallies"] == models["shapes-sd"]["tallies"]
+    assert models[str(identity)]["judge"] == models["shapes-sd"]["judge"]
+    captions = ["a red circle in the center on a blue background"]
+    base, moved = (sample_shapes_sd(captions, 0, 2, device="cpu", adapter=_adapter(path, "cpu"))
+                   for path in (None, random_lora))
+    assert (base - moved).abs().max() > 0.05
+
+
+def test_a_second_test_set_skips_the_first_and_the_excluded_captions():
+    from tuner.shapes.data import ShapesData
+    from tuner.shapes.judge import HELD_OUT_SEED, _held_out_scenes
+
+    plain = [s.caption for s in ShapesData(HELD_OUT_SEED).scenes(0, 8)]
+    assert [s.caption for s in _held_out_scenes(2, 3, set())] == plain[2:5]
+    assert [s.caption for s in _held_out_scenes(2, 3, {plain[0], plain[3]})] == [plain[4], plain[5], plain[6]]
+    # the tuner's held-out test (log.judge_captions = 5) is the first five; --first 5 starts right after it
+    from tuner.shapes.judge import held_out_captions
+
+    run = held_out_captions(9, exclude={plain[1]})
+    assert [s.caption for s in _held_out_scenes(0, 5, {plain[1]})] == run[:5]
+    assert [s.caption for s in _held_out_scenes(5, 4, {plain[1]})] == run[5:]

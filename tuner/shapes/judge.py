@@ -403,42 +403,94 @@ def broken_table(scenes: list) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m tuner.shapes.judge: old checkers and the judge on shapes-sd's held-out samples over noise seeds."""
+    """python -m tuner.shapes.judge: old checkers and the judge on shapes-sd's held-out samples over noise seeds,
+    and on the same samples of tuned LoRAs (--lora) beside it."""
     import argparse
     import json
     import time
     from pathlib import Path
 
+    from tuner.prompts import read_prompts
     from tuner.shapes.data import ShapesData, render
-    from tuner.shapes.evaluate import caption_checks
 
     p = argparse.ArgumentParser(prog="python -m tuner.shapes.judge", description=main.__doc__)
     p.add_argument("--captions", type=int, default=128, help="held-out captions (seed 1 of the generator)")
+    p.add_argument("--first", type=int, default=0,
+                   help="skip this many held-out captions first: a test set apart from the one a run judged")
+    p.add_argument("--exclude", help="a prompt file (name or path) whose captions are left out: a run's training "
+                                     "prompts, as log.judge_captions leaves them out")
     p.add_argument("--seeds", default="0,1,2,3", help="noise seeds, comma-separated (at least 4 for a spread)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--lora", type=Path, action="append", default=[],
+                   help="a tuned LoRA folder (pytorch_lora_weights.safetensors) judged on the same samples; repeatable")
     p.add_argument("--broken", type=int, default=400, help="held-out scenes to break on purpose (0: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="also write the figures here as JSON")
     args = p.parse_args(argv)
     start = time.time()
-    scenes = ShapesData(1).scenes(0, args.captions)
+    scenes = _held_out_scenes(args.first, args.captions, set(read_prompts(args.exclude)) if args.exclude else set())
     captions, real = [s.caption for s in scenes], render(scenes)
-    old, new = [], []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        images = sample_shapes_sd(captions, seed, args.steps, args.guidance, device=args.device)
-        old.append(caption_checks(images, scenes, real))
-        new.append(judge(images, captions))
-        print(f"seed {seed}: old {old[-1]}\n        judge {new[-1]}", flush=True)
-    print(f"\nshapes-sd, {args.captions} held-out captions, DDIM {args.steps} steps, guidance {args.guidance}, "
-          f"seeds {args.seeds}:\n\n{seed_table(old, new)}\n")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = {}
+    for name, lora in [("shapes-sd", None)] + [(str(path), path) for path in args.lora]:
+        adapter = _adapter(lora, args.device)
+        results[name] = _judge_samples(adapter, scenes, captions, real, seeds, args.steps, args.guidance, args.device)
+        print(f"\n{name}, {args.captions} held-out captions from {args.first}, DDIM {args.steps} steps, guidance "
+              f"{args.guidance}, seeds {args.seeds}:\n\n{seed_table(results[name]['old'], results[name]['judge'])}\n"
+              f"pooled: {_pooled_line(results[name]['tallies'])}", flush=True)
     if args.broken:
         table = broken_table(ShapesData(1).scenes(0, args.broken))
         print(f"Held-out scenes {args.broken} broken on purpose:\n\n{table}\n")
     print(f"{time.time() - start:.0f} s")
     if args.out:
-        args.out.write_text(json.dumps({"seeds": args.seeds, "old": old, "judge": new}, indent=2) + "\n")
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "lora")}
+        args.out.write_text(json.dumps({"settings": settings, "seeds": args.seeds, **results["shapes-sd"],
+                                        "models": results}, indent=2) + "\n")
     return 0
+
+
+def _held_out_scenes(first: int, n: int, exclude: set[str]) -> list:
+    """Held-out scenes first .. first + n - 1 of those whose caption is not in `exclude`."""
+    from tuner.shapes.data import ShapesData
+
+    scenes, index = [], 0
+    while len(scenes) < first + n:
+        scenes += [s for s in ShapesData(HELD_OUT_SEED).scenes(index, first + n) if s.caption not in exclude]
+        index += first + n
+    return scenes[first:first + n]
+
+
+def _adapter(lora, device: str):
+    """shapes-sd, with a tuned LoRA folder loaded through the stock pipeline's load_lora_weights."""
+    from tuner import pipelines, shapes
+
+    adapter = pipelines.load_adapter(str(shapes.MODEL_DIR), device=torch.device(device), dtype=torch.float32)
+    if lora is not None:
+        adapter.pipe.load_lora_weights(str(lora), adapter_name="tuned")
+    return adapter
+
+
+def _judge_samples(adapter, scenes, captions, real, seeds, steps, guidance, device) -> dict:
+    """Old checks and judge rates per noise seed, and the judge's tallies pooled over the seeds."""
+    from tuner.shapes.evaluate import caption_checks
+
+    old, new, verdicts = [], [], []
+    for seed in seeds:
+        images = sample_shapes_sd(captions, seed, steps, guidance, device=device, adapter=adapter)
+        old.append(caption_checks(images, scenes, real))
+        each = judge_each(images, captions)
+        new.append(rates(each))
+        verdicts += each
+    return {"old": old, "judge": new, "tallies": {k: list(v) for k, v in tallies(verdicts).items()}}
+
+
+def _pooled_line(counts: dict) -> str:
+    parts = []
+    for check, (passes, n) in counts.items():
+        low, high = wilson(passes, n)
+        parts.append(f"{check} {100 * passes / n:.1f}% [{100 * low:.1f}, {100 * high:.1f}] of {n}")
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":
