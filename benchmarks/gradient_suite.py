@@ -53,6 +53,7 @@ class Variant:
     sdpa: str | None = None
     channels_last: bool = False
     component: str | None = None
+    any_reward: bool = False  # also for EAGER_ONLY rewards: it restructures and compiles nothing
     default: Callable[[str, str, int], bool] = lambda reward, dtype, batch: True
 
 
@@ -94,10 +95,9 @@ VARIANTS = {v.name: v for v in (
             (("compile", {**COMPILE, "mode": "max-autotune-no-cudagraphs"}),), cuda_only=True,
             default=lambda r, d, b: False),
     Variant("recompute", "rewards.load(recompute=True): each block's activations recomputed in the backward (memory "
-            "for time; not in the default run)", (("recompute", True),),
+            "for time; not in the default run)", (("recompute", True),), any_reward=True,
             default=lambda r, d, b: _model(r) and d == "bf16" and b >= 8),
 )}
-ANY_REWARD = ("recompute",)  # variants that apply to EAGER_ONLY rewards too (no change to the computation)
 DEFAULT_VARIANTS = ("eager", "fast", "compile", "compile-cudagraphs", "cudnn", "tf32", "channels-last", "preprocess")
 
 
@@ -178,7 +178,7 @@ def _runs(settings: Settings, name: str, reward: str, dtype: str, batch: int) ->
     v = VARIANTS[name]
     if name == "eager" or dtype not in v.dtypes or (v.cuda_only and settings.device != "cuda"):
         return False
-    if not _model(reward) or (reward in EAGER_ONLY and not v.component and name not in ANY_REWARD):
+    if not _model(reward) or (reward in EAGER_ONLY and not (v.component or v.any_reward)):
         return False
     return settings.everywhere or v.default(reward, dtype, 32 if settings.smoke else batch)  # smoke: as at batch 32
 
@@ -336,7 +336,7 @@ def out_of_memory(run: Callable[[], None], release: Callable[[], None]) -> str |
         run()
         return None
     except torch.OutOfMemoryError as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+        message = (str(error).strip() or "out of memory").splitlines()[0]
     release()
     return f"out of memory ({message})"
 

@@ -98,12 +98,16 @@ def compiled_blocks(reward: Reward, class_token: bool = False) -> list[nn.Module
                         ("branch", "layers"), ("text", "layers"), ("backbone", "vision_model.encoder.layers"),
                         ("backbone", "encoder.layers"), ("backbone", "encoder.layer"), ("model", "vit.layers"),
                         ("model", "vit.encoder.layer")):
-        module = getattr(reward, owner, None)
-        for name in attr.split("."):
-            module = getattr(module, name, None)
-        if isinstance(module, nn.ModuleList):
-            blocks += list(module)
+        blocks += _module_list(reward, owner, attr)
     return [b for b in blocks if class_token or not isinstance(b, (ClassTokenBlock, ClassTokenLayer))]
+
+
+def _module_list(reward: Reward, owner: str, path: str) -> list[nn.Module]:
+    """The blocks of the ModuleList at reward.<owner>.<path> (dotted), or none where the reward has no such list."""
+    module = getattr(reward, owner, None)
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return list(module) if isinstance(module, nn.ModuleList) else []
 
 
 def recomputed_blocks(reward: Reward) -> list[nn.Module]:
@@ -111,11 +115,7 @@ def recomputed_blocks(reward: Reward) -> list[nn.Module]:
     VQAScore's (its CLIP layers, T5 encoder and decoder blocks; its T5 runs without a key-value cache)."""
     blocks = compiled_blocks(reward, class_token=True)
     for owner, attr in (("vision", "encoder.layers"), ("t5", "encoder.block"), ("t5", "decoder.block")):
-        module = getattr(reward, owner, None)
-        for name in attr.split("."):
-            module = getattr(module, name, None)
-        if isinstance(module, nn.ModuleList):
-            blocks += [b for b in module if all(b is not seen for seen in blocks)]
+        blocks += [b for b in _module_list(reward, owner, attr) if all(b is not seen for seen in blocks)]
     return blocks
 
 

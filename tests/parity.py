@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+import torch
 
 ParityRun = Callable[[Path], tuple[dict, Any, dict]]  # workdir -> (metrics, our reward, paths of the files)
 
@@ -107,8 +108,6 @@ def run_oracle(script: str, job: Path, name: str) -> None:
 def scores_with_taps(reward, batches: list, prompts: list[str], taps: dict[str, list], hooks: list) -> dict:
     """Scores of `batches` (image batches, `prompts` in order) without gradients, float64, with what `hooks` (handles
     of hooks that append to `taps`) caught, concatenated; the hooks are removed after."""
-    import torch
-
     scores, start = [], 0
     try:
         with torch.no_grad():

@@ -208,14 +208,14 @@ def test_command_judges_a_lora_on_the_base_models_samples(tmp_path):
 
 def test_a_second_test_set_skips_the_first_and_the_excluded_captions():
     from tuner.shapes.data import ShapesData
-    from tuner.shapes.judge import HELD_OUT_SEED, _held_out_scenes
+    from tuner.shapes.judge import HELD_OUT_SEED, held_out_scenes
 
     plain = [s.caption for s in ShapesData(HELD_OUT_SEED).scenes(0, 8)]
-    assert [s.caption for s in _held_out_scenes(2, 3, set())] == plain[2:5]
-    assert [s.caption for s in _held_out_scenes(2, 3, {plain[0], plain[3]})] == [plain[4], plain[5], plain[6]]
+    assert [s.caption for s in held_out_scenes(2, 3, set())] == plain[2:5]
+    assert [s.caption for s in held_out_scenes(2, 3, {plain[0], plain[3]})] == [plain[4], plain[5], plain[6]]
     # the tuner's held-out test (log.judge_captions = 5) is the first five; --first 5 starts right after it
     from tuner.shapes.judge import held_out_captions
 
-    run = held_out_captions(9, exclude={plain[1]})
-    assert [s.caption for s in _held_out_scenes(0, 5, {plain[1]})] == run[:5]
-    assert [s.caption for s in _held_out_scenes(5, 4, {plain[1]})] == run[5:]
+    kept = [c for c in (s.caption for s in ShapesData(HELD_OUT_SEED).scenes(0, 12)) if c != plain[1]]
+    assert held_out_captions(5, exclude={plain[1]}) == kept[:5]
+    assert [s.caption for s in held_out_scenes(5, 4, {plain[1]})] == kept[5:9]

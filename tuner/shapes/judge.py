@@ -312,15 +312,20 @@ def run_metrics(model: str, captions: list[str]) -> Callable[[torch.Tensor], dic
 HELD_OUT_SEED = 1  # the dataset seed held out of the shapes models' training (the tuner's prompt files: seed 2)
 
 
-def held_out_captions(n: int, exclude: set[str] | list[str] = ()) -> list[str]:
-    """The first n captions of the held-out dataset seed that are not in `exclude` (a run's training prompts)."""
+def held_out_scenes(first: int, n: int, exclude: set[str]) -> list:
+    """Held-out scenes first .. first + n - 1 of those whose caption is not in `exclude`."""
     from tuner.shapes.data import ShapesData
 
-    exclude, out, index = set(exclude), [], 0
-    while len(out) < n:
-        out += [s.caption for s in ShapesData(HELD_OUT_SEED).scenes(index, n) if s.caption not in exclude]
-        index += n
-    return out[:n]
+    scenes, index = [], 0
+    while len(scenes) < first + n:
+        scenes += [s for s in ShapesData(HELD_OUT_SEED).scenes(index, first + n) if s.caption not in exclude]
+        index += first + n
+    return scenes[first:first + n]
+
+
+def held_out_captions(n: int, exclude: set[str] | list[str] = ()) -> list[str]:
+    """The first n captions of the held-out dataset seed that are not in `exclude` (a run's training prompts)."""
+    return [s.caption for s in held_out_scenes(0, n, set(exclude))]
 
 
 def tallies(verdicts: list[dict[str, bool | None]]) -> dict[str, tuple[int, int]]:
@@ -351,10 +356,10 @@ def sample_shapes_sd(captions: list[str], seed: int, steps: int = 25, guidance: 
                      device: str = "cpu", adapter=None) -> torch.Tensor:
     """Images [N,3,64,64] of shapes-sd (DDIM), or of `adapter` (any shapes model), caption i drawn from noise seed
     `seed` * 100003 + i, whatever the batch (tuner.engine.sample_each)."""
-    from tuner import engine, pipelines, shapes
+    from tuner import engine
 
     if adapter is None:
-        adapter = pipelines.load_adapter(str(shapes.MODEL_DIR), device=torch.device(device), dtype=torch.float32)
+        adapter = _adapter(None, device)
     gens = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(len(captions))]
     return engine.sample_each(adapter, adapter.encode_prompts(captions), generators=gens, batch_size=batch,
                               height=SIZE, width=SIZE, num_steps=steps, guidance_scale=guidance).float().cpu()
@@ -429,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="also write the figures here as JSON")
     args = p.parse_args(argv)
     start = time.time()
-    scenes = _held_out_scenes(args.first, args.captions, set(read_prompts(args.exclude)) if args.exclude else set())
+    scenes = held_out_scenes(args.first, args.captions, set(read_prompts(args.exclude)) if args.exclude else set())
     captions, real = [s.caption for s in scenes], render(scenes)
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
@@ -448,17 +453,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps({"settings": settings, "seeds": args.seeds, **results["shapes-sd"],
                                         "models": results}, indent=2) + "\n")
     return 0
-
-
-def _held_out_scenes(first: int, n: int, exclude: set[str]) -> list:
-    """Held-out scenes first .. first + n - 1 of those whose caption is not in `exclude`."""
-    from tuner.shapes.data import ShapesData
-
-    scenes, index = [], 0
-    while len(scenes) < first + n:
-        scenes += [s for s in ShapesData(HELD_OUT_SEED).scenes(index, first + n) if s.caption not in exclude]
-        index += first + n
-    return scenes[first:first + n]
 
 
 def _adapter(lora, device: str):
