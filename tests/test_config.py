@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.tuner_fixtures import BASE
 from tuner import config as C
 from tuner.config import ConfigError, apply_override, from_dict, load_config, options, to_dict, validate
 from tuner.run import main
@@ -14,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_embedded_default_is_the_shipped_model_run():
     cfg = validate(load_config())
-    assert cfg.model == "shapes-sd" and cfg.method == "drtune" and cfg.reward == {"symmetry": 1.0, "shapes-clip": 1.0}
-    assert (cfg.sampling.height, cfg.sampling.width) == (64, 64)
+    assert cfg.model == "shapes-sd" and cfg.method == "drtune" and cfg.reward == "shapes-clip"
+    assert (cfg.sampling.height, cfg.sampling.width, cfg.sampling.num_steps) == (64, 64, 3)
+    assert cfg.log.judge_captions >= 128 and cfg.log.judge_seeds >= 2  # the summary's before/after ground truth
+    assert cfg.prompts.eval_file is None and cfg.prompts.num_eval == 6  # gallery captions held out of training
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in C.CONFIG_DIR.glob("*.yaml")))
@@ -26,7 +29,7 @@ def test_shipped_configs_validate(name):
 
 def test_shipped_configs_are_all_tested():
     assert {"sdxl_hpsv2.1.yaml", "flux_hpsv2.1.yaml", "flux_hpsv2.1_lowmem.yaml", "sd35_hpsv2.1.yaml",
-            "default.yaml"} <= {p.name for p in C.CONFIG_DIR.glob("*.yaml")}
+            "default.yaml", "shapes_symmetry.yaml", "shapes_fewstep.yaml"} <= {p.name for p in C.CONFIG_DIR.glob("*.yaml")}
 
 
 def test_flow_examples_keep_the_papers_method():
@@ -54,9 +57,9 @@ def test_overrides_nested_typed_and_mappings():
     assert cfg.lora.target_modules == ["to_q", "to_v"]
     assert cfg.reward == {"hpsv2.1": 1.0, "sharpness": 0.05}
     assert cfg.reward_sources == {"hpsv2.1": {"checkpoint": "/w/hps.pt"}}
-    assert cfg.method_options == {"num_trained": 3, "early_stop_range": 3}  # merged into the file's options
+    assert cfg.method_options == {"num_trained": 3, "early_stop_range": 2}  # merged into the file's options
     assert cfg.train.mixed_precision == "bf16" and cfg.name == "abc"
-    mixture = load_config(None, ["reward.sharpness=0.5"]).reward  # merged into the file's mixture
+    mixture = load_config(BASE, ["reward.sharpness=0.5"]).reward  # merged into the file's mixture
     assert mixture == {"symmetry": 1.0, "shapes-clip": 1.0, "sharpness": 0.5}
 
 

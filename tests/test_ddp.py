@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tests.tuner_fixtures import BASE
 from tuner import checkpoint as ckpt
 from tuner.logging import read_metrics
 
@@ -22,6 +23,7 @@ WORKER = textwrap.dedent("""
     import tuner.train as T
     from tuner import lora
     from tuner.config import load_config, validate
+    from tests.tuner_fixtures import BASE
 
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     rank = int(os.environ["RANK"])
@@ -38,7 +40,7 @@ WORKER = textwrap.dedent("""
         return prompts
 
     T.save_checkpoint, T.PromptSampler.batch = spy_save, spy_batch
-    T.train(validate(load_config(None, overrides)))
+    T.train(validate(load_config(BASE, overrides)))
     (out / f"prompts-rank{rank}-{len(list(out.glob('prompts-rank%d-*' % rank)))}.json").write_text(json.dumps(seen))
 """)
 

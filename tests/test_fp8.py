@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tuner_fixtures import PROMPTS, SIZE, ToyReward, tiny_adapter, denoiser_grads
+from tests.tuner_fixtures import BASE, PROMPTS, SIZE, ToyReward, tiny_adapter, denoiser_grads
 from tuner import fp8
 from tuner.config import ConfigError, load_config
 from tuner.engine import reward_backward, sample
@@ -104,6 +104,6 @@ def test_fp8_sampling_refused_on_a_gpu_without_fp8(monkeypatch):
     from tuner import train
 
     monkeypatch.setattr(fp8, "supported", lambda device: False)
-    cfg = load_config(None, ["model=tiny-sdxl", "train.fp8_sampling=true"])
+    cfg = load_config(BASE, ["model=tiny-sdxl", "train.fp8_sampling=true"])
     with pytest.raises(ConfigError, match="fp8_sampling=true needs fp8 matmuls"):
         train.build_adapter(cfg, torch.device("cpu"), torch.float32)

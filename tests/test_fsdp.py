@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import tuner.train as T
-from tests.tuner_fixtures import ToyReward
+from tests.tuner_fixtures import BASE, ToyReward
 from tuner import engine, lora
 from tuner.config import load_config, validate
 from tuner.methods import get_method
@@ -127,6 +127,7 @@ TRAIN_WORKER = textwrap.dedent("""
     import tuner.train as T
     from tuner import lora
     from tuner.config import load_config, validate
+    from tests.tuner_fixtures import BASE
 
     def prepare_sharded(accelerator, denoiser, optimizer):  # what accelerate's FSDP2 plugin does on accelerators
         mesh = init_device_mesh("cpu", (accelerator.num_processes,))
@@ -142,13 +143,13 @@ TRAIN_WORKER = textwrap.dedent("""
     out, common = sys.argv[1], sys.argv[2:]
     for extra in (["name=whole", "train.steps=2"], ["name=cut", "train.steps=1"],
                   ["name=cut", "train.steps=2", "resume=latest"]):
-        T.train(validate(load_config(None, [f"output_dir={out}", *common, *extra])))
+        T.train(validate(load_config(BASE, [f"output_dir={out}", *common, *extra])))
 """)
 
 
 def config(model: str):
     """The run both sides take."""
-    return validate(load_config(None, [f"model={model}", *OVERRIDES]))
+    return validate(load_config(BASE, [f"model={model}", *OVERRIDES]))
 
 
 def single_process_step(model: str) -> tuple[dict, dict, dict, float, dict]:
@@ -252,12 +253,12 @@ def test_what_fsdp_does_not_serve_is_refused_before_any_model_loads():
 
     fsdp2 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True)
     fsdp.check_config(config("tiny-sd3"), fsdp2)  # a full fine-tune: served
-    fsdp.check_config(validate(load_config(None, ["model=tiny-sd3"])), SimpleNamespace(
+    fsdp.check_config(validate(load_config(BASE, ["model=tiny-sd3"])), SimpleNamespace(
         distributed_type=DistributedType.MULTI_GPU, is_fsdp2=False))  # not FSDP: nothing to refuse
     refusals = {"fsdp_version: 2": (config("tiny-sd3"), SimpleNamespace(distributed_type=DistributedType.FSDP,
                                                                           is_fsdp2=False)),
-                "full_finetune=true": (validate(load_config(None, ["model=tiny-sd3"])), fsdp2),
-                "guards.kl_weight": (validate(load_config(None, [f"model={MODELS[0]}", *OVERRIDES,
+                "full_finetune=true": (validate(load_config(BASE, ["model=tiny-sd3"])), fsdp2),
+                "guards.kl_weight": (validate(load_config(BASE, [f"model={MODELS[0]}", *OVERRIDES,
                                                                  "guards.kl_weight=0.1"])), fsdp2)}
     for message, (cfg, accelerator) in refusals.items():
         with pytest.raises(ConfigError, match=message):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.tuner_fixtures import (
-    PROMPTS, SIZE, ToyReward, _guided, denoiser_grads, naive_backward, relative_error, tiny_adapter,
+    BASE, PROMPTS, SIZE, ToyReward, _guided, denoiser_grads, naive_backward, relative_error, tiny_adapter,
 )
 from tuner.engine import reward_backward
 from tuner.guards.penalty import BasePenalty
@@ -348,7 +348,7 @@ def _run(tmp_path, name, *overrides, **kwargs):
     fast = ["sampling.num_steps=4", "method_options={num_trained: 2, early_stop_range: 2}", "log.progress=false",
             "prompts.num_eval=2", "log.tensorboard=false", "sampling.height=64", "sampling.width=64",
             "reward=symmetry", "train.lr=1e-3", "sampling.scheduler=auto", "train.batch_size=1", "train.warmup_steps=0"]
-    cfg = validate(load_config(None, [f"output_dir={tmp_path}", f"name={name}", *fast, *overrides]))
+    cfg = validate(load_config(BASE, [f"output_dir={tmp_path}", f"name={name}", *fast, *overrides]))
     return train(cfg, **kwargs)
 
 ALL_GUARDS = ["guards.kl_weight=1.0", "guards.pretrain_weight=0.5", "guards.pretrain_data=shapes",
@@ -432,7 +432,7 @@ def test_guard_options_are_checked_before_a_model_loads(tmp_path):
     from tuner.config import ConfigError, load_config, validate
 
     def check(*overrides):
-        return validate(load_config(None, ["model=tiny-sd15", *overrides]))
+        return validate(load_config(BASE, ["model=tiny-sd15", *overrides]))
 
     with pytest.raises(ConfigError, match="pretrain_data"):
         check("guards.pretrain_weight=1")

@@ -7,7 +7,7 @@ import torch
 from diffusers.models.resnet import ResnetBlock2D
 
 import rewards
-from tests.tuner_fixtures import PROMPTS, SIZE, tiny_adapter, denoiser_grads
+from tests.tuner_fixtures import BASE, PROMPTS, SIZE, tiny_adapter, denoiser_grads
 from tuner import checkpoint as ckpt
 from tuner import memory
 from tuner.config import CONFIG_DIR, ConfigError, load_config, validate
@@ -175,7 +175,7 @@ FAST = ["model=tiny-sdxl", "sampling.num_steps=4", "method_options={num_trained:
 
 
 def _run(tmp_path, name, *overrides):
-    cfg = validate(load_config(None, [f"output_dir={tmp_path}", f"name={name}", *FAST, *overrides]))
+    cfg = validate(load_config(BASE, [f"output_dir={tmp_path}", f"name={name}", *FAST, *overrides]))
     return train(cfg), tmp_path / name
 
 
@@ -224,10 +224,10 @@ def test_low_memory_run_end_to_end_matches_the_default_run(tmp_path, monkeypatch
 # -- configuration ----------------------------------------------------------------------------------------
 def test_memory_mode_is_checked_before_any_model_loads():
     with pytest.raises(ConfigError, match=r"'train.memory': 'lowest' is not known. Allowed: default, low.*'low'"):
-        validate(load_config(None, ["train.memory=lowest"]))
+        validate(load_config(BASE, ["train.memory=lowest"]))
     with pytest.raises(ConfigError, match=r"train.memory=low already recomputes.*train.gradient_checkpointing=false"):
-        validate(load_config(None, ["train.memory=low", "train.gradient_checkpointing=true"]))
-    assert validate(load_config(None, ["train.memory=low"])).train.memory == "low"
+        validate(load_config(BASE, ["train.memory=low", "train.gradient_checkpointing=true"]))
+    assert validate(load_config(BASE, ["train.memory=low"])).train.memory == "low"
     assert load_config(None).train.memory == "default"
 
 
@@ -241,7 +241,7 @@ def test_the_low_memory_example_config():
 
 def test_reward_precision_follows_the_mode():
     def dtype(*overrides):
-        return reward_dtype(load_config(None, list(overrides)))
+        return reward_dtype(load_config(BASE, list(overrides)))
 
     assert dtype("train.memory=low", "train.mixed_precision=bf16") == torch.bfloat16
     assert dtype("train.memory=low", "train.mixed_precision=fp16") == torch.float16

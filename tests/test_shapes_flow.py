@@ -10,6 +10,7 @@ from diffusers import StableDiffusion3Pipeline
 from transformers import CLIPTextModel
 
 from rewards.clip_score import SHAPES_CLIP_DIR
+from tests.tuner_fixtures import BASE
 from tuner import shapes
 from tuner.config import ConfigError, load_config, validate
 from tuner.engine import _step_seeds, sample
@@ -137,9 +138,9 @@ def test_shipped_weights_with_a_full_shapes_flow_fit_50_MB(tiny_flow, tmp_path):
 def test_model_shapes_flow_loads_when_installed_and_says_how_to_make_it_when_not(tiny_flow, tmp_path, monkeypatch):
     monkeypatch.setitem(shapes.MODELS, shapes.FLOW_NAME, tmp_path / "absent")
     with pytest.raises(ConfigError, match=r"shapes-flow's weights are not installed.*--stage flow.*--install"):
-        validate(load_config(None, ["model=shapes-flow"]))
+        validate(load_config(BASE, ["model=shapes-flow"]))
     monkeypatch.setitem(shapes.MODELS, shapes.FLOW_NAME, tiny_flow / "flow")
-    assert validate(load_config(None, ["model=shapes-flow"])).model == "shapes-flow"
+    assert validate(load_config(BASE, ["model=shapes-flow"])).model == "shapes-flow"
 
 
 class Brightness(torch.nn.Module):
@@ -153,7 +154,7 @@ def test_drtune_tunes_shapes_flow_and_the_reward_rises(tiny_flow, tmp_path, monk
     from tuner.train import train
 
     monkeypatch.setitem(shapes.MODELS, shapes.FLOW_NAME, tiny_flow / "flow")
-    cfg = validate(load_config(None, [
+    cfg = validate(load_config(BASE, [
         f"output_dir={tmp_path}", "name=flow", "model=shapes-flow", "method=drtune",
         "method_options={num_trained: 2, early_stop_range: 2}", "sampling.scheduler=auto", "sampling.num_steps=4",
         "sampling.height=64", "sampling.width=64", "sampling.guidance_scale=5.0", "train.steps=6",
@@ -198,6 +199,8 @@ def test_install_copies_what_the_run_trained(tiny_flow, tmp_path, monkeypatch):
     assert main([f"--out={tiny_flow}", "--install"]) == 0  # this run trained only the flow pipeline
     assert (targets["flow"] / "model_index.json").is_file()
     assert not targets["pipeline"].exists() and not targets["clip"].exists()
+    configs = [json.loads(p.read_text()) for p in (targets["flow"]).glob("*/config.json")]
+    assert len(configs) >= 4 and not any("_name_or_path" in c for c in configs)  # no build path ships
     with pytest.raises(SystemExit, match="run the training stages first"):
         main([f"--out={tmp_path / 'empty'}", "--install"])
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tuner_fixtures import PROMPTS, SIZE, ToyReward, relative_error, tiny_adapter, denoiser_grads
+from tests.tuner_fixtures import BASE, PROMPTS, SIZE, ToyReward, relative_error, tiny_adapter, denoiser_grads
 from tuner.config import ConfigError, load_config, validate
 from tuner.engine import reward_backward, sample
 from tuner.lora import add_lora
@@ -69,4 +69,4 @@ def test_compiled_flux_blocks_give_the_eager_gradient():
 @pytest.mark.parametrize("other", ["train.memory=low", "train.gradient_checkpointing=true"])
 def test_compile_refuses_recomputed_blocks(other):
     with pytest.raises(ConfigError, match="train.compile"):
-        validate(load_config(None, ["train.compile=true", other]))
+        validate(load_config(BASE, ["train.compile=true", other]))

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from tests.tuner_fixtures import BASE
 import tuner.train as T
 from tuner import checkpoint as ckpt
 from tuner import compile_cache, memory
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(folder, name, *overrides):
-    return validate(load_config(None, [f"output_dir={folder}", f"name={name}", *FAST, *overrides]))
+    return validate(load_config(BASE, [f"output_dir={folder}", f"name={name}", *FAST, *overrides]))
 
 
 class Brightness(torch.nn.Module):
@@ -136,7 +137,7 @@ def test_the_command_line_prints_the_out_of_memory_message(tmp_path, monkeypatch
     from tuner.run import main
 
     _optimizer_oom(monkeypatch, 1)
-    args = [f"output_dir={tmp_path}", "name=cli", *FAST, "train.steps=2", "log.eval_every=100"]
+    args = ["--config", str(BASE), f"output_dir={tmp_path}", "name=cli", *FAST, "train.steps=2", "log.eval_every=100"]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: out of CPU memory at step 1 (optimizer step).")
@@ -144,7 +145,7 @@ def test_the_command_line_prints_the_out_of_memory_message(tmp_path, monkeypatch
 
 
 def test_oom_message_on_cuda_names_the_peak_and_the_device(monkeypatch):
-    cfg = validate(load_config(None, ["train.batch_size=4", "train.grad_accum=2", "train.compile=true"]))
+    cfg = validate(load_config(BASE, ["train.batch_size=4", "train.grad_accum=2", "train.compile=true"]))
     monkeypatch.setattr(memory, "device_bytes", lambda device: 80 * 2**30)
     monkeypatch.setattr(memory, "peak_bytes", lambda device: int(61.5 * 2**30))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
@@ -153,7 +154,7 @@ def test_oom_message_on_cuda_names_the_peak_and_the_device(monkeypatch):
     assert "61.50 GiB of the 80.00 GiB this process may use on NVIDIA H100 80GB HBM3" in text
     assert "train.batch_size=2 train.grad_accum=4" in text  # the same 8 prompts a step
     assert "needs train.compile=false" in text
-    fixed = validate(load_config(None, ["train.batch_size=3", "train.prompts_per_step=6"]))
+    fixed = validate(load_config(BASE, ["train.batch_size=3", "train.prompts_per_step=6"]))
     fixed = T.fixed_layout(fixed, world=1)  # 3 x 2: the next micro-batch that splits 6 prompts is 2
     assert "train.batch_size=2 (or auto; the accumulation grows so each step keeps its 6 prompts)" in \
         memory.oom_message(fixed, torch.device("cuda", 0), 1, "checkpoint", None, RuntimeError("boom"))
@@ -259,11 +260,11 @@ def test_auto_batch_off_cuda_takes_the_whole_step_in_one_micro_batch(tmp_path):
 ])
 def test_batch_options_are_refused_before_any_model_loads(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        validate(load_config(None, overrides))
+        validate(load_config(BASE, overrides))
 
 
 def test_prompts_per_step_sets_the_accumulation():
-    cfg = validate(load_config(None, ["train.prompts_per_step=8", "train.batch_size=2"]))
+    cfg = validate(load_config(BASE, ["train.prompts_per_step=8", "train.batch_size=2"]))
     assert T.fixed_layout(cfg, world=2).train.grad_accum == 2  # 8 prompts = 2 processes x 2 x 2
     with pytest.raises(ConfigError, match="does not split over the 3 processes"):
         T.fixed_layout(cfg, world=3)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from tuner.config import CONFIG_DIR
 from tuner.methods import Plan
 from tuner.pipelines import TINY_PIPELINES, adapter_from_pipeline
 
 SIZE = 64  # image side; latents are 8x8
+BASE = CONFIG_DIR / "shapes_symmetry.yaml"  # the run the tests build on, apart from the embedded default's changes
 PROMPTS = ["a cat", "a red dog"]
 FLOW_FAMILIES = ("sd3", "flux", "flux-schnell")
 

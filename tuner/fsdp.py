@@ -100,7 +100,7 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
 def check_config(cfg, accelerator) -> None:
     """Refuse, before any model loads, what FSDP does not serve here: LoRA (it fits one GPU: run DDP), FSDP1, and
     what the sharded loop does not support yet."""
-    from tuner.config import ConfigError
+    from tuner.config import ConfigError, judge_caption_count
 
     if getattr(accelerator, "distributed_type", None) is None or accelerator.distributed_type.name != "FSDP":
         return
@@ -114,7 +114,7 @@ def check_config(cfg, accelerator) -> None:
     unsupported = {"guards.kl_weight": g.kl_weight > 0, "guards.select_every": bool(g.select_every),
                    "guards.normalize": g.normalize != "none", "train.compile": t.compile,
                    "train.fp8_sampling": t.fp8_sampling, "train.memory=low": t.memory == "low",
-                   "log.judge_captions": bool(cfg.log.judge_captions)}
+                   "log.judge_captions": bool(judge_caption_count(cfg))}
     named = [k for k, on in unsupported.items() if on]
     if named:
         raise ConfigError(f"{', '.join(named)}: not supported under FSDP yet (the KL penalty's frozen copy would be "

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from tuner import checkpoint as ckpt
 from tuner import compile_cache, engine, fsdp, lora, memory
-from tuner.config import Config, ConfigError, to_dict, validate
+from tuner.config import Config, ConfigError, judge_caption_count, to_dict, validate
 from tuner.guards import augment as aug, normalize, pretrain, select
 from tuner.guards.penalty import BasePenalty
 from tuner.logging import RunLogger, gallery, plot_rewards, process_start_time, read_metrics, write_summary
@@ -725,7 +725,10 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
                                                              num=g.select_num, seed=g.select_seed)
     method = get_method(cfg.method, **cfg.method_options)
     eval_conds = adapter.encode_prompts(eval_prompts, [s.negative_prompt] * len(eval_prompts))
-    judge_captions = judge.held_out_captions(cfg.log.judge_captions, exclude=train_prompts) if main else []
+    judge_captions = judge.held_out_captions(judge_caption_count(cfg), exclude=train_prompts) if main else []
+    if main and cfg.log.judge_captions and not judge_captions:
+        print(f"log.judge_captions: the ground-truth judge reads shapes images only; no held-out test for {cfg.model}",
+              flush=True)
     judge_conds = adapter.encode_prompts(judge_captions, [s.negative_prompt] * len(judge_captions)) \
         if judge_captions else None
     truth = judge.run_metrics(cfg.model, eval_prompts) or (lambda images: {})  # ground truth on shapes models

@@ -514,6 +514,10 @@ def install(out: Path) -> None:
     for name, target in found.items():
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(out / name, target)
+        for config in target.glob("*/config.json"):  # diffusers records the folder it loaded from: a build path
+            data = json.loads(config.read_text())
+            if data.pop("_name_or_path", None) is not None:
+                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         print(f"installed {out / name} -> {target}")
 
 
