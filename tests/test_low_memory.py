@@ -263,22 +263,33 @@ def test_benchmark_smoke(tmp_path):
     assert "| sdxl-low-16 |" in (tmp_path / "low_memory.md").read_text()
 
 
-def test_low_memory_loads_the_reward_after_the_text_encoders_leave_the_gpu(tmp_path, monkeypatch):
-    """On the GPU, FLUX.1-dev's transformer and T5-XXL alone fill a 32 GiB cap: the reward must load after the
-    prompts are encoded and the text encoders moved off."""
+def test_low_memory_encodes_alone_then_places_the_denoiser_then_loads_the_reward(tmp_path, monkeypatch):
+    """On the GPU, FLUX.1-dev's transformer and T5-XXL together fill a 32 GiB cap (setup ran out of memory when
+    both were placed at once): in low-memory mode the denoiser waits on the CPU while the text encoders encode every
+    prompt the run needs and leave; then it takes the device, then the reward loads."""
     import tuner.train as T
+    from tuner.pipelines.base import Adapter
 
-    events, offload, build = [], SDXLAdapter.offload_text_encoders, T.build_reward
+    events, build = [], T.build_reward
 
-    def offloaded(self):
-        events.append("text encoders off")
-        return offload(self)
+    def spy(cls, name, label):
+        real = getattr(cls, name)
 
-    def built(cfg, device):
-        events.append("reward")
-        return build(cfg, device)
+        def spied(self, *args, **kwargs):
+            events.append((label, self._parked))
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(cls, name, spied)
 
-    monkeypatch.setattr(SDXLAdapter, "offload_text_encoders", offloaded)
-    monkeypatch.setattr(T, "build_reward", built)
+    spy(SDXLAdapter, "encode_prompts", "encode")
+    spy(Adapter, "offload_text_encoders", "text encoders off")
+    spy(Adapter, "place_denoiser", "denoiser on")
+    monkeypatch.setattr(T, "build_reward", lambda cfg, device: events.append(("reward", None)) or build(cfg, device))
     _run(tmp_path, "order", "train.memory=low", "train.steps=1")
-    assert events[:2] == ["text encoders off", "reward"]
+    labels = [label for label, _ in events]
+    placed = labels.index("denoiser on")
+    assert labels[:placed] == ["encode"] * (placed - 1) + ["text encoders off"] and placed >= 3  # eval + drawn
+    assert all(parked for _, parked in events[:placed + 1])  # the denoiser was on the CPU all along
+    assert labels[placed + 1] == "reward" and labels.count("denoiser on") == 1
+    events.clear()
+    _run(tmp_path, "default", "train.steps=1")  # the default mode places it at once
+    assert ("denoiser on", False) in events and ("text encoders off", True) not in events

@@ -149,7 +149,8 @@ def build_adapter(cfg: Config, device: torch.device, dtype: torch.dtype, pipelin
 def _adapter(cfg: Config, device: torch.device, dtype: torch.dtype, pipeline):
     from tuner import pipelines, shapes
 
-    kwargs = dict(device=device, dtype=dtype, scheduler=cfg.sampling.scheduler)
+    kwargs = dict(device=device, dtype=dtype, scheduler=cfg.sampling.scheduler,
+                  park_denoiser=cfg.train.memory == "low")
     if pipeline is not None:
         if cfg.vae is not None:
             raise ConfigError(f"vae={cfg.vae} cannot replace the VAE of a pipeline passed to train(); "
@@ -710,15 +711,9 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
     weight_dtype = DTYPES[precision] if not t.full_finetune else torch.float32
     autocast = make_autocast(device, precision)
 
-    # --- models, reward, prompts, method
+    # --- models, prompts, method; every prompt encoded before the denoiser takes its place on the device
     adapter = build_adapter(cfg, device, weight_dtype, pipeline)
-    denoiser = adapter.denoiser
-    params = add_trainable(denoiser, cfg, adapter.lora_targets)
-    g = cfg.guards  # a full fine-tune's KL penalty copies the denoiser here, before it is compiled or wrapped
-    penalty = BasePenalty.for_denoiser(g.kl_weight, denoiser, t.full_finetune) if g.kl_weight > 0 else None
-    if t.compile:
-        stack.enter_context(compile_cache.persistent(compile_cache.resolve(t.compile_cache, adapter, device)))
-        adapter.compile()  # after the LoRA exists: its layers are part of the compiled blocks
+    g = cfg.guards
     train_prompts, eval_prompts = load_prompt_sets(cfg.prompts)
     if g.select_every:
         train_prompts, select_prompts = select.split_prompts(train_prompts, eval_prompts, file=g.select_prompts,
@@ -732,6 +727,25 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
     judge_conds = adapter.encode_prompts(judge_captions, [s.negative_prompt] * len(judge_captions)) \
         if judge_captions else None
     truth = judge.run_metrics(cfg.model, eval_prompts) or (lambda images: {})  # ground truth on shapes models
+
+    def make_sampler(batch: int, accum: int) -> PromptSampler:
+        return PromptSampler(train_prompts, batch, grad_accum=accum, rank=rank, world_size=world, seed=t.seed)
+
+    per = process_prompts(cfg, world)
+    layouts = ([make_sampler(b, per // b) for b in memory.divisors(per)] if auto
+               else [make_sampler(t.batch_size, t.grad_accum)])
+    resume_step = ckpt.read_meta(resume_from)["step"] if resume_from is not None else 0
+    conditioning = prompt_conditioning(adapter, layouts, range(resume_step, t.steps), cfg)
+    # Low-memory mode has moved the text encoders off the device by now: the denoiser takes their place (T5-XXL and
+    # FLUX.1-dev's transformer together fill a 32 GiB card).
+    adapter.place_denoiser()
+    denoiser = adapter.denoiser
+    params = add_trainable(denoiser, cfg, adapter.lora_targets)
+    # a full fine-tune's KL penalty copies the denoiser here, before it is compiled or wrapped
+    penalty = BasePenalty.for_denoiser(g.kl_weight, denoiser, t.full_finetune) if g.kl_weight > 0 else None
+    if t.compile:
+        stack.enter_context(compile_cache.persistent(compile_cache.resolve(t.compile_cache, adapter, device)))
+        adapter.compile()  # after the LoRA exists: its layers are part of the compiled blocks
 
     # --- optimizer, EMA, processes, generators, resume
     optimizer = build_optimizer(params, cfg)
@@ -757,15 +771,7 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
         start, streak = meta["step"], meta["nonfinite_streak"]
         selection = select.Selection(**meta.get("selection", {}))
 
-    def make_sampler(batch: int, accum: int) -> PromptSampler:
-        return PromptSampler(train_prompts, batch, grad_accum=accum, rank=rank, world_size=world, seed=t.seed)
-
-    per = process_prompts(cfg, world)
-    layouts = ([make_sampler(b, per // b) for b in memory.divisors(per)] if auto
-               else [make_sampler(t.batch_size, t.grad_accum)])
-    conditioning = prompt_conditioning(adapter, layouts, range(start, t.steps), cfg)
-    # Loaded once the prompts are encoded: low-memory mode has moved the text encoders off the GPU by now (T5-XXL
-    # and a FLUX.1-dev transformer alone fill a 32 GiB card).
+    # Loaded once the prompts are encoded: low-memory mode has moved the text encoders off the GPU by now.
     reward = reward_fn if reward_fn is not None else build_reward(cfg, device)
     step_parts = StepParts(cfg, accelerator, adapter, method, reward, layouts[-1], optimizer, scaler, params, gen,
                            autocast, conditioning, step_hook, penalty, pretrain_loss(cfg, adapter, rank, world))

@@ -51,11 +51,14 @@ SUPPORTED = "StableDiffusionXLPipeline, StableDiffusionPipeline (SD 1.x/2.x), St
             "and FluxPipeline (FLUX.1)"
 
 
-def adapter_from_pipeline(pipe, *, device, dtype, scheduler: str = "auto", **scheduler_kwargs) -> Adapter:
-    """Wrap a loaded diffusers pipeline in its family's adapter; moves it to device/dtype."""
+def adapter_from_pipeline(pipe, *, device, dtype, scheduler: str = "auto", park_denoiser: bool = False,
+                          **scheduler_kwargs) -> Adapter:
+    """Wrap a loaded diffusers pipeline in its family's adapter; moves it to device/dtype (the denoiser stays on the
+    CPU until `adapter.place_denoiser()` with park_denoiser)."""
     for pipeline_class, cls in ADAPTERS.items():
         if isinstance(pipe, pipeline_class):
-            return cls(pipe, device=device, dtype=dtype, scheduler=scheduler, **scheduler_kwargs)
+            return cls(pipe, device=device, dtype=dtype, scheduler=scheduler, park_denoiser=park_denoiser,
+                       **scheduler_kwargs)
     raise ValueError(f"unsupported pipeline {type(pipe).__name__}: the tuner supports {SUPPORTED}")
 
 
@@ -107,7 +110,7 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
 
 def load_adapter(
     model: str, *, device, dtype, vae: str | None = None, scheduler: str = "auto", t5: bool = True,
-    **scheduler_kwargs,
+    park_denoiser: bool = False, **scheduler_kwargs,
 ) -> Adapter:
     """Load a pipeline (hub id or local dir), optionally swap its VAE or (SD3) leave T5 out, and wrap it in an
     adapter. Components the folder was saved without (an SD3 without T5) load as None."""
@@ -122,7 +125,8 @@ def load_adapter(
             raise ValueError(f"t5=false applies to SD3 pipelines only; {model} is a {cls.__name__}")
         extra.update(text_encoder_3=None, tokenizer_3=None)
     pipe = cls.from_pretrained(model, **_dtype_kwarg(dtype), **extra)
-    return adapter_from_pipeline(pipe, device=device, dtype=dtype, scheduler=scheduler, **scheduler_kwargs)
+    return adapter_from_pipeline(pipe, device=device, dtype=dtype, scheduler=scheduler, park_denoiser=park_denoiser,
+                                 **scheduler_kwargs)
 
 
 __all__ = [

@@ -93,13 +93,17 @@ class Adapter:
     lora_targets: tuple[str, ...] = UNET_TARGETS
     pipeline_class: type | None = None  # the stock diffusers pipeline that loads this family's LoRA
 
-    def __init__(self, pipe, *, device, dtype: torch.dtype, scheduler: str = "auto", **scheduler_kwargs):
+    def __init__(self, pipe, *, device, dtype: torch.dtype, scheduler: str = "auto", park_denoiser: bool = False,
+                 **scheduler_kwargs):
         self.pipe = pipe
         self.device = torch.device(device)
         self.dtype = dtype
         # Latents stay in float32 for half models: the schedulers compute their updates in float32 anyway.
         self.latent_dtype = torch.float32 if dtype in HALF else dtype
-        self.denoiser = move(self.denoiser_of(pipe), self.device, dtype)
+        # park_denoiser: on the CPU until place_denoiser(), so that the text encoders encode the prompts alone on
+        # the device (low-memory mode: T5-XXL beside FLUX.1-dev's transformer fills a 32 GiB card).
+        self._parked = park_denoiser
+        self.denoiser = move(self.denoiser_of(pipe), torch.device("cpu") if park_denoiser else self.device, dtype)
         self.vae = move(pipe.vae, self.device, self._vae_dtype(pipe.vae, dtype))
         self.scheduler = self.make_scheduler(scheduler, pipe.scheduler.config, **scheduler_kwargs)
         pipe.scheduler = self.scheduler
@@ -204,6 +208,12 @@ class Adapter:
     def _text_device(self) -> torch.device:
         """Where the text encoders are (the adapter's device unless offloaded)."""
         return next(self._text_encoders()[0].parameters()).device
+
+    def place_denoiser(self) -> None:
+        """Move a denoiser parked on the CPU at construction to the device (a no-op otherwise)."""
+        if self._parked:
+            self.denoiser.to(self.device)
+            self._parked = False
 
     def offload_text_encoders(self) -> None:
         """Move the text encoders to the CPU (once the prompts are encoded); encode_prompts still works after, on the
