@@ -28,8 +28,8 @@ def test_shipped_configs_validate(name):
 
 
 def test_shipped_configs_are_all_tested():
-    assert {"sdxl_hpsv2.1.yaml", "flux_hpsv2.1.yaml", "flux_hpsv2.1_lowmem.yaml", "sd35_hpsv2.1.yaml",
-            "default.yaml", "shapes_symmetry.yaml", "shapes_fewstep.yaml"} <= {p.name for p in C.CONFIG_DIR.glob("*.yaml")}
+    assert {"sdxl_hpsv2.1.yaml", "flux_hpsv2.1.yaml", "flux_hpsv2.1_lowmem.yaml", "sd35_hpsv2.1.yaml", "default.yaml",
+            "shapes_symmetry.yaml", "shapes_fewstep.yaml"} <= {p.name for p in C.CONFIG_DIR.glob("*.yaml")}
 
 
 def test_flow_examples_keep_the_papers_method():

@@ -139,8 +139,8 @@ def test_full_finetune_of_sd15_saves_a_loadable_unet(tmp_path):
 
 def test_lr_schedules():
     def lrs(schedule, warmup=2, steps=10):
-        cfg = load_config(BASE, [f"train.lr_schedule={schedule}", f"train.warmup_steps={warmup}", f"train.steps={steps}",
-                                 "train.lr=1.0"])
+        cfg = load_config(BASE, [f"train.lr_schedule={schedule}", f"train.warmup_steps={warmup}",
+                                 f"train.steps={steps}", "train.lr=1.0"])
         return [lr_at(s, cfg) for s in range(steps)]
 
     assert lrs("constant") == [1.0] * 10
@@ -209,9 +209,9 @@ def test_flow_models_refuse_fp8_sampling_and_negative_prompts(tmp_path):
 def test_a_shapes_run_logs_the_judge_before_and_after(tmp_path):
     from tuner.shapes.judge import judge
 
-    args = ["--config", str(BASE), f"output_dir={tmp_path}", "name=shapes", "model=shapes-sd", "sampling.num_steps=4", "train.steps=1",
-            "train.batch_size=2", "prompts.file=shapes_centered", "prompts.num_eval=4", "log.progress=false",
-            "method_options={num_trained: 1, early_stop_range: 1}", "reward={symmetry: 1.0}"]
+    args = ["--config", str(BASE), f"output_dir={tmp_path}", "name=shapes", "model=shapes-sd", "sampling.num_steps=4",
+            "train.steps=1", "train.batch_size=2", "prompts.file=shapes_centered", "prompts.num_eval=4",
+            "log.progress=false", "method_options={num_trained: 1, early_stop_range: 1}", "reward={symmetry: 1.0}"]
     assert main(args) == 0
     run = tmp_path / "shapes"
     summary = json.loads((run / "summary.json").read_text())
@@ -247,10 +247,10 @@ def test_ground_truth_test_of_a_shapes_run(tmp_path):
     from tuner.shapes import judge
     from tuner.train import JUDGE_SEED
 
-    args = ["--config", str(BASE), f"output_dir={tmp_path}", "name=truth", "model=shapes-sd", "sampling.num_steps=4", "train.steps=1",
-            "train.batch_size=2", "prompts.file=shapes_centered", "prompts.num_eval=2", "log.progress=false",
-            "method_options={num_trained: 1, early_stop_range: 1}", "reward={symmetry: 1.0}", "train.lr=0",
-            "log.judge_captions=6", "log.judge_seeds=2"]
+    args = ["--config", str(BASE), f"output_dir={tmp_path}", "name=truth", "model=shapes-sd", "sampling.num_steps=4",
+            "train.steps=1", "train.batch_size=2", "prompts.file=shapes_centered", "prompts.num_eval=2",
+            "log.progress=false", "method_options={num_trained: 1, early_stop_range: 1}", "reward={symmetry: 1.0}",
+            "train.lr=0", "log.judge_captions=6", "log.judge_seeds=2"]
     assert main(args) == 0
     truth = json.loads((tmp_path / "truth" / "summary.json").read_text())["ground_truth"]
     assert truth["before"] == truth["after"]  # lr 0: the final weights are the base model's, same seeds
@@ -270,5 +270,3 @@ def test_ground_truth_test_of_a_shapes_run(tmp_path):
     assert {c: (r["rate"] * r["n"], r["n"]) for c, r in truth["before"].items()} == \
         {c: (pytest.approx(p), n) for c, (p, n) in expected.items()}
     assert "Ground truth" in (tmp_path / "truth" / "summary.md").read_text()
-
-

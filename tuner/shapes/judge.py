@@ -316,9 +316,9 @@ def held_out_scenes(first: int, n: int, exclude: set[str]) -> list:
     """Held-out scenes first .. first + n - 1 of those whose caption is not in `exclude`."""
     from tuner.shapes.data import ShapesData
 
-    scenes, index = [], 0
+    data, scenes, index = ShapesData(HELD_OUT_SEED), [], 0
     while len(scenes) < first + n:
-        scenes += [s for s in ShapesData(HELD_OUT_SEED).scenes(index, first + n) if s.caption not in exclude]
+        scenes += [s for s in data.scenes(index, first + n) if s.caption not in exclude]
         index += first + n
     return scenes[first:first + n]
 
@@ -449,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Held-out scenes {args.broken} broken on purpose:\n\n{table}\n")
     print(f"{time.time() - start:.0f} s")
     if args.out:
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "lora")}
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                    if k not in ("out", "lora")}
         args.out.write_text(json.dumps({"settings": settings, "seeds": args.seeds, **results["shapes-sd"],
                                         "models": results}, indent=2) + "\n")
     return 0
