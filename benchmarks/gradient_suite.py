@@ -353,9 +353,26 @@ def count_flops(fn, images: torch.Tensor, prompts: list[str]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     pixels = images.detach().requires_grad_(True)  # FlopCounterMode's module hooks need backward(), not autograd.grad
-    with _force_eager(), FlopCounterMode(display=False) as counter:
+    with _force_eager(), _gqa_repeated(), FlopCounterMode(display=False) as counter:
         fn(pixels, prompts).sum().backward()
     return int(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def _gqa_repeated():
+    """transformers' SDPA attention with grouped key/value heads repeated to the query's count, not passed with
+    enable_gqa (FlopCounterMode's attention formula rejects unequal head counts; the FLOPs are the same)."""
+    try:
+        from transformers.integrations import sdpa_attention
+    except ImportError:
+        yield
+        return
+    original = sdpa_attention.use_gqa_in_sdpa
+    sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        sdpa_attention.use_gqa_in_sdpa = original
 
 
 def _force_eager():

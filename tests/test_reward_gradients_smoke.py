@@ -162,3 +162,30 @@ def test_an_out_of_memory_case_frees_its_tensors_before_the_next_case():
     assert out_of_memory(lambda: None, release) is None and len(alive) == 2
     with pytest.raises(ValueError):
         out_of_memory(lambda: (_ for _ in ()).throw(ValueError("not a memory error")), release)
+
+
+def test_flops_are_counted_with_grouped_key_value_heads_repeated(monkeypatch):
+    """HPSv3's decoder (Qwen2) groups key/value heads; torch's SDPA FLOP formula rejects unequal head counts on the
+    GPU, so the count runs with the heads repeated: same output, every SDPA call with equal head counts."""
+    import torch
+    from transformers.integrations import sdpa_attention
+
+    from benchmarks.gradient_suite import _gqa_repeated
+
+    heads_seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        heads_seen.append((q.shape[1], k.shape[1]))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    layer = torch.nn.Module()
+    layer.num_key_value_groups, layer.is_causal = 4, False
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, generator=g)
+    k, v = torch.randn(2, 1, 6, 8, generator=g), torch.randn(2, 1, 6, 8, generator=g)
+    grouped, _ = sdpa_attention.sdpa_attention_forward(layer, q, k, v, None)
+    with _gqa_repeated():
+        repeated, _ = sdpa_attention.sdpa_attention_forward(layer, q, k, v, None)
+    assert heads_seen == [(4, 1), (4, 4)]
+    torch.testing.assert_close(repeated, grouped)
