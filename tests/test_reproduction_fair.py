@@ -68,8 +68,13 @@ def test_a_guard_is_compared_with_the_unguarded_curve_at_its_own_gain():
     assert "| symmetry | KL 1.0 |" in table and "| -5.00 | +4.00 |" in table  # 4 points less lost at that gain
 
 
-def test_tiny_fair_study_runs_and_reports(tmp_path):
-    """The fair-ci profile end to end on the CPU: rows with rate, guards and judge figures, then the report."""
+def test_tiny_fair_study_runs_and_reports(tmp_path, monkeypatch):
+    """The fair-ci profile end to end on the CPU: rows with rate, guards and judge figures, then the report. The
+    base model's held-out test runs once: every later cell reads the first cell's tallies."""
+    import tuner.train
+
+    judged, ground_truth = [], tuner.train.ground_truth
+    monkeypatch.setattr(tuner.train, "ground_truth", lambda *a, **k: judged.append(1) or ground_truth(*a, **k))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -77,6 +82,8 @@ def test_tiny_fair_study_runs_and_reports(tmp_path):
         rows = [run_base(p.settings, runs)["row"]] + [run_cell(c, p.settings, runs)["row"] for c in cells(p)]
     finally:
         torch.set_num_threads(threads)
+    assert len(judged) == 1 + len(rows[1:])  # one base test, then each cell's tuned model
+    assert len({json.dumps(r["ground_truth"]["before"], sort_keys=True) for r in rows[1:]}) == 1
     for row in rows[1:]:
         truth = row["ground_truth"]
         assert truth["captions"] == 4 and set(truth["before"]) == set(fair.CHECKS)

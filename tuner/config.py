@@ -107,6 +107,7 @@ class LogConfig:
     progress: bool = opt(True, "Show a progress bar with reward and step time.")
     judge_captions: int = opt(0, "Shapes models only (other models have no ground truth; the run says it skips the test): held-out captions (tuner.shapes.judge, dataset seed 1, none of the training prompts) the ground-truth judge scores before and after tuning, with 95% intervals in the summary. 0 turns it off.")
     judge_seeds: int = opt(2, "Noise seeds per held-out caption of the ground-truth test (log.judge_captions).")
+    eval_batch_size: int = opt(0, "Images per sampling chain in evaluations (gallery, held-out test, selection, normalisation statistics); 0: train.batch_size. Each image has its own seed, so only the speed changes (and float rounding of another batch size).")
 
 
 @dataclass
@@ -403,6 +404,7 @@ def validate(cfg: Config) -> Config:
     _check_batch(t)
     _positive("log.judge_seeds", cfg.log.judge_seeds)
     _positive("log.judge_captions", cfg.log.judge_captions, zero_ok=True)
+    _positive("log.eval_batch_size", cfg.log.eval_batch_size, zero_ok=True)
     if t.mixed_precision is not None:
         _one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISIONS)
     _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)

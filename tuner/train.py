@@ -202,7 +202,7 @@ def _seed(base: int, *parts: int) -> int:
 def evaluate(adapter, denoiser, conds, prompts: list[str], reward, cfg: Config,
              autocast, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Images of the evaluation prompts (prompt i seeded eval_seed + i, or seed + i, whatever the batch), their
-    rewards and, for a mixture, the mean of each part, with `denoiser`; train.batch_size prompts per chain."""
+    rewards and, for a mixture, the mean of each part, with `denoiser`; log.eval_batch_size prompts per chain."""
     s, trained, fp8 = cfg.sampling, adapter.denoiser, adapter.fp8
     adapter.denoiser = denoiser  # the plain module: no collective calls from the main process alone
     adapter.fp8 = False  # fp8 serves training trajectories; evaluation shows the model in the run's precision
@@ -210,7 +210,8 @@ def evaluate(adapter, denoiser, conds, prompts: list[str], reward, cfg: Config,
     gens = [torch.Generator().manual_seed(first + i) for i in range(len(prompts))]
     try:
         with autocast():
-            images = engine.sample_each(adapter, conds, generators=gens, batch_size=cfg.train.batch_size,
+            images = engine.sample_each(adapter, conds, generators=gens,
+                                        batch_size=cfg.log.eval_batch_size or cfg.train.batch_size,
                                         height=s.height, width=s.width, num_steps=s.num_steps,
                                         guidance_scale=s.guidance_scale, eta=s.eta).float()
     finally:

@@ -9,6 +9,7 @@ tuned for are measured too.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -60,6 +61,7 @@ class Settings:
     guard_lr: float = 3e-3  # the guards group: DRTune where it hacks, with each guard
     judge_captions: int = 0  # held-out captions the ground-truth judge scores before and after each run (0: off)
     judge_seeds: int = 2  # noise seeds per judge caption
+    eval_batch_size: int = 0  # images per chain in the tuner's evaluations (0: batch_size); images do not depend on it
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ CPU = Settings(steps=20, batch_size=2, num_steps=10, warmup_steps=2, num_eval=8,
 PROFILES = {
     "full": Profile("full", FULL, GROUPS[:7]),  # cost runs alone: --groups cost --workers 1
     # The fair test of the paper's claim (issue 22): every method at each learning rate, scored by the checkers too.
-    "fair": Profile("fair", dataclasses.replace(FULL, judge_captions=128), ("fair", "guards"),
+    "fair": Profile("fair", dataclasses.replace(FULL, judge_captions=128, eval_batch_size=64), ("fair", "guards"),
                     rewards=FULL.fair_rewards),
     "pilot": Profile("pilot", CPU, ("methods", "stopgrad")),
     # The CI test (tests/test_reproduction.py): the pilot's DRTune and ReFL on symmetry; the in-loop evaluation
@@ -258,7 +260,7 @@ def config(cell: Cell, s: Settings, runs: Path):
         "lora": {"rank": 8, "alpha": 8.0},
         "prompts": {"file": cell.prompts or s.prompts, "num_eval": s.num_eval},
         "log": {"eval_every": eval_every, "tensorboard": False, "progress": False,
-                "judge_captions": s.judge_captions, "judge_seeds": s.judge_seeds},
+                "judge_captions": s.judge_captions, "judge_seeds": s.judge_seeds, "eval_batch_size": s.eval_batch_size},
         "checkpoint": {"every": cell.steps, "keep": 1},
     }))
 
@@ -396,8 +398,15 @@ def run_cell(cell: Cell, s: Settings, runs: Path) -> dict[str, Any]:
         probes.append(StepGradNorms(params))
         return probes[-1]
 
+    shared_before, before = judge_before_file(cfg, runs), runs / cell.id / "ground_truth_before.json"
+    if cfg.log.judge_captions and shared_before.is_file():
+        before.parent.mkdir(parents=True, exist_ok=True)
+        before.write_text(shared_before.read_text())  # the tuner then skips the base model's test
     summary = train(cfg, make_step_hook=make_probe)
     trained_s = time.perf_counter() - started
+    if cfg.log.judge_captions and not shared_before.is_file():
+        shared_before.with_suffix(f".{os.getpid()}.tmp").write_text(before.read_text())
+        os.replace(shared_before.with_suffix(f".{os.getpid()}.tmp"), shared_before)
     run_dir = Path(summary["run_dir"])
     scores, images = heldout(cfg, s, run_dir, device)
     row = {
@@ -411,6 +420,16 @@ def run_cell(cell: Cell, s: Settings, runs: Path) -> dict[str, Any]:
         "grad_per_step": probes[0].summary() if probes else {}, **_peak_memory(device), **environment(),
     }
     return {"row": row, "images": images}
+
+
+def judge_before_file(cfg, runs: Path) -> Path:
+    """Where the base model's held-out judge tallies of a configuration are kept for every cell that shares them:
+    they depend only on the model, sampler, prompts, judge settings, evaluation batch and device, not on the cell."""
+    key = {"model": cfg.model, "sampling": dataclasses.asdict(cfg.sampling), "prompts": dataclasses.asdict(cfg.prompts),
+           "judge": [cfg.log.judge_captions, cfg.log.judge_seeds, cfg.log.eval_batch_size or cfg.train.batch_size],
+           "precision": cfg.train.mixed_precision, "cuda": torch.cuda.is_available()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return runs / f"judge-before-{digest}.json"
 
 
 def base_id(prompts: str | None = None) -> str:
