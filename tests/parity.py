@@ -118,3 +118,16 @@ def scores_with_taps(reward, batches: list, prompts: list[str], taps: dict[str, 
         for hook in hooks:
             hook.remove()
     return {"scores": torch.cat(scores), **{k: torch.cat(v) for k, v in taps.items()}}
+
+
+def assert_rejects_bad_inputs(reward) -> None:
+    """The errors every prompt-conditioned reward gives a user: no prompts, a wrong count, a wrong shape, a range
+    of [0, 255] instead of [0, 1]."""
+    from rewards import InputError
+
+    x = torch.rand(2, 3, 64, 64)
+    cases = ((lambda: reward(x), "needs one prompt"), (lambda: reward(x, ["a"]), "got 1 prompts for 2 images"),
+             (lambda: reward(x[0], ["a"]), r"\[B,3,H,W\]"), (lambda: reward(x * 255, ["a", "b"]), r"\[0,1\]"))
+    for call, match in cases:
+        with pytest.raises(InputError, match=match):
+            call()

@@ -21,7 +21,10 @@ from PIL import Image
 import rewards
 from benchmarks.checkpoints import MED_CONFIG, write_vocab
 from rewards import imagereward as ir
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD, measured, module_run, photographs, run_oracle, scores_with_taps
+from tests.parity import (
+    TARGET_MEAN_DIFF_OVER_STD, assert_rejects_bad_inputs, measured, module_run, photographs, run_oracle,
+    scores_with_taps,
+)
 
 SEED = 0
 HEAD_STD = 2.0  # head init gain in the random checkpoint (the official 1/769 std makes every score equal)
@@ -243,15 +246,7 @@ def test_prompt_cache_tokenises_each_prompt_once(parity, monkeypatch):
 # -- bad input and bad files -------------------------------------------------------------------------------------
 def test_bad_inputs(parity):
     _, reward, _ = parity
-    x = torch.rand(2, 3, 64, 64)
-    with pytest.raises(rewards.InputError, match="needs one prompt"):
-        reward(x)
-    with pytest.raises(rewards.InputError, match="got 1 prompts for 2 images"):
-        reward(x, ["a"])
-    with pytest.raises(rewards.InputError, match=r"\[B,3,H,W\]"):
-        reward(x[0], ["a"])
-    with pytest.raises(rewards.InputError, match=r"\[0,1\]"):
-        reward(x * 255, ["a", "b"])
+    assert_rejects_bad_inputs(reward)
 
 
 def test_missing_files_say_where_and_how(tmp_path):

@@ -25,7 +25,7 @@ import rewards
 from benchmarks import checkpoints_mps as cm
 from benchmarks import imscore_models
 from rewards import mps
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, assert_rejects_bad_inputs
 from tests.test_pickscore import official_processor, parity_images, to_tensor
 
 pytestmark = pytest.mark.skipif(not imscore_models.available(), reason="the MPS oracle runs imscore's modules")
@@ -323,15 +323,7 @@ def test_prompts_are_encoded_once(reward, monkeypatch):
 
 
 def test_bad_inputs(reward):
-    x = torch.rand(2, 3, 64, 64)
-    with pytest.raises(rewards.InputError, match="needs one prompt"):
-        reward(x)
-    with pytest.raises(rewards.InputError, match="got 1 prompts for 2 images"):
-        reward(x, ["a"])
-    with pytest.raises(rewards.InputError, match=r"\[B,3,H,W\]"):
-        reward(x[0], ["a"])
-    with pytest.raises(rewards.InputError, match=r"\[0,1\]"):
-        reward(x * 255, ["a", "b"])
+    assert_rejects_bad_inputs(reward)
     with pytest.raises(TypeError, match="accepts: checkpoint, config, tokenizer, pil_8bit"):
         rewards.load("mps", weights="x")
 
