@@ -165,6 +165,18 @@ def test_command_reports_old_and_new_rates_over_seeds(capsys):
     assert len(rows) == 1 and rows[0].count("+-") == 2 and rows[0].count("(") == 2  # mean +- std (seed 0, seed 1)
 
 
+def test_command_judges_shapes_flow_when_asked(capsys, monkeypatch):
+    from tuner import pipelines, shapes
+    from tuner.shapes.judge import main
+
+    loaded, load = [], pipelines.load_adapter
+    monkeypatch.setattr(pipelines, "load_adapter", lambda folder, **kw: loaded.append(folder) or load(folder, **kw))
+    assert main(["--model=shapes-flow", "--captions=2", "--seeds=0", "--steps=2", "--broken=0", "--device=cpu"]) == 0
+    assert loaded == [str(shapes.FLOW_DIR)] and "shapes-flow, 2 held-out captions" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="shapes-sd, shapes-flow"):
+        main(["--model=tiny-sd15", "--captions=2", "--seeds=0", "--steps=2", "--broken=0", "--device=cpu"])
+
+
 def test_spread_is_mean_and_sample_std_over_seeds():
     from tuner.shapes.judge import spread
 

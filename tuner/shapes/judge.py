@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exclude", help="a prompt file (name or path) whose captions are left out: a run's training "
                                      "prompts, as log.judge_captions leaves them out")
     p.add_argument("--seeds", default="0,1,2,3", help="noise seeds, comma-separated (at least 4 for a spread)")
+    p.add_argument("--model", default="shapes-sd",
+                   help="the shipped shapes model judged (and its LoRAs): shapes-sd (DDIM) or shapes-flow (flow Euler)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--lora", type=Path, action="append", default=[],
@@ -438,10 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     captions, real = [s.caption for s in scenes], render(scenes)
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
-    for name, lora in [("shapes-sd", None)] + [(str(path), path) for path in args.lora]:
-        adapter = _adapter(lora, args.device)
+    for name, lora in [(args.model, None)] + [(str(path), path) for path in args.lora]:
+        adapter = _adapter(lora, args.device, args.model)
         results[name] = _judge_samples(adapter, scenes, captions, real, seeds, args.steps, args.guidance, args.device)
-        print(f"\n{name}, {args.captions} held-out captions from {args.first}, DDIM {args.steps} steps, guidance "
+        print(f"\n{name}, {args.captions} held-out captions from {args.first}, {args.steps} steps, guidance "
               f"{args.guidance}, seeds {args.seeds}:\n\n{seed_table(results[name]['old'], results[name]['judge'])}\n"
               f"pooled: {_pooled_line(results[name]['tallies'])}", flush=True)
     if args.broken:
@@ -451,16 +453,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                     if k not in ("out", "lora")}
-        args.out.write_text(json.dumps({"settings": settings, "seeds": args.seeds, **results["shapes-sd"],
+        args.out.write_text(json.dumps({"settings": settings, "seeds": args.seeds, **results[args.model],
                                         "models": results}, indent=2) + "\n")
     return 0
 
 
-def _adapter(lora, device: str):
-    """shapes-sd, with a tuned LoRA folder loaded through the stock pipeline's load_lora_weights."""
+def _adapter(lora, device: str, model: str = "shapes-sd"):
+    """A shipped shapes model, with a tuned LoRA folder loaded through the stock pipeline's load_lora_weights."""
     from tuner import pipelines, shapes
 
-    adapter = pipelines.load_adapter(str(shapes.MODEL_DIR), device=torch.device(device), dtype=torch.float32)
+    if model not in shapes.MODELS:
+        raise ValueError(f"--model {model!r}: the judge samples the shipped shapes models, {', '.join(shapes.MODELS)}")
+    adapter = pipelines.load_adapter(str(shapes.model_dir(model)), device=torch.device(device), dtype=torch.float32)
     if lora is not None:
         adapter.pipe.load_lora_weights(str(lora), adapter_name="tuned")
     return adapter
