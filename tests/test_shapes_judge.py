@@ -216,6 +216,9 @@ def test_command_judges_a_lora_on_the_base_models_samples(tmp_path):
     base, moved = (sample_shapes_sd(captions, 0, 2, device="cpu", adapter=_adapter(path, "cpu"))
                    for path in (None, random_lora))
     assert (base - moved).abs().max() > 0.05
+    assert main([*args, "--no-base", f"--lora={identity}"]) == 0  # one process per LoRA: the same figures alone
+    alone = json.loads(out.read_text())["models"]
+    assert list(alone) == [str(identity)] and alone[str(identity)]["tallies"] == models[str(identity)]["tallies"]
 
 
 def test_a_second_test_set_skips_the_first_and_the_excluded_captions():

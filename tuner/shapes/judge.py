@@ -431,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--lora", type=Path, action="append", default=[],
                    help="a tuned LoRA folder (pytorch_lora_weights.safetensors) judged on the same samples; repeatable")
+    p.add_argument("--base", action=argparse.BooleanOptionalAction, default=True,
+                   help="judge the base model too (--no-base: only the LoRAs, e.g. one process per LoRA)")
     p.add_argument("--broken", type=int, default=400, help="held-out scenes to break on purpose (0: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="also write the figures here as JSON")
@@ -440,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     captions, real = [s.caption for s in scenes], render(scenes)
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
-    for name, lora in [(args.model, None)] + [(str(path), path) for path in args.lora]:
+    for name, lora in [(args.model, None)] * args.base + [(str(path), path) for path in args.lora]:
         adapter = _adapter(lora, args.device, args.model)
         results[name] = _judge_samples(adapter, scenes, captions, real, seeds, args.steps, args.guidance, args.device)
         print(f"\n{name}, {args.captions} held-out captions from {args.first}, {args.steps} steps, guidance "
@@ -453,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                     if k not in ("out", "lora")}
-        args.out.write_text(json.dumps({"settings": settings, "seeds": args.seeds, **results[args.model],
+        args.out.write_text(json.dumps({"settings": settings, "seeds": args.seeds, **results.get(args.model, {}),
                                         "models": results}, indent=2) + "\n")
     return 0
 
