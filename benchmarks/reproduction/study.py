@@ -405,8 +405,9 @@ def run_cell(cell: Cell, s: Settings, runs: Path) -> dict[str, Any]:
     summary = train(cfg, make_step_hook=make_probe)
     trained_s = time.perf_counter() - started
     if cfg.log.judge_captions and not shared_before.is_file():
-        shared_before.with_suffix(f".{os.getpid()}.tmp").write_text(before.read_text())
-        os.replace(shared_before.with_suffix(f".{os.getpid()}.tmp"), shared_before)
+        partial = shared_before.with_suffix(f".{os.getpid()}.tmp")  # whole or absent: cells start in parallel
+        partial.write_text(before.read_text())
+        os.replace(partial, shared_before)
     run_dir = Path(summary["run_dir"])
     scores, images = heldout(cfg, s, run_dir, device)
     row = {
@@ -425,7 +426,7 @@ def run_cell(cell: Cell, s: Settings, runs: Path) -> dict[str, Any]:
 def judge_before_file(cfg, runs: Path) -> Path:
     """Where the base model's held-out judge tallies of a configuration are kept for every cell that shares them:
     they depend only on the model, sampler, prompts, judge settings, evaluation batch and device, not on the cell."""
-    key = {"model": cfg.model, "sampling": dataclasses.asdict(cfg.sampling), "prompts": dataclasses.asdict(cfg.prompts),
+    key = {"model": [cfg.model, cfg.vae, cfg.t5], "sampling": dataclasses.asdict(cfg.sampling), "prompts": dataclasses.asdict(cfg.prompts),
            "judge": [cfg.log.judge_captions, cfg.log.judge_seeds, cfg.log.eval_batch_size or cfg.train.batch_size],
            "precision": cfg.train.mixed_precision, "cuda": torch.cuda.is_available()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

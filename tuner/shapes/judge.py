@@ -415,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     import time
     from pathlib import Path
 
+    from tuner import shapes
     from tuner.prompts import read_prompts
     from tuner.shapes.data import ShapesData, render
 
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exclude", help="a prompt file (name or path) whose captions are left out: a run's training "
                                      "prompts, as log.judge_captions leaves them out")
     p.add_argument("--seeds", default="0,1,2,3", help="noise seeds, comma-separated (at least 4 for a spread)")
-    p.add_argument("--model", default="shapes-sd",
+    p.add_argument("--model", default="shapes-sd", choices=list(shapes.MODELS),
                    help="the shipped shapes model judged (and its LoRAs): shapes-sd (DDIM) or shapes-flow (flow Euler)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
@@ -442,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     captions, real = [s.caption for s in scenes], render(scenes)
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
-    for name, lora in [(args.model, None)] * args.base + [(str(path), path) for path in args.lora]:
+    base = [(args.model, None)] if args.base else []
+    for name, lora in base + [(str(path), path) for path in args.lora]:
         adapter = _adapter(lora, args.device, args.model)
         results[name] = _judge_samples(adapter, scenes, captions, real, seeds, args.steps, args.guidance, args.device)
         print(f"\n{name}, {args.captions} held-out captions from {args.first}, {args.steps} steps, guidance "
@@ -464,8 +466,6 @@ def _adapter(lora, device: str, model: str = "shapes-sd"):
     """A shipped shapes model, with a tuned LoRA folder loaded through the stock pipeline's load_lora_weights."""
     from tuner import pipelines, shapes
 
-    if model not in shapes.MODELS:
-        raise ValueError(f"--model {model!r}: the judge samples the shipped shapes models, {', '.join(shapes.MODELS)}")
     adapter = pipelines.load_adapter(str(shapes.model_dir(model)), device=torch.device(device), dtype=torch.float32)
     if lora is not None:
         adapter.pipe.load_lora_weights(str(lora), adapter_name="tuned")
