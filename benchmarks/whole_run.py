@@ -213,14 +213,27 @@ def run_once(name: str, run: str, args: argparse.Namespace, hps: Path, seconds_l
     started = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=max(1.0, left))
-    except subprocess.TimeoutExpired:
-        return {**result, "error": f"stopped: the budget ended after {left:.0f} s"}
-    result.update(rc=done.returncode, wall_s=round(time.perf_counter() - started, 1))
+    except subprocess.TimeoutExpired as stopped:  # keep what the run got through: its warm-up lines, its metrics
+        out, err = _text(stopped.stdout), _text(stopped.stderr)
+        return {**result, "error": f"stopped: the budget ended after {left:.0f} s", "warm_up_lines": warm_up_lines(out),
+                "stderr_tail": err.strip()[-2000:], **read_run(work / f"{name}-{run}")}
+    result.update(rc=done.returncode, wall_s=round(time.perf_counter() - started, 1),
+                  warm_up_lines=warm_up_lines(done.stdout))
     auto = [line for line in done.stdout.splitlines() if line.startswith(AUTO_LINE)]
     result["auto"] = auto[0] if auto else None
     if done.returncode != 0:
         result["error"] = done.stderr.strip()[-3000:] or f"exit status {done.returncode}"
     return {**result, **read_run(work / f"{name}-{run}")}
+
+
+def _text(output: bytes | str | None) -> str:
+    """What a stopped subprocess had written (bytes from some Python versions even with text=True)."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
+
+
+def warm_up_lines(stdout: str) -> list[str]:
+    """The run's own account of its warm-up: the phase it entered and when, up to the end of the first step."""
+    return [line for line in stdout.splitlines() if line.startswith(("warm-up", AUTO_LINE))]
 
 
 def read_run(run_dir: Path) -> dict:
@@ -310,6 +323,8 @@ def write(out: Path, info: dict, results: list[dict]) -> Path:
     for r in results:
         layout = f"{r['batch_size']} x {r['grad_accum']}" if r.get("batch_size") else ""
         status = "ok" if not r.get("error") else _first_words(r["error"])
+        if (r.get("error") or "").startswith("stopped") and r.get("warm_up_lines"):
+            status += f" (last: {r['warm_up_lines'][-1]})"
         lines.append(f"| {r['row']} | {r['run']} | {card(r, info['smoke'])} | {layout} | {_cell(r.get('s_per_image'))} | "
                      f"{_cell(r.get('peak_gib_steps'))} | {_cell(r.get('peak_gib_session'))} | "
                      f"{_cell(r.get('seconds_to_first_step'), '{:.1f}')} | {r.get('compile_cache', '')} | {status} |")

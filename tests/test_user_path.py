@@ -70,6 +70,12 @@ def test_memory_fields_are_absent_on_the_cpu_and_the_warm_up_is_timed(whole):
     assert (summary["batch_size"], summary["grad_accum"], summary["prompts_per_step"]) == (2, 1, 2)
     # process start (this pytest process, minutes ago at most) to the end of the first step, loading included
     assert summary["seconds_to_first_step"] > summary["seconds_this_session"] / 4 > 0
+    # where that time went: the phases in the order they began, ending with the first step's own
+    phases = [(p["phase"], p["step"]) for p in summary["warm_up_phases"]]
+    assert phases[0] == (memory.SETUP, 0) and phases[-2:] == [(T.PHASE_BACKWARD, 1), (T.PHASE_OPTIMIZER, 1)]
+    assert (T.PHASE_EVAL, 0) in phases  # the gallery before tuning
+    times = [p["from_start_s"] for p in summary["warm_up_phases"]]
+    assert times == sorted(times) and times[-1] <= summary["seconds_to_first_step"]
 
 
 def _optimizer_oom(monkeypatch, at):

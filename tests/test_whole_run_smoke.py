@@ -19,6 +19,7 @@ def test_whole_run_smoke_times_two_runs_of_the_shipped_sdxl_config(tmp_path):
         assert (r["batch_size"], r["grad_accum"], r["steps"], len(r["step_times"])) == (2, 1, 2, 2)
         assert 0 < r["seconds_to_first_step"] < r["wall_s"] and r["s_per_image"] > 0
         assert r["peak_gib_steps"] is None and r["gpu"] is None  # CUDA only
+        assert r["warm_up_lines"][0].startswith("warm-up") and "evaluation gallery" in "".join(r["warm_up_lines"])
     table = next((tmp_path / "out").glob("whole_run-*.md")).read_text()
     assert "| sdxl | first | cpu (smoke run" in table and "| 2 x 1 |" in table
     # a second run without a first run's cache on this machine is reported, not run
@@ -26,3 +27,22 @@ def test_whole_run_smoke_times_two_runs_of_the_shipped_sdxl_config(tmp_path):
                     "--out", str(tmp_path / "out2")])
     (missing,) = json.loads(next((tmp_path / "out2").glob("*.json")).read_text())["runs"]
     assert missing["rc"] is None and "run --runs first on this machine first" in missing["error"]
+
+
+def test_a_run_stopped_by_the_budget_keeps_its_warm_up_lines(tmp_path, monkeypatch):
+    """A run the budget ends still reports how far it got (the phases it entered, its last error lines)."""
+    args = whole_run.parse_args(["--smoke", "--weights", str(tmp_path / "w"), "--cache", str(tmp_path / "c")])
+    monkeypatch.setattr(whole_run, "ensure_pipeline", lambda name, a, left: (tmp_path / "model", 0.0))
+
+    def stopped(command, **kwargs):
+        raise whole_run.subprocess.TimeoutExpired(
+            command, kwargs["timeout"], output=b"loading\nwarm-up 0.4 s: setup\nwarm-up 61.0 s: trial steps\n",
+            stderr=b"compiling block 7 of 70\n")
+
+    monkeypatch.setattr(whole_run.subprocess, "run", stopped)
+    result = whole_run.run_once("sdxl", "first", args, tmp_path / "hps.pt", seconds_left=100)
+    assert result["error"].startswith("stopped: the budget ended after")
+    assert result["warm_up_lines"] == ["warm-up 0.4 s: setup", "warm-up 61.0 s: trial steps"]
+    assert result["stderr_tail"] == "compiling block 7 of 70" and result["step_times"] == []
+    table = whole_run.write(tmp_path / "out", whole_run.meta(args, 1.0), [result]).read_text()
+    assert "(last: warm-up 61.0 s: trial steps) |" in table

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -202,12 +203,21 @@ class OOMGuard:
     resolved so far; `checkpoints` the folder the run's checkpoints go to (None before it is known)."""
 
     def __init__(self, cfg, device: torch.device, checkpoints: Path | None,
-                 latest: Callable[[Path], Path | None]):
+                 latest: Callable[[Path], Path | None], started: float | None = None):
         self.cfg, self.device, self.checkpoints, self.latest = cfg, device, checkpoints, latest
         self.where = (SETUP, 0)
+        self.started = time.time() if started is None else started  # seconds since the epoch
+        self.warm_up: list[tuple[str, int, float]] = [(SETUP, 0, round(time.time() - self.started, 1))]
+        self.echo = False  # print each warm-up phase as it begins
 
     def at(self, name: str, step: int) -> None:
-        """From here on the run is in phase `name` of optimizer step `step` (1-based; 0 before the first)."""
+        """From here on the run is in phase `name` of optimizer step `step` (1-based; 0 before the first). Until the
+        first step ends, each new phase is recorded (and printed, with `echo`) with its seconds from the start."""
+        if (name, step) != self.where and step <= 1:
+            seconds = round(time.time() - self.started, 1)
+            self.warm_up.append((name, step, seconds))
+            if self.echo:
+                print(f"warm-up {seconds:.1f} s: {name}" + (f" (step {step})" if step else ""), flush=True)
         self.where = (name, step)
 
     @contextlib.contextmanager

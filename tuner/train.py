@@ -685,7 +685,8 @@ def train(cfg: Config, *, reward_fn: torch.nn.Module | None = None, pipeline=Non
     validate(cfg)  # cheap, and before any model loads (the command line has checked it already)
     accelerator = make_accelerator()
     fsdp.check_config(cfg, accelerator)
-    guard = memory.OOMGuard(cfg, accelerator.device, None, ckpt.latest)
+    guard = memory.OOMGuard(cfg, accelerator.device, None, ckpt.latest, started=process_start_time())
+    guard.echo = accelerator.is_main_process
     with contextlib.ExitStack() as stack, guard.watch():
         return _train(cfg, accelerator, guard, stack, reward_fn, pipeline, make_step_hook)
 
@@ -938,6 +939,8 @@ def _train(cfg: Config, accelerator: Accelerator, guard: memory.OOMGuard, stack:
         summary = _summary(cfg, rows, run_dir, final, time.perf_counter() - t_start, start, world, params, last)
         peaks["session"] = max(peaks["session"], memory.peak_bytes(device) or 0)
         summary.update(_memory_summary(cfg, device, world, peaks))
+        if start == 0:  # where the time to the first step went (a resumed run starts at a later step)
+            summary["warm_up_phases"] = [{"phase": n, "step": k, "from_start_s": v} for n, k, v in guard.warm_up]
         if truth_after is not None:
             summary.update(_ground_truth_summary(cfg, json.loads(truth_file.read_text()), truth_after))
         if g.select_every:
