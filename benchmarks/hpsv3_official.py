@@ -155,10 +155,28 @@ def run_job(job_path: str) -> None:
     for dtype in job["dtypes"]:
         model = inferencer(job, dtype)
         for batch in job["batches"]:
-            record = time_case(model, job, dtype, batch)
+            record = time_case_or_oom(model, job, dtype, batch)
             with open(job["out"], "a") as f:
                 f.write(json.dumps(record) + "\n")
         del model
+
+
+def time_case_or_oom(model, job: dict, dtype: str, batch: int) -> dict:
+    """time_case's record, or the suite's record of a failed case when the device runs out of memory (the next
+    batch still runs: the failed case's tensors go with its traceback)."""
+    import gc
+
+    import torch
+
+    try:
+        return time_case(model, job, dtype, batch)
+    except torch.OutOfMemoryError as error:
+        message = (str(error).strip() or "out of memory").splitlines()[0]
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"failed": f"hpsv3-{dtype}-b{batch}-official-differentiable", "when": "call",
+            "error": f"out of memory ({message})"}
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ register("aesthetic-shadow", "rewards.shadow_aesthetic:load_shadow_aesthetic", n
 register("cyclereward", "rewards.cyclereward:load_cyclereward", needs_prompt=True, variant="Combo")
 register("cyclereward-i2t", "rewards.cyclereward:load_cyclereward", needs_prompt=True, variant="I2T")
 register("cyclereward-t2i", "rewards.cyclereward:load_cyclereward", needs_prompt=True, variant="T2I")
+register("evalmuse", "rewards.evalmuse:load_evalmuse", needs_prompt=True)
 for _name, _variant in _imscore_heads.VARIANTS.items():  # imscore's own heads: one name per hub repo
     register(_name, "rewards.imscore_heads:load_imscore_head", needs_prompt=_variant.preference, variant=_name)
 

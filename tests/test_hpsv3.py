@@ -402,3 +402,16 @@ def test_full_size_benchmark_files_fit_the_model(tmp_path):
 
 if __name__ == "__main__":
     print(json.dumps(measure_parity(), indent=1))
+
+
+def test_official_benchmark_records_an_out_of_memory_case_and_goes_on(monkeypatch):
+    """At batch 8 the official path ran out of memory on an 80 GB card; that case is a record, not the end."""
+    from benchmarks import hpsv3_official
+
+    def fails(model, job, dtype, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.\nmore")
+
+    monkeypatch.setattr(hpsv3_official, "time_case", fails)
+    record = hpsv3_official.time_case_or_oom(None, {}, "bf16", 8)
+    assert record == {"failed": "hpsv3-bf16-b8-official-differentiable", "when": "call",
+                      "error": "out of memory (CUDA out of memory. Tried to allocate 4.00 GiB.)"}
