@@ -39,7 +39,7 @@ from torch import nn
 from rewards.checkpoint import read_checkpoint
 
 IMSCORE_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "mps", "vqascore", "aesthetic-shadow",
-                   "cyclereward", "pickscore-siglip", "pickscore-clip", "imreward-overall_rating-clip",
+                   "cyclereward", "evalmuse", "pickscore-siglip", "pickscore-clip", "imreward-overall_rating-clip",
                    "imreward-overall_rating-siglip", "imreward-overall_rating-dinov2")
 
 
@@ -69,6 +69,7 @@ def load(name: str, files: dict, *, device: str | torch.device, dtype: torch.dty
     builders: dict[str, Callable[..., nn.Module]] = {
         "hpsv2.1": _hps, "pickscore": _pickscore, "aesthetic": _aesthetic, "imagereward": _imagereward, "mps": _mps,
         "vqascore": _vqascore, "aesthetic-shadow": _shadow, "cyclereward": _cyclereward,
+        "evalmuse": _evalmuse,
         **{n: _own_head for n in IMSCORE_REWARDS if n.startswith(("pickscore-", "imreward-"))},
     }
     if name not in builders:
@@ -229,6 +230,23 @@ def _cyclereward(files: dict, device: torch.device) -> nn.Module:
     state = read_checkpoint(paths["checkpoint"], reward="imscore cyclereward")
     own = scorer.state_dict()
     state = {k: v for k, v in state.items() if k in own or not k.endswith("position_ids")}
+    _load_strict(scorer, state, str(paths["checkpoint"]), assign=True)
+    return scorer
+
+
+def _evalmuse(files: dict, device: torch.device) -> nn.Module:
+    """imscore's EvalMuse with the local vocabulary (plus BLIP-2's [DEC]), built on the meta device, then the
+    authors' fga_blip2.pth state dict loaded strictly (its keys are imscore's; `temp` aside)."""
+    import imscore.evalmuse.model as module
+
+    from rewards.evalmuse import _tokenizer
+
+    paths = files["sources"]["evalmuse"]
+    tokenizer = _tokenizer(paths["tokenizer"])
+    with mock.patch.object(module.BertTokenizer, "from_pretrained", lambda *a, **k: tokenizer), torch.device("meta"):
+        scorer = module.EvalMuse()
+    state = read_checkpoint(paths["checkpoint"], reward="imscore evalmuse")
+    state = {k: v for k, v in state.get("model", state).items() if k != "temp"}
     _load_strict(scorer, state, str(paths["checkpoint"]), assign=True)
     return scorer
 

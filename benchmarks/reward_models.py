@@ -28,7 +28,7 @@ from benchmarks import checkpoints_mps as ck_mps
 MODEL_REWARDS = ("hpsv2.1", "pickscore", "imagereward", "aesthetic", "clip", "mps", "vqascore", "hpsv3")
 REWARDS = MODEL_REWARDS + ("symmetry", "sharpness")
 # Opt-in (--names): the second step of the zoo, one case per backbone and head kind; files written only when named.
-ZOO2_REWARDS = ("aesthetic-shadow", "cyclereward", "pickscore-siglip", "pickscore-clip", "imreward-overall_rating-clip",
+ZOO2_REWARDS = ("aesthetic-shadow", "cyclereward", "evalmuse", "pickscore-siglip", "pickscore-clip", "imreward-overall_rating-clip",
                 "imreward-overall_rating-siglip", "imreward-overall_rating-dinov2")
 KNOWN_REWARDS = REWARDS + ZOO2_REWARDS
 FILES_VERSION = 2  # bump when a writer changes: cached files of another version are rewritten
@@ -148,6 +148,11 @@ def zoo2_sources(root: Path, name: str, *, tiny: bool) -> dict[str, Path]:
             ih.write_cyclereward(target, PROMPTS, seed=0, med_config=med)
         return {"checkpoint": target / "CycleReward-Combo.pth", "config": target / "med_config.json",
                 "tokenizer": target / "vocab.txt"}
+    if name == "evalmuse":
+        target = folder / "evalmuse"
+        if not (target / "fga_blip2.pth").is_file():
+            ih.write_evalmuse(target, PROMPTS, seed=0)
+        return {"checkpoint": target / "fga_blip2.pth", "tokenizer": target / "vocab.txt"}
     family = VARIANTS[name].family
     base, repo = folder / f"base-{family}", folder / name
     if not (base / "model.safetensors").is_file():

@@ -166,3 +166,25 @@ def test_errors(files, reward, tmp_path):
 
 def test_registered():
     assert "evalmuse" in rewards.available() and rewards.needs_prompt("evalmuse")
+
+
+@pytest.mark.slow
+def test_benchmark_writer_round_trips_through_the_lavis_keys(tmp_path):
+    """benchmarks.zoo2_files writes the authors' format; our loader and the benchmark's imscore peer read it
+    strictly and agree."""
+    from benchmarks.zoo2_files import write_evalmuse
+
+    with mock.patch.dict(em.VISION, num_hidden_layers=LAYERS), mock.patch.dict(em.QFORMER, num_hidden_layers=LAYERS):
+        paths = write_evalmuse(tmp_path, CAPTIONS)
+        reward = rewards.load("evalmuse", **paths)
+    from benchmarks import imscore_models
+
+    from_dict, vit = imscore_model.BertConfig.from_dict, imscore_model.VisionTransformer
+    with mock.patch.object(imscore_model, "VisionTransformer", lambda **kw: vit(**_small(kw))), \
+            mock.patch.object(imscore_model.BertConfig, "from_dict",
+                              lambda d, **kw: from_dict({**d, "num_hidden_layers": LAYERS}, **kw)):
+        oracle = imscore_models._evalmuse({"sources": {"evalmuse": paths}}, torch.device("cpu"))  # the benchmark's peer
+    x = _official_pixels(photographs()[0])
+    with torch.no_grad():
+        ours, ref = reward(x, [em.pre_caption(CAPTIONS[0])]), oracle.eval().score(x, [em.pre_caption(CAPTIONS[0])])
+    assert abs(ours.item() - ref.item()) < 1e-4 and ours.item() != 3.0
