@@ -27,7 +27,7 @@ from torch import nn
 from . import imagereward as ir
 from .base import Reward
 from .checkpoint import load_state_dict_strict, read_checkpoint
-from .errors import CheckpointMismatchError, MissingFileError
+from .errors import CheckpointMismatchError, InputError, MissingFileError
 from .hub import resolve_file
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Normalize, resize_bicubic, resize_pil_8bit
 
@@ -163,12 +163,14 @@ class EvalMuse(Reward):
         """Token ids and mask [B, L] of the processed captions, untruncated (as element_score), padded to the
         longest (the padding is masked out, so each score is that of its caption alone)."""
         texts = [pre_caption(p) for p in prompts]
-        too_long = [t for t in texts if len(self.tokenizer(t).input_ids) > self.position_embeddings.num_embeddings]
-        if too_long:
-            raise ValueError(f"{NAME}: a caption longer than {self.position_embeddings.num_embeddings} tokens "
-                             f"cannot be scored (the Q-Former's positions end there): {too_long[0][:80]!r}...")
         batch = self.tokenizer(texts, padding="longest", truncation=False, return_tensors="pt")
-        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        positions = self.position_embeddings.num_embeddings
+        if ids.shape[1] > positions:
+            longest = texts[int(mask.sum(dim=1).argmax())]
+            raise InputError(f"{NAME}: a caption of {ids.shape[1]} tokens cannot be scored: the Q-Former has "
+                             f"{positions} positions, and the official scorer does not truncate ({longest[:60]!r}...)")
+        return ids.to(self.device), mask.to(self.device)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """364x364 (aspect not kept; PIL bicubic on the 8-bit image), OpenAI CLIP mean/std, float32."""
@@ -219,7 +221,7 @@ def load_evalmuse(
     model.vision.to(dtype)
     for part in (model.word_embeddings, model.position_embeddings, model.qformer, model.itm_head):
         part.to(qformer_dtype)
-    model.query_tokens.data = model.query_tokens.data.to(qformer_dtype)
+    model.query_tokens = nn.Parameter(model.query_tokens.to(qformer_dtype), requires_grad=False)
     model.to_empty(device=device)
     model.normalize.reset()
     state = _lavis_state(read_checkpoint(ckpt, reward=NAME))

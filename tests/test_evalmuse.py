@@ -19,7 +19,7 @@ from PIL import Image
 
 import rewards
 from benchmarks.checkpoints import write_vocab
-from rewards import CheckpointMismatchError, MissingFileError
+from rewards import CheckpointMismatchError, InputError, MissingFileError
 from rewards import evalmuse as em
 from tests.parity import TARGET_MEAN_DIFF_OVER_STD, assert_rejects_bad_inputs, photographs
 
@@ -160,7 +160,7 @@ def test_errors(files, reward, tmp_path):
         _load(files, checkpoint=tmp_path / "bad.pth")
     with pytest.raises(MissingFileError, match=em.CHECKPOINT_FILE):
         _load(files, checkpoint=tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="longer than"):
+    with pytest.raises(InputError, match="the Q-Former has 512 positions"):
         reward(torch.rand(1, 3, 64, 64), [" ".join(["zqxjkvbwpy" * 2] * 50)])
 
 
