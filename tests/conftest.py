@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build every model file locally; a hub call is a bug
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["DRTUNE_AUTO_BATCH_MEMO"] = ""  # train.batch_size=auto remembers nothing unless a test asks it to
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

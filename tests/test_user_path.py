@@ -242,6 +242,24 @@ def test_auto_batch_trains_what_the_fixed_batch_with_accumulation_trains(tmp_pat
     assert record == [] and again["batch_size"] == 2 and "as the checkpoint resumed from used" in capsys.readouterr().out
 
 
+def test_auto_batch_remembers_its_choice_for_the_same_configuration_on_the_same_card(tmp_path, monkeypatch, capsys):
+    """A second run of a configuration skips the trial steps (warm-up); a change that can move memory runs them."""
+    monkeypatch.setenv(memory.MEMO_ENV, str(tmp_path / "memo.json"))
+    record = []
+    _mock_probe(monkeypatch, record)
+    common = ["log.eval_every=100", "checkpoint.every=100", "train.batch_size=auto", "train.prompts_per_step=4"]
+    T.train(tiny(tmp_path, "first", "train.steps=1", *common), reward_fn=Brightness())
+    assert record == [1, 2] and "trial steps 1 ->" in capsys.readouterr().out
+    record.clear()  # another run of it, longer and with another learning rate: the same memory
+    again = T.train(tiny(tmp_path, "second", "train.steps=2", "train.lr=3e-4", *common), reward_fn=Brightness())
+    out = capsys.readouterr().out
+    assert record == [] and again["batch_size"] == 2 and "trial steps skipped" in out and "memo.json" in out
+    T.train(tiny(tmp_path, "third", "train.steps=1", "lora.rank=2", *common), reward_fn=Brightness())
+    assert record == [1, 2]  # a LoRA of another rank: tried again
+    monkeypatch.setenv(memory.MEMO_ENV, "")  # off
+    assert memory.memo_path() is None and memory.remembered("any") is None
+
+
 def test_auto_batch_stops_before_the_first_step_when_nothing_fits(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "fit_probe", lambda *args: (lambda b: None, 1250, 1000))
     with pytest.raises(OutOfMemory, match=r"before the first step \(trial steps of train.batch_size=auto\)"

@@ -272,5 +272,73 @@ def choose_batch_size(candidates: list[int], probe: Callable[[int], int | None],
     return smallest, trials
 
 
+
+# ---------------------------------------------------------------- train.batch_size: auto, remembered per card
+MEMO_ENV = "DRTUNE_AUTO_BATCH_MEMO"  # the memo file; set empty to turn the memo off
+# Fields that cannot change a trial step's memory: a run that differs only in these reuses the choice.
+MEMO_IGNORED = {"name", "output_dir", "resume", "log", "checkpoint", "prompts"}
+MEMO_IGNORED_TRAIN = {"steps", "lr", "lr_schedule", "warmup_steps", "seed", "max_nonfinite", "compile_cache"}
+
+
+def memo_path() -> Path | None:
+    """Where train.batch_size=auto remembers its choices: $DRTUNE_AUTO_BATCH_MEMO (empty: nowhere), else
+    <user cache dir>/drtune-rewards/auto_batch.json."""
+    import os
+
+    from tuner.compile_cache import user_cache_dir
+
+    setting = os.environ.get(MEMO_ENV)
+    if setting is None:
+        return user_cache_dir() / "drtune-rewards" / "auto_batch.json"
+    return Path(setting).expanduser() if setting else None
+
+
+def memo_key(config: dict, device: torch.device, world: int) -> str:
+    """A hash of what decides the trial steps' peaks: the configuration (less MEMO_IGNORED), the card and the memory
+    this process may use, the number of processes and the torch version."""
+    import hashlib
+    import json
+
+    kept = {k: v for k, v in config.items() if k not in MEMO_IGNORED}
+    kept["train"] = {k: v for k, v in kept.get("train", {}).items() if k not in MEMO_IGNORED_TRAIN}
+    card = torch.cuda.get_device_name(device) if tracks_memory(device) else device.type
+    what = {"config": kept, "card": card, "bytes": device_bytes(device), "world": world, "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def remembered(key: str) -> dict | None:
+    """The choice recorded under `key` ({"batch": ..., "trials": ...}), or None (none, memo off, unreadable)."""
+    import json
+
+    path = memo_path()
+    try:
+        return json.loads(path.read_text()).get(key) if path is not None and path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def remember(key: str, batch: int, trials: str) -> None:
+    """Record a choice (best effort: a memo that cannot be written only costs the next run its trials)."""
+    import json
+    import os
+
+    path = memo_path()
+    if path is None:
+        return
+    try:
+        entries = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        entries = {}
+    entries[key] = {"batch": batch, "trials": trials, "when": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 __all__ = ["checkpointed", "outermost", "ConditioningCache", "OutOfMemory", "OOMGuard", "choose_batch_size",
+           "memo_path", "memo_key", "remembered", "remember",
            "divisors", "peak_bytes", "reset_peak", "device_bytes", "fixes", "oom_message"]

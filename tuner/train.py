@@ -503,29 +503,41 @@ def _on_cpu(state: Any) -> Any:
     return state
 
 
+def trial_batch(per: int, found: tuple[Callable[[int], int | None], int, int]) -> tuple[int, str]:
+    """The largest divisor of `per` whose trial step fits (see memory.choose_batch_size), and how it was chosen."""
+    probe, budget, resident = found
+    batch, trials = memory.choose_batch_size(memory.divisors(per), probe, budget, resident)
+    if trials[0][1] is None:  # not even the smallest fits: say so now, not after the first gallery
+        raise torch.OutOfMemoryError(f"the trial step at micro-batch {trials[0][0]} ran out of memory")
+    shown = ", ".join(f"{b} -> " + ("out of memory" if p is None else f"{memory.gib(p):.1f} GiB") for b, p in trials)
+    return batch, (f"trial steps {shown}; a micro-batch may peak at {memory.gib(budget):.1f} GiB, "
+                   f"{memory.AUTO_HEADROOM:.0%} of what this process may use")
+
+
 def auto_batch(cfg: Config, parts: StepParts, denoiser: torch.nn.Module, step: int,
                generators: dict[str, torch.Generator], saved: dict[str, Any] | None) -> tuple[Config, str]:
-    """Resolve train.batch_size=auto: the micro-batch of the checkpoint resumed from, else the largest divisor of
-    this process's prompts a step whose trial step fits (every process takes the smallest choice of any process);
-    returns `cfg` with it and the accumulation, and the line the run logs."""
+    """Resolve train.batch_size=auto: the micro-batch of the checkpoint resumed from, else the one a run of the same
+    configuration on the same card chose (tuner.memory's memo), else the largest divisor of this process's prompts
+    a step whose trial step fits (every process takes the smallest choice of any process); returns `cfg` with it
+    and the accumulation, and the line the run logs."""
     acc = parts.accelerator
     per = process_prompts(cfg, acc.num_processes)
     tic = time.perf_counter()
+    key = memory.memo_key(to_dict(cfg), acc.device, acc.num_processes)
+    memo = memory.remembered(key)
     if saved and saved.get("batch_size") and per % saved["batch_size"] == 0:
         batch, how = saved["batch_size"], "as the checkpoint resumed from used"
     else:
         found = fit_probe(parts, denoiser, step, generators, per)
         if found is None:
             batch, how = per, f"no memory statistics on {acc.device.type}: the whole step in one micro-batch"
+        elif memo is not None and per % memo["batch"] == 0:
+            batch, how = memo["batch"], (f"as a run of this configuration on this card chose on {memo['when']}: "
+                                         f"{memo['trials']}; trial steps skipped, delete {memory.memo_path()} to "
+                                         f"run them again")
         else:
-            probe, budget, resident = found
-            batch, trials = memory.choose_batch_size(memory.divisors(per), probe, budget, resident)
-            if trials[0][1] is None:  # not even the smallest fits: say so now, not after the first gallery
-                raise torch.OutOfMemoryError(f"the trial step at micro-batch {trials[0][0]} ran out of memory")
-            shown = ", ".join(f"{b} -> " + ("out of memory" if p is None else f"{memory.gib(p):.1f} GiB")
-                              for b, p in trials)
-            how = (f"trial steps {shown}; a micro-batch may peak at {memory.gib(budget):.1f} GiB, "
-                   f"{memory.AUTO_HEADROOM:.0%} of what this process may use")
+            batch, how = trial_batch(per, found)
+            memory.remember(key, batch, how)
         batch = int(acc.gather(torch.tensor([batch], device=acc.device)).min().item())
     line = (f"train.batch_size=auto: micro-batch {batch} x {per // batch} accumulated = {per} prompts a step on each "
             f"of {acc.num_processes} process(es) ({how}; {time.perf_counter() - tic:.0f} s)")
