@@ -57,7 +57,7 @@ class SamplingConfig:
 @dataclass
 class TrainConfig:
     steps: int = opt(1000, "Optimizer steps of the whole run.")
-    batch_size: Union[int, str] = opt(1, "Prompts per micro-batch on each process, or auto: the largest that fits the device, found by trial steps (sampling, the reward's backward and the optimizer step; their time counts in the warm-up) before the first step, with train.prompts_per_step kept by accumulation. docs/tuner.md, Memory.")
+    batch_size: Union[int, str] = opt(1, "Prompts per micro-batch on each process, or auto: the largest that fits the device, found by trial steps (sampling, the reward's backward and the optimizer step; their time counts in the warm-up) before the first step (remembered per configuration and card, so a later run skips them), with train.prompts_per_step kept by accumulation. docs/tuner.md, Memory.")
     grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step (leave at 1 when train.prompts_per_step is set: the accumulation then follows from it).")
     prompts_per_step: Union[int, None] = opt(None, "The effective batch: prompts per optimizer step summed over all processes (processes x batch_size x grad_accum). null: whatever batch_size and grad_accum give. Set, the accumulation follows from it and batch_size (prompts_per_step / (processes x batch_size)); needed by batch_size: auto.")
     lr: float = opt(1e-4, "Peak learning rate.")
