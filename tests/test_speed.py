@@ -7,6 +7,9 @@ the aot_eager backend, which traces the blocks with dynamo and AOTAutograd as in
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -166,6 +169,8 @@ def test_a_copy_of_a_recomputing_reward_runs_its_own_blocks(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")),
+                    reason="inductor's CPU kernels need a C++ compiler")
 @pytest.mark.parametrize("name", ["imagereward", "mps"])
 def test_inductor_in_bf16_is_no_farther_from_float32_than_eager(files, name, single_thread):
     """The compiled variants' bf16 scores differ from eager bf16 (inductor fuses ops and keeps their intermediates
