@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from tuner.compile_cache import user_cache_dir
 
 
 def outermost(root: torch.nn.Module, kinds: tuple[type, ...]) -> Iterator[torch.nn.Module]:
@@ -283,10 +288,6 @@ MEMO_IGNORED_TRAIN = {"steps", "lr", "lr_schedule", "warmup_steps", "seed", "max
 def memo_path() -> Path | None:
     """Where train.batch_size=auto remembers its choices: $DRTUNE_AUTO_BATCH_MEMO (empty: nowhere), else
     <user cache dir>/drtune-rewards/auto_batch.json."""
-    import os
-
-    from tuner.compile_cache import user_cache_dir
-
     setting = os.environ.get(MEMO_ENV)
     if setting is None:
         return user_cache_dir() / "drtune-rewards" / "auto_batch.json"
@@ -296,9 +297,6 @@ def memo_path() -> Path | None:
 def memo_key(config: dict, device: torch.device, world: int) -> str:
     """A hash of what decides the trial steps' peaks: the configuration (less MEMO_IGNORED), the card and the memory
     this process may use, the number of processes and the torch version."""
-    import hashlib
-    import json
-
     kept = {k: v for k, v in config.items() if k not in MEMO_IGNORED}
     kept["train"] = {k: v for k, v in kept.get("train", {}).items() if k not in MEMO_IGNORED_TRAIN}
     card = torch.cuda.get_device_name(device) if tracks_memory(device) else device.type
@@ -308,8 +306,6 @@ def memo_key(config: dict, device: torch.device, world: int) -> str:
 
 def remembered(key: str) -> dict | None:
     """The choice recorded under `key` ({"batch": ..., "trials": ...}), or None (none, memo off, unreadable)."""
-    import json
-
     path = memo_path()
     try:
         return json.loads(path.read_text()).get(key) if path is not None and path.is_file() else None
@@ -319,9 +315,6 @@ def remembered(key: str) -> dict | None:
 
 def remember(key: str, batch: int, trials: str) -> None:
     """Record a choice (best effort: a memo that cannot be written only costs the next run its trials)."""
-    import json
-    import os
-
     path = memo_path()
     if path is None:
         return
