@@ -398,6 +398,23 @@ def _load_strict(module: nn.Module, state: dict, source: str, assign: bool = Fal
 
 
 @contextlib.contextmanager
+def tiny_evalmuse(vit_depth: int, qformer_layers: int) -> Iterator[None]:
+    """While active, imscore's EvalMuse has `vit_depth` ViT blocks and `qformer_layers` Q-Former layers (its widths
+    are fixed), like ours under rewards.evalmuse.VISION / QFORMER (smoke runs only)."""
+    if not available():
+        yield
+        return
+    import imscore.evalmuse.model as module
+    from transformers import BertConfig
+
+    vit = module.VisionTransformer
+    config = mock.Mock(from_dict=lambda d: BertConfig.from_dict({**d, "num_hidden_layers": qformer_layers}))
+    with mock.patch.multiple(module, VisionTransformer=lambda **kw: vit(**{**kw, "depth": vit_depth}),
+                             BertConfig=config):
+        yield
+
+
+@contextlib.contextmanager
 def tiny_imagereward(vision: dict, med: dict) -> Iterator[None]:
     """While active, imscore's ImageReward and CycleReward have the ViT sizes `vision` (embed_dim, depth, num_heads)
     and BERT `med` overrides, like ours under `rewards.imagereward.VISION` (smoke runs only)."""

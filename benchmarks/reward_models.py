@@ -96,12 +96,14 @@ BATCHES = {"vqascore": (8, 4, 1),
            # Aesthetic Shadow (assumed ViT-H/14 at 1024 px: 5,330 tokens x 32 blocks) saves several GB per image
            "aesthetic-shadow": (4, 2, 1)}
 TINY_MED = {"num_hidden_layers": 1}
+TINY_EVALMUSE_LAYERS = (1, 2)  # ViT blocks, Q-Former layers (imscore fixes the widths: 1408 and 768)
 
 
 @contextlib.contextmanager
 def tiny_architectures() -> Iterator[None]:
-    """While active, ViT-H-14 and ViT-L-14 mean tiny open_clip models, and ImageReward (ours and imscore's) has one
-    ViT block 64 wide; files written and models loaded meanwhile have those sizes."""
+    """While active, ViT-H-14 and ViT-L-14 mean tiny open_clip models, ImageReward (ours and imscore's) has one
+    ViT block 64 wide and EvalMuse (ours and imscore's) one ViT block and two Q-Former layers; files written and
+    models loaded meanwhile have those sizes."""
     import open_clip.factory as factory
 
     from rewards import imagereward as ir
@@ -112,6 +114,11 @@ def tiny_architectures() -> Iterator[None]:
         from benchmarks import imscore_models
 
         stack.enter_context(imscore_models.tiny_imagereward(TINY_IR_VISION, TINY_MED))
+        from rewards import evalmuse as em
+
+        stack.enter_context(mock.patch.dict(em.VISION, num_hidden_layers=TINY_EVALMUSE_LAYERS[0]))
+        stack.enter_context(mock.patch.dict(em.QFORMER, num_hidden_layers=TINY_EVALMUSE_LAYERS[1]))
+        stack.enter_context(imscore_models.tiny_evalmuse(*TINY_EVALMUSE_LAYERS))
         yield
 
 
