@@ -93,8 +93,10 @@ def compiled_blocks(reward: Reward, class_token: bool = False) -> list[nn.Module
         blocks += list(layers)
     # ImageReward: ViT and cross-attending BERT; MPS: its CLIP image tower (every token is read) and condition branch;
     # HPSv3: Qwen2-VL's vision blocks and decoder layers; imscore's heads and Aesthetic Shadow: their transformers image
-    # towers (layer paths of transformers 4 and 5)
-    for owner, attr in (("vision", "blocks"), ("text", "encoder.layer"), ("clip", "vision_model.encoder.layers"),
+    # towers (layer paths of transformers 4 and 5); VQAScore and EvalMuse: their transformers image towers, and
+    # EvalMuse's Q-Former
+    for owner, attr in (("vision", "blocks"), ("vision", "encoder.layers"), ("qformer", "encoder.layer"),
+                        ("text", "encoder.layer"), ("clip", "vision_model.encoder.layers"),
                         ("branch", "layers"), ("text", "layers"), ("backbone", "vision_model.encoder.layers"),
                         ("backbone", "encoder.layers"), ("backbone", "encoder.layer"), ("model", "vit.layers"),
                         ("model", "vit.encoder.layer")):
@@ -112,9 +114,9 @@ def _module_list(reward: Reward, owner: str, path: str) -> list[nn.Module]:
 
 def recomputed_blocks(reward: Reward) -> list[nn.Module]:
     """The repeated blocks whose activations `recompute` drops: compile's blocks and the class-token-only ones, and
-    VQAScore's (its CLIP layers, T5 encoder and decoder blocks; its T5 runs without a key-value cache)."""
+    VQAScore's T5 encoder and decoder blocks (its T5 runs without a key-value cache)."""
     blocks = compiled_blocks(reward, class_token=True)
-    for owner, attr in (("vision", "encoder.layers"), ("t5", "encoder.block"), ("t5", "decoder.block")):
+    for owner, attr in (("t5", "encoder.block"), ("t5", "decoder.block")):
         blocks += [b for b in _module_list(reward, owner, attr) if all(b is not seen for seen in blocks)]
     return blocks
 

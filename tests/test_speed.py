@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rewards
-from benchmarks.reward_models import load_ours, prompts_for, tiny_architectures, write_files
+from benchmarks.reward_models import REWARDS, load_ours, prompts_for, tiny_architectures, write_files
 from rewards import speed
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -24,7 +24,7 @@ EAGER_COMPILE = {"backend": "aot_eager", "dynamic": False}
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     with tiny_architectures():
-        yield write_files(tmp_path_factory.mktemp("speed"), tiny=True)
+        yield write_files(tmp_path_factory.mktemp("speed"), tiny=True, rewards=(*REWARDS, "evalmuse"))
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def _visual(reward):
     return getattr(reward, "visual", None) or reward.model.visual
 
 
-@pytest.mark.parametrize("name", ["hpsv2.1", "pickscore", "imagereward"])
+@pytest.mark.parametrize("name", ["hpsv2.1", "pickscore", "imagereward", "vqascore", "evalmuse"])
 def test_compile_equals_default(tiny, name, single_thread):
     torch._dynamo.reset()
     default, compiled = tiny(name), tiny(name, compile=EAGER_COMPILE)
@@ -113,7 +113,7 @@ def test_bad_compile_option_says_what_is_accepted():
         speed.optimize(rewards.load("symmetry"), compile="yes")
 
 
-@pytest.mark.parametrize("name", ["hpsv2.1", "pickscore", "imagereward", "mps", "hpsv3", "vqascore"])
+@pytest.mark.parametrize("name", ["hpsv2.1", "pickscore", "imagereward", "mps", "hpsv3", "vqascore", "evalmuse"])
 def test_recompute_equals_default_and_saves_less(tiny, name, single_thread):
     """The same scores and pixel gradient, while autograd keeps a fraction of the activations: recomputation in
     the backward, not another function."""
