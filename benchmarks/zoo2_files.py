@@ -16,7 +16,6 @@ DINOv2-L/14; the reward itself reads the real sizes from the files it is given.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -203,42 +202,6 @@ def write_cyclereward(folder: Path, prompts: list[str], seed: int = 0, med_confi
             "tokenizer": folder / ir.VOCAB_FILE}
 
 
-def evalmuse_lavis_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our EvalMuse state dict under the authors' LAVIS keys (the inverse of rewards.evalmuse.convert_checkpoint)."""
-    out = {}
-    vision_fixed = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
-                    "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
-                    "embeddings.patch_embedding.bias": "patch_embed.proj.bias"}
-    for key, value in state.items():
-        if key.startswith("vision.post_layernorm."):
-            out["ln_vision." + key.rsplit(".", 1)[1]] = value
-        elif key.startswith("vision."):
-            rest = key[len("vision."):]
-            if rest in vision_fixed:
-                out["visual_encoder." + vision_fixed[rest]] = value
-                continue
-            rest = re.sub(r"^encoder\.layers\.(\d+)\.", r"blocks.\1.", rest)
-            for new, old in ((".layer_norm1.", ".norm1."), (".layer_norm2.", ".norm2."),
-                             (".self_attn.projection.", ".attn.proj."), (".self_attn.", ".attn.")):
-                rest = rest.replace(new, old)
-            if rest.endswith(".attn.qkv.bias"):  # transformers 5's one bias: q, zeros for the keys, v
-                q, _, v = value.chunk(3)
-                out[f"visual_encoder.{rest[:-len('qkv.bias')]}q_bias"] = q
-                out[f"visual_encoder.{rest[:-len('qkv.bias')]}v_bias"] = v
-            else:
-                out["visual_encoder." + rest] = value
-        elif key in ("word_embeddings.weight", "position_embeddings.weight"):
-            out["Qformer.bert.embeddings." + key] = value
-        elif key.startswith("qformer.layernorm."):
-            out["Qformer.bert.embeddings.LayerNorm." + key.rsplit(".", 1)[1]] = value
-        elif key.startswith("qformer."):
-            rest = key[len("qformer."):].replace(".attention.attention.", ".attention.self.")
-            out["Qformer.bert." + rest.replace(".crossattention.attention.", ".crossattention.self.")] = value
-        else:
-            out[key] = value
-    return out
-
-
 def write_evalmuse(folder: Path, prompts: list[str], seed: int = 0) -> dict:
     """fga_blip2.pth as the authors' LAVIS checkpoint ({"model": state}, with the tensors the score does not read:
     the Q-Former's LM head, the contrastive projections, temp and mask_proj) and a vocab.txt covering `prompts`;
@@ -268,7 +231,7 @@ def write_evalmuse(folder: Path, prompts: list[str], seed: int = 0) -> dict:
     widths = (width, 256, 128, 64, 16, 1)
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
         extra[f"mask_proj.layers.{2 * i}.weight"], extra[f"mask_proj.layers.{2 * i}.bias"] = (b, a), (b,)
-    lavis = evalmuse_lavis_keys(state)
+    lavis = em.to_lavis(state)
     lavis.update({k: 0.02 * torch.randn(shape, generator=gen) for k, shape in extra.items()})
     lavis["Qformer.bert.embeddings.position_ids"] = torch.arange(em.QFORMER["max_position_embeddings"])[None]
     lavis["temp"] = torch.tensor(0.07)

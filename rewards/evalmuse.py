@@ -61,30 +61,47 @@ def pre_caption(caption: str, max_words: int = MAX_WORDS) -> str:
     return " ".join(words[:max_words]) if len(words) > max_words else caption
 
 
-def _vision_key(rest: str) -> str:
-    """LAVIS EVA ViT names -> Blip2VisionModel names (q_bias / v_bias are handled by the caller)."""
-    fixed = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
-             "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
-             "patch_embed.proj.bias": "embeddings.patch_embedding.bias"}
-    if rest in fixed:
-        return fixed[rest]
-    rest = re.sub(r"^blocks\.(\d+)\.", r"encoder.layers.\1.", rest)
-    for old, new in ((".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2."), (".attn.proj.", ".self_attn.projection."),
-                     (".attn.", ".self_attn.")):
-        rest = rest.replace(old, new)
-    return rest
+# LAVIS names -> ours: whole names first; else a prefix, then renamings inside the key, in this order
+NAMES = {"visual_encoder.cls_token": "vision.embeddings.class_embedding",
+         "visual_encoder.pos_embed": "vision.embeddings.position_embedding",
+         "visual_encoder.patch_embed.proj.weight": "vision.embeddings.patch_embedding.weight",
+         "visual_encoder.patch_embed.proj.bias": "vision.embeddings.patch_embedding.bias",
+         "Qformer.bert.embeddings.word_embeddings.weight": "word_embeddings.weight",
+         "Qformer.bert.embeddings.position_embeddings.weight": "position_embeddings.weight",
+         "Qformer.bert.embeddings.LayerNorm.weight": "qformer.layernorm.weight",
+         "Qformer.bert.embeddings.LayerNorm.bias": "qformer.layernorm.bias",
+         "query_tokens": "query_tokens", "itm_head.weight": "itm_head.weight", "itm_head.bias": "itm_head.bias"}
+PREFIXES = (("ln_vision.", "vision.post_layernorm."), ("visual_encoder.", "vision."), ("Qformer.bert.", "qformer."))
+RENAMES = ((".blocks.", ".encoder.layers."), (".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2."),
+           (".attn.proj.", ".self_attn.projection."), (".attn.", ".self_attn."),
+           (".attention.self.", ".attention.attention."), (".crossattention.self.", ".crossattention.attention."))
 
 
-def _qformer_key(rest: str) -> str:
-    """LAVIS Q-Former (BERT) names under Qformer.bert. -> ours."""
-    embeddings = {"embeddings.word_embeddings.weight": "word_embeddings.weight",
-                  "embeddings.position_embeddings.weight": "position_embeddings.weight",
-                  "embeddings.LayerNorm.weight": "qformer.layernorm.weight",
-                  "embeddings.LayerNorm.bias": "qformer.layernorm.bias"}
-    if rest in embeddings:
-        return embeddings[rest]
-    return "qformer." + rest.replace(".attention.self.", ".attention.attention.").replace(
-        ".crossattention.self.", ".crossattention.attention.")
+def ours_name(key: str) -> str | None:
+    """This module's name for the LAVIS tensor `key` (None for a key FGA-BLIP2 does not have)."""
+    if key in NAMES:
+        return NAMES[key]
+    for old, new in PREFIXES:
+        if key.startswith(old):
+            name = new + key[len(old):]
+            for a, b in RENAMES:
+                name = name.replace(a, b)
+            return name
+    return None
+
+
+def lavis_name(name: str) -> str:
+    """The LAVIS key of this module's tensor `name` (the inverse of ours_name)."""
+    whole = {ours: lavis for lavis, ours in NAMES.items()}
+    if name in whole:
+        return whole[name]
+    for old, new in PREFIXES:
+        if name.startswith(new):
+            key = old + name[len(new):]
+            for a, b in RENAMES:
+                key = key.replace(b, a)
+            return key
+    raise KeyError(name)
 
 
 def convert_checkpoint(state: dict[str, torch.Tensor], own: set[str], *, source: str) -> dict[str, torch.Tensor]:
@@ -98,25 +115,30 @@ def convert_checkpoint(state: dict[str, torch.Tensor], own: set[str], *, source:
             if not torch.equal(value.reshape(-1).long(), torch.arange(value.numel())):
                 raise CheckpointMismatchError(f"{NAME}: {source}: {POSITION_IDS} is not 0, 1, 2, ...; the file is "
                                               f"damaged.")
-        elif key.startswith("visual_encoder."):
-            new = "vision." + _vision_key(key[len("visual_encoder."):])
-            if new.endswith((".self_attn.q_bias", ".self_attn.v_bias")):
-                biases[new] = value
-            else:
-                out[new] = value
-        elif key.startswith("ln_vision."):
-            out["vision.post_layernorm." + key[len("ln_vision."):]] = value
-        elif key.startswith("Qformer.bert."):
-            out[_qformer_key(key[len("Qformer.bert."):])] = value
-        elif key in ("query_tokens", "itm_head.weight", "itm_head.bias"):
-            out[key] = value
-        else:
+        elif (new := ours_name(key)) is None:
             unknown.append(key)
+        elif new.endswith((".self_attn.q_bias", ".self_attn.v_bias")):
+            biases[new] = value
+        else:
+            out[new] = value
     if unknown:
         shown = ", ".join(sorted(unknown)[:8]) + (f" ... and {len(unknown) - 8} more" if len(unknown) > 8 else "")
         raise CheckpointMismatchError(f"{NAME}: {source} holds {len(unknown)} keys FGA-BLIP2 does not have ({shown}). "
                                       f"Is this {CHECKPOINT_FILE} from the Hugging Face repo {REPO_ID}?")
     out.update(_attention_biases(biases, own))
+    return out
+
+
+def to_lavis(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This module's state dict under the LAVIS keys (transformers 5's one qkv bias split back into q_bias, v_bias)."""
+    out = {}
+    for name, value in state.items():
+        if name.endswith(".self_attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            stem = lavis_name(name[: -len("qkv.bias")] + "q_bias")[: -len("q_bias")]
+            out[stem + "q_bias"], out[stem + "v_bias"] = q, v
+        else:
+            out[lavis_name(name)] = value
     return out
 
 
@@ -159,18 +181,30 @@ class EvalMuse(Reward):
         self.itm_head = nn.Linear(qconfig.hidden_size, 2)
         self.normalize = Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
-    def tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and mask [B, L] of the processed captions, untruncated (as element_score), padded to the
-        longest (the padding is masked out, so each score is that of its caption alone)."""
-        texts = [pre_caption(p) for p in prompts]
-        batch = self.tokenizer(texts, padding="longest", truncation=False, return_tensors="pt")
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids and mask [N, 2, 512] of the processed captions, untruncated (as element_score tokenises them),
+        padded to the Q-Former's 512 positions; cached per prompt."""
         positions = self.position_embeddings.num_embeddings
-        if ids.shape[1] > positions:
-            longest = texts[int(mask.sum(dim=1).argmax())]
-            raise InputError(f"{NAME}: a caption of {ids.shape[1]} tokens cannot be scored: the Q-Former has "
-                             f"{positions} positions, and the official scorer does not truncate ({longest[:60]!r}...)")
-        return ids.to(self.device), mask.to(self.device)
+        texts = [pre_caption(p) for p in prompts]
+        ids = self.tokenizer(texts, truncation=False)["input_ids"]
+        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+        if len(ids[longest]) > positions:
+            raise InputError(f"{NAME}: a caption of {len(ids[longest])} tokens cannot be scored: the Q-Former has "
+                             f"{positions} positions, and the official scorer does not truncate "
+                             f"({texts[longest][:60]!r}...)")
+        out = torch.full((len(ids), 2, positions), self.tokenizer.pad_token_id, dtype=torch.long)
+        out[:, 1] = 0
+        for row, seq in zip(out, ids):
+            row[0, : len(seq)] = torch.tensor(seq)
+            row[1, : len(seq)] = 1
+        return out.to(self.device)
+
+    def tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask [B, L] of the prompts, cut to the batch's longest caption (the padding is masked out,
+        so each score is that of its caption alone)."""
+        cached = self.text_features(prompts)
+        length = int(cached[:, 1].sum(dim=1).max())
+        return cached[:, 0, :length], cached[:, 1, :length]
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """364x364 (aspect not kept; PIL bicubic on the 8-bit image), OpenAI CLIP mean/std, float32."""

@@ -131,3 +131,20 @@ def assert_rejects_bad_inputs(reward) -> None:
     for call, match in cases:
         with pytest.raises(InputError, match=match):
             call()
+
+
+def assert_gradient_matches_central_difference(reward, size: tuple[int, int], prompts: list[str] | None,
+                                               atol: float = 1e-9) -> torch.Tensor:
+    """float64 `score` (before the protocol's float32 output) of a seeded [1,3,*size] image: the autograd pixel
+    gradient along a random direction against a central difference (step 1e-5, relative 1e-5); returns the
+    gradient."""
+    gen = torch.Generator().manual_seed(0)
+    x = (0.2 + 0.6 * torch.rand(1, 3, *size, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    direction = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    reward.score(x, prompts).sum().backward()
+    eps = 1e-5
+    with torch.no_grad():
+        fd = (reward.score(x + eps * direction, prompts) - reward.score(x - eps * direction, prompts)).sum() / (2 * eps)
+    analytic = (x.grad * direction).sum()
+    assert torch.allclose(analytic, fd, rtol=1e-5, atol=atol), (analytic.item(), fd.item())
+    return x.grad

@@ -22,7 +22,7 @@ from benchmarks.checkpoints import MED_CONFIG, write_vocab
 from rewards import CheckpointMismatchError, InputError, MissingFileError
 from rewards import cyclereward as cr
 from rewards import imagereward as ir
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD, photographs, run_oracle
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, assert_gradient_matches_central_difference, photographs, run_oracle
 
 BLIP_BASE_VIT = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0)
 SMALL_MED = {**MED_CONFIG, "num_hidden_layers": 2}
@@ -108,17 +108,8 @@ def test_gradients_reach_pixels(reward):
 @pytest.mark.slow
 def test_gradient_matches_finite_differences(official):
     """float64, float resize (`score`, before the protocol's float32 output): autograd against a central difference."""
-    reward = _load(official, dtype=torch.float64, pil_8bit=False)
-    gen = torch.Generator().manual_seed(0)
-    x = (0.2 + 0.6 * torch.rand(1, 3, 120, 160, generator=gen, dtype=torch.float64)).requires_grad_(True)
-    direction = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-    reward.score(x, ["a cat"]).sum().backward()
-    eps = 1e-5
-    with torch.no_grad():
-        up, down = reward.score(x + eps * direction, ["a cat"]), reward.score(x - eps * direction, ["a cat"])
-        fd = (up - down).sum() / (2 * eps)
-    analytic = (x.grad * direction).sum()
-    assert torch.allclose(analytic, fd, rtol=1e-5, atol=1e-9), (analytic.item(), fd.item())
+    assert_gradient_matches_central_difference(_load(official, dtype=torch.float64, pil_8bit=False), (120, 160),
+                                               ["a cat"])
 
 
 @pytest.mark.slow

@@ -10,6 +10,8 @@ layers (full width), so the test stays short.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
 from unittest import mock
 
 import numpy as np
@@ -18,10 +20,12 @@ import torch
 from PIL import Image
 
 import rewards
+from benchmarks import imscore_models
 from benchmarks.checkpoints import write_vocab
 from rewards import CheckpointMismatchError, InputError, MissingFileError
 from rewards import evalmuse as em
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD, assert_rejects_bad_inputs, photographs
+from tests.parity import (TARGET_MEAN_DIFF_OVER_STD, assert_gradient_matches_central_difference,
+                          assert_rejects_bad_inputs, photographs)
 
 imscore_model = pytest.importorskip("imscore.evalmuse.model")
 
@@ -36,8 +40,12 @@ CAPTIONS = [  # as users write them; the processed forms (<= 32 tokens) are what
 ]
 
 
-def _small(kwargs: dict) -> dict:
-    return {**kwargs, "depth": LAYERS}
+@contextlib.contextmanager
+def _small() -> Iterator[None]:
+    """Ours and imscore's EvalMuse with LAYERS ViT blocks and Q-Former layers (full widths)."""
+    with mock.patch.dict(em.VISION, num_hidden_layers=LAYERS), mock.patch.dict(em.QFORMER, num_hidden_layers=LAYERS), \
+            imscore_models.tiny_evalmuse(LAYERS, LAYERS):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +54,7 @@ def files(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("evalmuse")
     vocab = write_vocab(work / "vocab.txt", [em.pre_caption(c) for c in CAPTIONS])
     tokenizer = em._tokenizer(vocab)
-    from_dict = imscore_model.BertConfig.from_dict
-    vit = imscore_model.VisionTransformer
-    with mock.patch.object(imscore_model, "VisionTransformer", lambda **kw: vit(**_small(kw))), \
-            mock.patch.object(imscore_model.BertConfig, "from_dict",
-                              lambda d, **kw: from_dict({**d, "num_hidden_layers": LAYERS}, **kw)), \
-            mock.patch.object(imscore_model.BertTokenizer, "from_pretrained", lambda *a, **k: tokenizer):
+    with _small(), mock.patch.object(imscore_model.BertTokenizer, "from_pretrained", lambda *a, **k: tokenizer):
         oracle = imscore_model.EvalMuse()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -70,7 +73,7 @@ def files(tmp_path_factory) -> dict:
 
 
 def _load(files: dict, **options) -> rewards.Reward:
-    with mock.patch.dict(em.VISION, num_hidden_layers=LAYERS), mock.patch.dict(em.QFORMER, num_hidden_layers=LAYERS):
+    with _small():
         return rewards.load("evalmuse", **{"checkpoint": files["checkpoint"], "tokenizer": files["tokenizer"],
                                            **options})
 
@@ -117,15 +120,7 @@ def test_scores_match_imscore_network_on_official_preprocessing(files, reward):
 def test_gradient_matches_finite_differences(files):
     """float64, float resize: autograd against a central difference."""
     reward = _load(files, dtype=torch.float64, qformer_dtype=torch.float64, pil_8bit=False)
-    gen = torch.Generator().manual_seed(0)
-    x = (0.2 + 0.6 * torch.rand(1, 3, 100, 130, generator=gen, dtype=torch.float64)).requires_grad_(True)
-    direction = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-    reward.score(x, ["a cat"]).sum().backward()
-    eps = 1e-5
-    with torch.no_grad():
-        fd = (reward.score(x + eps * direction, ["a cat"]) - reward.score(x - eps * direction, ["a cat"])).sum() / (2 * eps)
-    analytic = (x.grad * direction).sum()
-    assert torch.allclose(analytic, fd, rtol=1e-5, atol=1e-9), (analytic.item(), fd.item())
+    assert_gradient_matches_central_difference(reward, (100, 130), ["a cat"])
 
 
 @pytest.mark.slow
@@ -174,15 +169,9 @@ def test_benchmark_writer_round_trips_through_the_lavis_keys(tmp_path):
     strictly and agree."""
     from benchmarks.zoo2_files import write_evalmuse
 
-    with mock.patch.dict(em.VISION, num_hidden_layers=LAYERS), mock.patch.dict(em.QFORMER, num_hidden_layers=LAYERS):
+    with _small():
         paths = write_evalmuse(tmp_path, CAPTIONS)
         reward = rewards.load("evalmuse", **paths)
-    from benchmarks import imscore_models
-
-    from_dict, vit = imscore_model.BertConfig.from_dict, imscore_model.VisionTransformer
-    with mock.patch.object(imscore_model, "VisionTransformer", lambda **kw: vit(**_small(kw))), \
-            mock.patch.object(imscore_model.BertConfig, "from_dict",
-                              lambda d, **kw: from_dict({**d, "num_hidden_layers": LAYERS}, **kw)):
         oracle = imscore_models._evalmuse({"sources": {"evalmuse": paths}}, torch.device("cpu"))  # the benchmark's peer
     x = _official_pixels(photographs()[0])
     with torch.no_grad():

@@ -13,7 +13,7 @@ from PIL import Image
 import rewards
 from benchmarks.zoo2_files import write_shadow
 from rewards import CheckpointMismatchError, InputError, MissingFileError
-from tests.parity import TARGET_MEAN_DIFF_OVER_STD
+from tests.parity import TARGET_MEAN_DIFF_OVER_STD, assert_gradient_matches_central_difference
 
 
 def _arrays() -> list[np.ndarray]:
@@ -74,15 +74,7 @@ def test_scores_match_the_pipeline(parity):
 def test_gradient_matches_finite_differences(folder):
     """float64, float resize (`score`, before the protocol's float32 output): autograd against a central difference."""
     reward = rewards.load("aesthetic-shadow", checkpoint=folder, dtype=torch.float64, pil_8bit=False)
-    gen = torch.Generator().manual_seed(0)
-    x = (0.2 + 0.6 * torch.rand(1, 3, 90, 70, generator=gen, dtype=torch.float64)).requires_grad_(True)
-    direction = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-    reward.score(x, None).sum().backward()
-    eps = 1e-5
-    with torch.no_grad():
-        fd = (reward.score(x + eps * direction, None) - reward.score(x - eps * direction, None)).sum() / (2 * eps)
-    analytic = (x.grad * direction).sum()
-    assert torch.allclose(analytic, fd, rtol=1e-5, atol=1e-10), (analytic.item(), fd.item())
+    assert_gradient_matches_central_difference(reward, (90, 70), None, atol=1e-10)
 
 
 def test_8bit_path_passes_a_gradient(folder):

@@ -523,12 +523,12 @@ def auto_batch(cfg: Config, parts: StepParts, denoiser: torch.nn.Module, step: i
     acc = parts.accelerator
     per = process_prompts(cfg, acc.num_processes)
     tic = time.perf_counter()
-    key = memory.memo_key(to_dict(cfg), acc.device, acc.num_processes)
-    memo = memory.remembered(key)
     if saved and saved.get("batch_size") and per % saved["batch_size"] == 0:
         batch, how = saved["batch_size"], "as the checkpoint resumed from used"
     else:
         found = fit_probe(parts, denoiser, step, generators, per)
+        key = memory.memo_key(to_dict(cfg), acc.device, acc.num_processes)
+        memo = memory.remembered(key) if found is not None else None
         if found is None:
             batch, how = per, f"no memory statistics on {acc.device.type}: the whole step in one micro-batch"
         elif memo is not None and per % memo["batch"] == 0:
